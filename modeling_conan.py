@@ -1,0 +1,222 @@
+# Copyright 2026 The Conan-embedding-v3 authors. Licensed under the Apache License, Version 2.0.
+"""Conan-embedding-v3: one embedding space for text, images, videos, document pages and audio.
+
+Architecture: a Qwen2-VL backbone (its own vision path for images and videos), a Whisper encoder whose frames are
+average-pooled and mapped by a two-layer MLP projector onto `<|audio_pad|>` placeholder embeddings, and last-token
+pooling of the backbone's final-norm hidden state, L2-normalised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, Qwen2VLModel, WhisperConfig
+from transformers.activations import ACT2FN
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers.utils import ModelOutput
+
+from .configuration_conan import WHISPER_WINDOW_FRAMES, ConanConfig, audio_tokens_for_frames
+
+AUDIO_TOKEN_TYPE = 3  # what ProcessorMixin-style processors mark audio placeholders with
+
+
+@dataclass
+class ConanModelOutput(ModelOutput):
+    """Output of `ConanModel.forward`.
+
+    Args:
+        embeddings: `(batch, hidden)` L2-normalised embeddings (the last real token's final hidden state).
+        last_hidden_state: `(batch, seq, hidden)` final-norm hidden states of the backbone.
+        pooler_output: the same tensor as `embeddings` (sentence-transformers and mteb look for this name).
+    """
+
+    embeddings: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+
+
+class ConanAudioProjector(nn.Module):
+    """Maps pooled Whisper frames into the backbone's token-embedding space (the module Projector Recovery retrains)."""
+
+    def __init__(self, audio_dim: int, hidden_size: int, act: str = "gelu"):
+        super().__init__()
+        self.fc1 = nn.Linear(audio_dim, hidden_size)
+        self.act = ACT2FN[act]
+        self.fc2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, audio_frames: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(audio_frames)))
+
+
+class ConanPreTrainedModel(PreTrainedModel):
+    config_class = ConanConfig
+    config: ConanConfig
+    base_model_prefix = "conan"
+    input_modalities = ("text", "image", "video", "audio")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen2VLDecoderLayer", "Qwen2VLVisionBlock", "WhisperEncoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, ConanAudioProjector):
+            # Small init keeps fresh audio tokens near the scale of text-token embeddings.
+            std = getattr(self.config.text_config, "initializer_range", 0.02)
+            for linear in (module.fc1, module.fc2):
+                nn.init.normal_(linear.weight, mean=0.0, std=std)
+                nn.init.zeros_(linear.bias)
+        else:
+            super()._init_weights(module)
+
+
+class ConanModel(ConanPreTrainedModel):
+    """Omni-modal embedding model. `forward` returns L2-normalised embeddings in `ConanModelOutput.embeddings`."""
+
+    def __init__(self, config: ConanConfig):
+        super().__init__(config)
+        self.backbone = Qwen2VLModel._from_config(config)
+        audio_config = config.audio_config if config.audio_config is not None else WhisperConfig()
+        self.audio_encoder = WhisperEncoder._from_config(audio_config)
+        self.audio_projector = ConanAudioProjector(
+            audio_config.d_model, config.text_config.hidden_size, config.projector_hidden_act
+        )
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.backbone.set_input_embeddings(value)
+
+    # ----------------------------------------------------------------------------------------------- audio path
+    def encode_audio_frames(self, input_features: torch.Tensor) -> torch.Tensor:
+        """Whisper encoder + average pooling: `(windows, mel, 3000)` -> `(windows, ceil(1500/k), d_audio)`.
+
+        This is the frozen part of the audio path; training code may cache its output and pass it back through
+        `forward(audio_frames=...)`.
+        """
+        if input_features.shape[-1] != WHISPER_WINDOW_FRAMES:
+            raise ValueError(
+                f"input_features must hold {WHISPER_WINDOW_FRAMES} mel frames per window (30 s), got shape "
+                f"{tuple(input_features.shape)}; use ConanProcessor to pad audio."
+            )
+        encoder_dtype = self.audio_encoder.conv1.weight.dtype
+        frames = self.audio_encoder(input_features.to(encoder_dtype)).last_hidden_state
+        k = self.config.audio_downsample
+        if k > 1:
+            frames = F.avg_pool1d(frames.transpose(1, 2), kernel_size=k, stride=k, ceil_mode=True).transpose(1, 2)
+        return frames
+
+    def project_audio(self, audio_frames: torch.Tensor, audio_feature_lengths: torch.Tensor) -> torch.Tensor:
+        """Project pooled frames and keep only each window's real tokens, concatenated in window order."""
+        projected = self.audio_projector(audio_frames.to(self.audio_projector.fc1.weight.dtype))
+        pieces = []
+        for window, mel_frames in enumerate(audio_feature_lengths.tolist()):
+            n_tokens = audio_tokens_for_frames(mel_frames, self.config.audio_downsample)
+            pieces.append(projected[window, :n_tokens])
+        return torch.cat(pieces, dim=0)
+
+    def _scatter_audio(
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, audio_tokens: torch.Tensor
+    ) -> torch.Tensor:
+        audio_mask = (input_ids == self.config.audio_token_id).unsqueeze(-1)
+        n_placeholders = int(audio_mask.sum())
+        if n_placeholders != audio_tokens.shape[0]:
+            raise ValueError(
+                f"Audio features and <|audio_pad|> tokens do not match: {n_placeholders} placeholders in input_ids but "
+                f"{audio_tokens.shape[0]} audio tokens from the encoder. Build inputs with ConanProcessor."
+            )
+        audio_mask = audio_mask.expand_as(inputs_embeds)
+        return inputs_embeds.masked_scatter(audio_mask, audio_tokens.to(inputs_embeds.dtype))
+
+    # ---------------------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        input_features: torch.Tensor | None = None,
+        audio_feature_lengths: torch.LongTensor | None = None,
+        audio_frames: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ConanModelOutput:
+        r"""
+        input_features (`torch.FloatTensor` of shape `(windows, num_mel_bins, 3000)`):
+            Whisper log-mel features, one row per 30 s audio window, in the order the audio placeholders appear.
+        audio_feature_lengths (`torch.LongTensor` of shape `(windows,)`):
+            Real (unpadded) mel frames per window; decides how many audio tokens each window contributes.
+        audio_frames (`torch.FloatTensor` of shape `(windows, frames, d_audio)`, *optional*):
+            Precomputed `encode_audio_frames(input_features)` (the frozen encoder's output), instead of input_features.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        has_audio = input_features is not None or audio_frames is not None
+        if has_audio:
+            if audio_feature_lengths is None:
+                raise ValueError("audio_feature_lengths is required with input_features/audio_frames.")
+            if audio_frames is None:
+                audio_frames = self.encode_audio_frames(input_features)
+            inputs_embeds = self._scatter_audio(
+                input_ids, inputs_embeds, self.project_audio(audio_frames, audio_feature_lengths)
+            )
+        elif (input_ids == self.config.audio_token_id).any():
+            raise ValueError("input_ids hold <|audio_pad|> tokens but no input_features were given.")
+
+        if mm_token_type_ids is None:
+            mm_token_type_ids = self._token_types_from_ids(input_ids)
+        # Audio placeholders are text positions for M-RoPE (the backbone knows only 0/1/2).
+        mm_token_type_ids = mm_token_type_ids.masked_fill(mm_token_type_ids == AUDIO_TOKEN_TYPE, 0)
+        # Explicit position ids make left and right padding give the same result and avoid the backbone's
+        # cached `rope_deltas` state.
+        position_ids, _ = self.backbone.get_rope_index(
+            input_ids,
+            mm_token_type_ids=mm_token_type_ids,
+            image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw,
+            attention_mask=attention_mask,
+        )
+        outputs = self.backbone(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            pixel_values_videos=pixel_values_videos,
+            video_grid_thw=video_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            use_cache=False,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state  # already after the backbone's final norm
+        embeddings = F.normalize(last_token_pool(hidden, attention_mask).float(), p=2, dim=-1)
+        return ConanModelOutput(embeddings=embeddings, last_hidden_state=hidden, pooler_output=embeddings)
+
+    def _token_types_from_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        types = torch.zeros_like(input_ids)
+        types[input_ids == self.config.image_token_id] = 1
+        types[input_ids == self.config.video_token_id] = 2
+        return types
+
+
+def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden state of each row's last real token, for left or right padding alike."""
+    seq_len = attention_mask.shape[1]
+    last_index = seq_len - 1 - attention_mask.flip(dims=[1]).long().argmax(dim=1)
+    return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last_index]
+
+
+__all__ = ["ConanModel", "ConanPreTrainedModel", "ConanModelOutput", "ConanAudioProjector"]

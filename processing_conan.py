@@ -1,0 +1,479 @@
+# Copyright 2026 The Conan-embedding-v3 authors. Licensed under the Apache License, Version 2.0.
+"""ConanProcessor: turns text, images, document pages, videos, audio and mixtures of them into model inputs.
+
+Two entry points:
+- `processor(text=[...], images=[...], videos=[...], audio=[...])`, the Hugging Face convention: every
+  `<|image_pad|>`, `<|video_pad|>`, `<|audio_pad|>` in the text stands for the next item of that modality and is
+  expanded to the number of tokens the model produces for it.
+- `processor.prepare(inputs, instruction=...)`, what `encode` uses: each input is a str, a PIL image or a dict
+  (see `prepare`), rendered with the chat template, so one call handles any mix of modalities.
+
+Video patches are made with numpy (the Qwen2-VL video processor needs torchvision, which has no CPU build); images go
+through the Qwen2-VL image processor. Audio is resampled to 16 kHz, cut into 30 s windows and turned into Whisper
+log-mel features.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from transformers import BatchFeature
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+from transformers.processing_utils import ProcessorMixin
+
+from .configuration_conan import SAMPLING_RATE, WHISPER_WINDOW_FRAMES, audio_tokens_for_frames
+from .media_conan import (
+    count_pdf_pages,
+    load_audio_file,
+    load_video_file,
+    media_kind_of_path,
+    render_pdf_page,
+    resample_audio,
+)
+
+logger = logging.getLogger(__name__)
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+INPUT_KEYS = ("text", "image", "document", "page", "video", "audio")
+DEFAULT_INSTRUCTION = "Represent the user's input."
+
+
+@dataclass
+class ParsedInput:
+    """One user input split by modality (what the chat template renders)."""
+
+    text: str | None = None
+    images: list[Image.Image] = field(default_factory=list)
+    video: list[np.ndarray] | None = None
+    audio: np.ndarray | None = None
+
+
+class ConanProcessor(ProcessorMixin):
+    r"""
+    Args:
+        image_processor: a `Qwen2VLImageProcessor` (patch 14, merge 2, CLIP normalisation).
+        tokenizer: a Qwen2 tokenizer holding `<|image_pad|>`, `<|video_pad|>`, `<|audio_pad|>`.
+        feature_extractor: a `WhisperFeatureExtractor` (16 kHz, 30 s windows).
+        chat_template: Jinja template; `prepare` renders the same layout in Python.
+        image_min_pixels / image_max_pixels: resize bounds for photos (pixels after resizing to multiples of 28).
+        document_min_pixels / document_max_pixels: the higher-resolution preset for page images and PDF pages.
+        pdf_render_scale: PDF points -> pixels scale before the document resize (2.0 = 144 dpi).
+        video_fps: frames per second sampled from a video file (default 2).
+        video_max_frames: at most this many frames per video (uniformly spread; default 64).
+        video_min_pixels / video_max_pixels: per-frame resize bounds.
+        audio_max_windows: at most this many 30 s windows per audio input; longer audio is cut with a warning.
+        audio_downsample: must equal the model config's `audio_downsample` (tokens = 25/s for 2).
+        default_instruction: the system instruction when none is given.
+    """
+
+    valid_processor_kwargs = None  # the HF per-modality kwargs machinery is not used: `__call__` is explicit
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        feature_extractor=None,
+        chat_template: str | None = None,
+        image_min_pixels: int = 4 * 28 * 28,
+        image_max_pixels: int = 1280 * 28 * 28,
+        document_min_pixels: int = 256 * 28 * 28,
+        document_max_pixels: int = 1280 * 28 * 28,
+        pdf_render_scale: float = 2.0,
+        video_fps: float = 2.0,
+        video_max_frames: int = 64,
+        video_min_pixels: int = 4 * 28 * 28,
+        video_max_pixels: int = 128 * 28 * 28,
+        audio_max_windows: int = 4,
+        audio_downsample: int = 2,
+        default_instruction: str = DEFAULT_INSTRUCTION,
+        **kwargs,
+    ):
+        self.image_min_pixels = image_min_pixels
+        self.image_max_pixels = image_max_pixels
+        self.document_min_pixels = document_min_pixels
+        self.document_max_pixels = document_max_pixels
+        self.pdf_render_scale = pdf_render_scale
+        self.video_fps = video_fps
+        self.video_max_frames = video_max_frames
+        self.video_min_pixels = video_min_pixels
+        self.video_max_pixels = video_max_pixels
+        self.audio_max_windows = audio_max_windows
+        self.audio_downsample = audio_downsample
+        self.default_instruction = default_instruction
+        self.image_token = "<|image_pad|>"
+        self.video_token = "<|video_pad|>"
+        self.audio_token = "<|audio_pad|>"
+        super().__init__(image_processor, tokenizer, feature_extractor, chat_template=chat_template)
+        self.image_token_id = self._token_id(self.image_token)
+        self.video_token_id = self._token_id(self.video_token)
+        self.audio_token_id = self._token_id(self.audio_token)
+
+    def _token_id(self, token: str) -> int:
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"The tokenizer has no {token!r} token; build the repo with training.build_base.")
+        return int(token_id)
+
+    # ------------------------------------------------------------------------------------------------ geometry
+    @property
+    def _patch(self) -> tuple[int, int, int]:
+        ip = self.image_processor
+        return ip.patch_size, ip.merge_size, ip.temporal_patch_size
+
+    def _resize(self, image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
+        patch, merge, _ = self._patch
+        height, width = smart_resize(
+            image.height, image.width, factor=patch * merge, min_pixels=min_pixels, max_pixels=max_pixels
+        )
+        if (height, width) == (image.height, image.width):
+            return image
+        return image.resize((width, height), resample=Image.Resampling.BICUBIC)
+
+    # ------------------------------------------------------------------------------------------------ modalities
+    def process_images(self, images: list[Image.Image]) -> dict[str, np.ndarray]:
+        """Images already resized to their preset (photo or document) -> Qwen2-VL patches and grids."""
+        out = self.image_processor(images=images, do_resize=False, return_tensors="np")
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+    def process_videos(self, videos: list[list[np.ndarray]]) -> dict[str, np.ndarray]:
+        """Frames (RGB uint8 HxWx3) -> Qwen2-VL video patches, the layout Qwen2VLVideoProcessor produces."""
+        patch, merge, temporal = self._patch
+        all_patches, grids = [], []
+        for frames in videos:
+            first = Image.fromarray(frames[0])
+            resized = [self._resize(Image.fromarray(f), self.video_min_pixels, self.video_max_pixels) for f in frames]
+            if any(r.size != resized[0].size for r in resized):
+                raise ValueError(f"video frames must share one size; the first frame is {first.size}.")
+            clip = np.stack([np.asarray(r, dtype=np.float32) / 255.0 for r in resized])  # T,H,W,C
+            clip = (clip - CLIP_MEAN) / CLIP_STD
+            clip = clip.transpose(0, 3, 1, 2)  # T,C,H,W
+            if clip.shape[0] % temporal:
+                pad = np.repeat(clip[-1:], temporal - clip.shape[0] % temporal, axis=0)
+                clip = np.concatenate([clip, pad])
+            t, c, h, w = clip.shape
+            gt, gh, gw = t // temporal, h // patch, w // patch
+            patches = clip.reshape(gt, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
+            patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+            all_patches.append(patches.reshape(gt * gh * gw, c * temporal * patch * patch))
+            grids.append([gt, gh, gw])
+        return {
+            "pixel_values_videos": np.concatenate(all_patches).astype(np.float32),
+            "video_grid_thw": np.array(grids, dtype=np.int64),
+        }
+
+    def audio_windows(self, samples: np.ndarray) -> list[np.ndarray]:
+        """Cut 16 kHz audio into 30 s windows, at most `audio_max_windows` (the rest is dropped with a warning)."""
+        window = self.feature_extractor.n_samples
+        windows = [samples[start : start + window] for start in range(0, len(samples), window)]
+        if len(windows) > self.audio_max_windows:
+            logger.warning(
+                "Audio of %.1f s is longer than audio_max_windows=%d x 30 s; only the first %d s are embedded.",
+                len(samples) / SAMPLING_RATE, self.audio_max_windows, self.audio_max_windows * 30,
+            )
+            windows = windows[: self.audio_max_windows]
+        return windows
+
+    def process_audio(self, audios: list[np.ndarray]) -> tuple[dict[str, np.ndarray], list[int]]:
+        """16 kHz mono arrays -> Whisper features (one row per 30 s window) and the token count of each input."""
+        rows, lengths, tokens_per_audio = [], [], []
+        for samples in audios:
+            n_tokens = 0
+            for window in self.audio_windows(samples):
+                feats = self.feature_extractor(
+                    window, sampling_rate=SAMPLING_RATE, padding="max_length", return_attention_mask=True,
+                    return_tensors="np",
+                )
+                mel_frames = int(feats["attention_mask"][0].sum())
+                rows.append(feats["input_features"][0])
+                lengths.append(mel_frames)
+                n_tokens += audio_tokens_for_frames(mel_frames, self.audio_downsample)
+            tokens_per_audio.append(n_tokens)
+        features = np.stack(rows).astype(np.float32)
+        assert features.shape[-1] == WHISPER_WINDOW_FRAMES
+        return {"input_features": features, "audio_feature_lengths": np.array(lengths, dtype=np.int64)}, tokens_per_audio
+
+    # ------------------------------------------------------------------------------------------------ HF __call__
+    def __call__(
+        self,
+        text: str | list[str] | None = None,
+        images: list | None = None,
+        videos: list | None = None,
+        audio: list | None = None,
+        padding: bool | str = True,
+        padding_side: str | None = None,
+        return_tensors: str | None = "pt",
+        document_images: list[bool] | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        """Tokenise `text`, expanding each placeholder for the matching image/video/audio item (in order).
+
+        `images`: PIL images; `videos`: lists of RGB frames or (T,H,W,C) uint8 arrays; `audio`: 16 kHz 1-D float
+        arrays or `{"array", "sampling_rate"}` dicts. `document_images[i]` selects the document resolution preset.
+        """
+        if text is None:
+            raise ValueError("ConanProcessor needs `text` holding the placeholders; use `prepare` for raw inputs.")
+        texts = [text] if isinstance(text, str) else list(text)
+        data: dict[str, Any] = {}
+        expansions: dict[str, list[int]] = {}
+        if images:
+            docs = document_images or [False] * len(images)
+            resized = [
+                self._resize(
+                    to_rgb(im),
+                    self.document_min_pixels if doc else self.image_min_pixels,
+                    self.document_max_pixels if doc else self.image_max_pixels,
+                )
+                for im, doc in zip(images, docs)
+            ]
+            data.update(self.process_images(resized))
+            expansions[self.image_token] = [int(g.prod()) // self._patch[1] ** 2 for g in data["image_grid_thw"]]
+        if videos:
+            data.update(self.process_videos([[np.asarray(f) for f in v] for v in videos]))
+            expansions[self.video_token] = [int(g.prod()) // self._patch[1] ** 2 for g in data["video_grid_thw"]]
+        if audio:
+            arrays = [a if isinstance(a, np.ndarray) else resample_audio(
+                np.asarray(a["array"], dtype=np.float32), int(a["sampling_rate"]), SAMPLING_RATE) for a in audio]
+            audio_data, expansions[self.audio_token] = self.process_audio(arrays)
+            data.update(audio_data)
+        texts = [self._expand_placeholders(t, expansions) for t in texts]
+        if any(counts for counts in expansions.values()):
+            raise ValueError(
+                "More media items than placeholders in the text: "
+                + ", ".join(f"{len(v)} unused for {k}" for k, v in expansions.items() if v)
+            )
+        if padding_side is not None:
+            kwargs["padding_side"] = padding_side
+        encoded = self.tokenizer(texts, padding=padding, return_tensors="np", add_special_tokens=False, **kwargs)
+        input_ids = encoded["input_ids"]
+        mm_types = np.zeros_like(input_ids)
+        mm_types[input_ids == self.image_token_id] = 1
+        mm_types[input_ids == self.video_token_id] = 2
+        mm_types[input_ids == self.audio_token_id] = 3
+        data.update(input_ids=input_ids, attention_mask=encoded["attention_mask"], mm_token_type_ids=mm_types)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _expand_placeholders(self, text: str, expansions: dict[str, list[int]]) -> str:
+        for token in (self.image_token, self.video_token, self.audio_token):
+            counts = expansions.get(token, [])
+            pieces = text.split(token)
+            if len(pieces) - 1 > len(counts):
+                raise ValueError(f"The text holds more {token} placeholders than items were given.")
+            out = [pieces[0]]
+            for piece in pieces[1:]:
+                out.append(token * counts.pop(0))
+                out.append(piece)
+            text = "".join(out)
+        return text
+
+    # ------------------------------------------------------------------------------------------------ raw inputs
+    def prepare(
+        self,
+        inputs: list[Any],
+        instruction: str | None = None,
+        padding_side: str | None = None,
+        return_tensors: str | None = "pt",
+    ) -> BatchFeature:
+        """Model inputs for a batch of raw inputs, each becoming one embedding.
+
+        Each input is one of: a str (text, or the path of an existing image/audio/video/PDF file); a PIL image; a
+        dict with keys from `text`, `image`, `document`, `page`, `video`, `audio` (any mixture, e.g. an image with a
+        question or a video with its soundtrack). `audio` is `{"array": 1-D floats, "sampling_rate": int}` or a file;
+        `video` is a (T,H,W,C) uint8 array, a list of frames, or a file; `document` is a page image or a PDF path
+        (`page` picks the 0-based page, default 0; `pdf_page_inputs` expands a whole PDF). `instruction` is the system
+        prompt (sentence-transformers passes its prompt here).
+        """
+        if isinstance(inputs, (str, dict, Image.Image)):
+            inputs = [inputs]
+        texts, images, is_doc, videos, audios = [], [], [], [], []
+        for index, raw in enumerate(inputs):
+            parsed, doc_flags = self.parse_input(raw, index)
+            texts.append(self.render(parsed, instruction))
+            images.extend(parsed.images)
+            is_doc.extend(doc_flags)
+            if parsed.video is not None:
+                videos.append(parsed.video)
+            if parsed.audio is not None:
+                audios.append(parsed.audio)
+        return self(
+            text=texts, images=images or None, videos=videos or None, audio=audios or None,
+            document_images=is_doc, padding_side=padding_side, return_tensors=return_tensors,
+        )
+
+    def render(self, parsed: ParsedInput, instruction: str | None = None) -> str:
+        """The chat layout (same as `chat_template`): system instruction, user turn with media then text."""
+        media = "".join("<|vision_start|>" + self.image_token + "<|vision_end|>" for _ in parsed.images)
+        if parsed.video is not None:
+            media += "<|vision_start|>" + self.video_token + "<|vision_end|>"
+        if parsed.audio is not None:
+            media += self.audio_token
+        system = instruction if instruction else self.default_instruction
+        return (
+            f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{media}{parsed.text or ''}<|im_end|>\n"
+            "<|im_start|>assistant\n<|endoftext|>"
+        )
+
+    def parse_input(self, raw: Any, index: int) -> tuple[ParsedInput, list[bool]]:
+        """Validate one raw input; errors name `inputs[index]` and what was expected."""
+        where = f"inputs[{index}]"
+        if raw is None:
+            raise TypeError(f"{where} is None; expected a str, a PIL image or a dict with keys {INPUT_KEYS}.")
+        if isinstance(raw, str):
+            kind = media_kind_of_path(raw) if os.path.isfile(raw) else None
+            if kind is None:
+                return ParsedInput(text=self._check_text(raw, where)), []
+            raw = {"document" if kind == "pdf" else kind: raw}
+        elif isinstance(raw, Image.Image):
+            raw = {"image": raw}
+        elif isinstance(raw, np.ndarray) and raw.ndim == 4:
+            raw = {"video": raw}
+        if not isinstance(raw, dict):
+            raise TypeError(
+                f"{where} has type {type(raw).__name__}; expected a str, a PIL image, a (T,H,W,C) video array or a dict "
+                f"with keys {INPUT_KEYS} (audio goes in as {{'audio': {{'array': ..., 'sampling_rate': ...}}}})."
+            )
+        if "role" in raw and "content" in raw:
+            raise TypeError(
+                f"{where} is a chat message (role/content); expected a plain input such as "
+                "{'text': ..., 'image': ...}. Use `instruction=` (or a sentence-transformers prompt) for the system turn."
+            )
+        if "array" in raw and "sampling_rate" in raw:
+            raw = {"audio": raw}
+        unknown = sorted(set(raw) - set(INPUT_KEYS))
+        if unknown:
+            raise ValueError(f"{where} has unknown key(s) {unknown}; expected keys among {INPUT_KEYS}.")
+        if not any(raw.get(k) is not None for k in ("text", "image", "document", "video", "audio")):
+            raise ValueError(f"{where} is a dict without content; expected at least one of text/image/document/video/audio.")
+        parsed, doc_flags = ParsedInput(), []
+        if raw.get("text") is not None:
+            parsed.text = self._check_text(raw["text"], f"{where}['text']")
+        if raw.get("image") is not None:
+            parsed.images.append(self._load_image(raw["image"], f"{where}['image']"))
+            doc_flags.append(False)
+        if raw.get("document") is not None:
+            parsed.images.append(self._load_document(raw["document"], raw.get("page"), f"{where}['document']"))
+            doc_flags.append(True)
+        elif raw.get("page") is not None:
+            raise ValueError(f"{where} has 'page' but no 'document'.")
+        if raw.get("video") is not None:
+            parsed.video = self._load_video(raw["video"], f"{where}['video']")
+        if raw.get("audio") is not None:
+            parsed.audio = self._load_audio(raw["audio"], f"{where}['audio']")
+        return parsed, doc_flags
+
+    @staticmethod
+    def _check_text(text: Any, where: str) -> str:
+        if not isinstance(text, str):
+            raise TypeError(f"{where} has type {type(text).__name__}; expected a str.")
+        if not text.strip():
+            raise ValueError(f"{where} is an empty string; expected non-empty text.")
+        return text
+
+    @staticmethod
+    def _load_image(image: Any, where: str) -> Image.Image:
+        if isinstance(image, (str, os.PathLike)):
+            path = os.fspath(image)
+            if not os.path.isfile(path):
+                raise ValueError(f"{where}: image file {path!r} does not exist.")
+            try:
+                with Image.open(path) as opened:
+                    image = opened.convert("RGB")
+            except Exception as error:
+                raise ValueError(f"{where}: image file {path!r} could not be read: {error}") from error
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"{where} has type {type(image).__name__}; expected a PIL image or an image path.")
+        if image.width == 0 or image.height == 0:
+            raise ValueError(f"{where} is an image of {image.width}x{image.height} pixels; expected a non-empty image.")
+        return to_rgb(image)
+
+    def _load_document(self, document: Any, page: Any, where: str) -> Image.Image:
+        if isinstance(document, (str, os.PathLike)) and media_kind_of_path(os.fspath(document)) == "pdf":
+            if page is not None and (not isinstance(page, int) or isinstance(page, bool)):
+                raise TypeError(f"{where}: page must be an int (0-based), got {page!r}.")
+            try:
+                return render_pdf_page(os.fspath(document), page or 0, self.pdf_render_scale)
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from error
+        if page is not None:
+            raise ValueError(f"{where}: 'page' applies to PDF files only.")
+        return self._load_image(document, where)
+
+    def _load_video(self, video: Any, where: str) -> list[np.ndarray]:
+        if isinstance(video, (str, os.PathLike)):
+            try:
+                frames = load_video_file(os.fspath(video), self.video_fps, self.video_max_frames)
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from error
+        elif isinstance(video, np.ndarray):
+            if video.ndim != 4 or video.shape[-1] != 3:
+                raise ValueError(f"{where} has shape {video.shape}; expected (T, H, W, 3) RGB frames.")
+            frames = list(video)
+        elif isinstance(video, (list, tuple)):
+            frames = [np.asarray(to_rgb(f)) if isinstance(f, Image.Image) else np.asarray(f) for f in video]
+        else:
+            raise TypeError(f"{where} has type {type(video).__name__}; expected a (T,H,W,3) array, frames or a path.")
+        if len(frames) == 0:
+            raise ValueError(f"{where} has 0 frames; expected at least one frame.")
+        for i, frame in enumerate(frames):
+            if frame.ndim != 3 or frame.shape[-1] != 3 or frame.shape[0] == 0 or frame.shape[1] == 0:
+                raise ValueError(f"{where} frame {i} has shape {frame.shape}; expected non-empty (H, W, 3) RGB.")
+        if len(frames) > self.video_max_frames:
+            picks = np.linspace(0, len(frames) - 1, self.video_max_frames).round().astype(int)
+            frames = [frames[i] for i in picks]
+        return [np.clip(f, 0, 255).astype(np.uint8) if f.dtype != np.uint8 else f for f in frames]
+
+    @staticmethod
+    def _load_audio(audio: Any, where: str) -> np.ndarray:
+        if isinstance(audio, (str, os.PathLike)):
+            try:
+                samples, rate = load_audio_file(os.fspath(audio))
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from error
+        elif isinstance(audio, dict):
+            missing = {"array", "sampling_rate"} - set(audio)
+            if missing:
+                raise ValueError(f"{where} lacks {sorted(missing)}; expected {{'array': ..., 'sampling_rate': ...}}.")
+            samples, rate = audio["array"], audio["sampling_rate"]
+            if hasattr(samples, "detach"):
+                samples = samples.detach().cpu().numpy()
+            samples = np.asarray(samples, dtype=np.float32)
+            if samples.ndim == 2 and 1 in samples.shape:
+                samples = samples.reshape(-1)
+            if samples.ndim != 1:
+                raise ValueError(f"{where}['array'] has shape {samples.shape}; expected a 1-D (mono) array.")
+        else:
+            raise TypeError(
+                f"{where} has type {type(audio).__name__}; expected {{'array': 1-D array, 'sampling_rate': int}} or an "
+                "audio file path (a bare array has no sampling rate)."
+            )
+        if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
+            raise ValueError(f"{where}: sampling_rate must be a positive int, got {rate!r}.")
+        if samples.size == 0:
+            raise ValueError(f"{where} has 0 samples; expected non-empty audio.")
+        if not np.all(np.isfinite(samples)):
+            raise ValueError(f"{where} contains NaN or infinite samples.")
+        return resample_audio(samples, int(rate), SAMPLING_RATE).astype(np.float32)
+
+    @staticmethod
+    def pdf_page_inputs(path: str, text: str | None = None) -> list[dict[str, Any]]:
+        """One input dict per page of a PDF (encode them together to get one embedding per page)."""
+        return [{"document": path, "page": p, **({"text": text} if text else {})} for p in range(count_pdf_pages(path))]
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return [
+            "input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw",
+            "pixel_values_videos", "video_grid_thw", "input_features", "audio_feature_lengths",
+        ]
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+__all__ = ["ConanProcessor"]

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create (or update) the project venv at .venv with pinned dependencies. Idempotent; safe to rerun.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.requirements.sha
+want=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  .venv/bin/pip install -q --upgrade pip >/dev/null
+  # torch first and pinned, so nothing resolves a newer torch with CUDA wheels.
+  .venv/bin/pip install -q torch==2.13.0
+  .venv/bin/pip install -q -r requirements-dev.txt
+  echo "$want" > "$stamp"
+fi

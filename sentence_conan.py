@@ -1,0 +1,91 @@
+# Copyright 2026 The Conan-embedding-v3 authors. Licensed under the Apache License, Version 2.0.
+"""sentence-transformers input module for Conan-embedding-v3.
+
+The stock `Transformer` module converts every input into chat messages and cannot read video/PDF files without
+torchvision/torchcodec; this module hands raw inputs to `ConanProcessor.prepare` instead, so
+`SentenceTransformer(path, trust_remote_code=True).encode(...)` accepts exactly the inputs the processor documents.
+The model already returns L2-normalised last-token embeddings, so no Pooling/Normalize modules follow.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from sentence_transformers.base.modules import InputModule
+from transformers import AutoModel, AutoProcessor
+
+
+class ConanEmbedder(InputModule):
+    """Wraps `ConanModel` + `ConanProcessor`; `prompt` (e.g. from `encode_query`) becomes the system instruction."""
+
+    config_keys: list[str] = ["padding_side"]
+    config_file_name: str = "sentence_conan_config.json"
+    save_in_root: bool = True
+    forward_kwargs: set[str] = {"task"}
+
+    def __init__(self, model: torch.nn.Module, processor: Any, padding_side: str = "right"):
+        super().__init__()
+        self.model = model
+        self.processor = processor
+        self.padding_side = padding_side
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def modalities(self) -> list:
+        # "message" tells sentence-transformers that one batch may mix modalities (and combined dict inputs);
+        # the processor handles any mixture, but rejects chat-style role/content dicts with a clear error.
+        return ["text", "image", "audio", "video", "message"]
+
+    def preprocess(self, inputs: list[Any], prompt: str | None = None, **kwargs) -> dict[str, Any]:
+        return dict(self.processor.prepare(list(inputs), instruction=prompt, padding_side=self.padding_side))
+
+    def forward(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:
+        model_inputs = {k: v for k, v in features.items() if k in self.processor.model_input_names}
+        output = self.model(**model_inputs)
+        features["sentence_embedding"] = output.embeddings
+        features["token_embeddings"] = output.last_hidden_state
+        return features
+
+    def get_embedding_dimension(self) -> int:
+        return self.model.config.text_config.hidden_size
+
+    def get_sentence_embedding_dimension(self) -> int:  # older sentence-transformers name
+        return self.get_embedding_dimension()
+
+    def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
+        self.model.save_pretrained(output_path, safe_serialization=safe_serialization)
+        self.processor.save_pretrained(output_path)
+        self.save_config(output_path)
+
+    @classmethod
+    def load(
+        cls,
+        model_name_or_path: str,
+        subfolder: str = "",
+        token: bool | str | None = None,
+        cache_folder: str | None = None,
+        revision: str | None = None,
+        local_files_only: bool = False,
+        trust_remote_code: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
+        processor_kwargs: dict[str, Any] | None = None,
+        **kwargs,
+    ) -> "ConanEmbedder":
+        hub_kwargs = {
+            "subfolder": subfolder, "token": token, "cache_dir": cache_folder, "revision": revision,
+            "local_files_only": local_files_only, "trust_remote_code": True,
+        }
+        config = cls.load_config(
+            model_name_or_path, subfolder=subfolder, token=token, cache_folder=cache_folder, revision=revision,
+            local_files_only=local_files_only,
+        )
+        model = AutoModel.from_pretrained(model_name_or_path, **hub_kwargs, **(model_kwargs or {}))
+        processor = AutoProcessor.from_pretrained(model_name_or_path, **hub_kwargs, **(processor_kwargs or {}))
+        return cls(model=model, processor=processor, **config)
+
+
+__all__ = ["ConanEmbedder"]
