@@ -86,6 +86,7 @@ class ConanModel(ConanPreTrainedModel):
         self.audio_projector = ConanAudioProjector(
             audio_config.d_model, config.text_config.hidden_size, config.projector_hidden_act
         )
+        self.audio_frame_cache = None  # optional, set by training code: see encode_audio_frames
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -95,17 +96,43 @@ class ConanModel(ConanPreTrainedModel):
         self.backbone.set_input_embeddings(value)
 
     # ----------------------------------------------------------------------------------------------- audio path
-    def encode_audio_frames(self, input_features: torch.Tensor) -> torch.Tensor:
+    def encode_audio_frames(
+        self, input_features: torch.Tensor, audio_feature_lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Whisper encoder + average pooling: `(windows, mel, 3000)` -> `(windows, ceil(1500/k), d_audio)`.
 
-        This is the frozen part of the audio path; training code may cache its output and pass it back through
-        `forward(audio_frames=...)`.
+        This is the frozen part of the audio path. Training code may precompute it (`forward(audio_frames=...)`) or
+        attach `self.audio_frame_cache` (an object with `get(features_row) -> Tensor | None` and
+        `put(features_row, frames)`, keyed by the window's features) so every stage encodes each clip once. With a
+        cache, only each window's real frames are stored; frames past them are returned as zeros, which `forward`
+        never reads (it keeps the first `audio_tokens_for_frames(length)` tokens of each window).
         """
         if input_features.shape[-1] != WHISPER_WINDOW_FRAMES:
             raise ValueError(
                 f"input_features must hold {WHISPER_WINDOW_FRAMES} mel frames per window (30 s), got shape "
                 f"{tuple(input_features.shape)}; use ConanProcessor to pad audio."
             )
+        cache = self.audio_frame_cache
+        if cache is None or audio_feature_lengths is None:
+            return self._run_audio_encoder(input_features)
+        n_pooled = -(-(WHISPER_WINDOW_FRAMES // 2) // self.config.audio_downsample)
+        out = torch.zeros(
+            input_features.shape[0], n_pooled, self.config.audio_config.d_model,
+            dtype=self.audio_encoder.conv1.weight.dtype, device=input_features.device,
+        )
+        cached = [cache.get(row) for row in input_features]
+        todo = [i for i, frames in enumerate(cached) if frames is None]
+        if todo:
+            fresh = self._run_audio_encoder(input_features[todo])
+            for j, i in enumerate(todo):
+                n_tokens = audio_tokens_for_frames(int(audio_feature_lengths[i]), self.config.audio_downsample)
+                cached[i] = fresh[j, :n_tokens]
+                cache.put(input_features[i], cached[i])
+        for i, frames in enumerate(cached):
+            out[i, : frames.shape[0]] = frames.to(out.device, out.dtype)
+        return out
+
+    def _run_audio_encoder(self, input_features: torch.Tensor) -> torch.Tensor:
         encoder_dtype = self.audio_encoder.conv1.weight.dtype
         frames = self.audio_encoder(input_features.to(encoder_dtype)).last_hidden_state
         k = self.config.audio_downsample
@@ -168,7 +195,7 @@ class ConanModel(ConanPreTrainedModel):
             if audio_feature_lengths is None:
                 raise ValueError("audio_feature_lengths is required with input_features/audio_frames.")
             if audio_frames is None:
-                audio_frames = self.encode_audio_frames(input_features)
+                audio_frames = self.encode_audio_frames(input_features, audio_feature_lengths)
             inputs_embeds = self._scatter_audio(
                 input_ids, inputs_embeds, self.project_audio(audio_frames, audio_feature_lengths)
             )

@@ -299,3 +299,24 @@ def test_processor_with_real_qwen2_vocabulary(tiny_model_and_processor):
     assert ids[1][batch["attention_mask"][1].astype(bool)][-1] == 151643  # ends with <|endoftext|>
     text = tokenizer.decode(ids[1][batch["attention_mask"][1].astype(bool)])
     assert "你好" in text and text.count("<|vision_start|>") == 2
+
+
+def test_audio_frame_cache_gives_identical_embeddings(tiny_model_and_processor, tmp_path):
+    from training.audio_cache import AudioFrameCache
+
+    model, processor = tiny_model_and_processor
+    inputs = [{"audio": AUDIO}, {"video": VIDEO, "audio": AUDIO}, "text only"]
+    reference = _embed(model, processor, inputs)
+    model.audio_frame_cache = AudioFrameCache.for_model(model, tmp_path)
+    try:
+        first = _embed(model, processor, inputs)
+        second = _embed(model, processor, inputs)
+        assert model.audio_frame_cache.misses == 2 and model.audio_frame_cache.hits == 2  # same clip twice in a batch
+        fresh = AudioFrameCache.for_model(model, tmp_path)  # a later stage: reads the persisted frames
+        model.audio_frame_cache = fresh
+        third = _embed(model, processor, inputs)
+        assert fresh.hits == 2 and fresh.misses == 0
+    finally:
+        model.audio_frame_cache = None
+    for other in (first, second, third):
+        torch.testing.assert_close(other, reference, atol=1e-6, rtol=0)

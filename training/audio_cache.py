@@ -1,0 +1,68 @@
+"""A cache of the frozen Whisper encoder's pooled frames, shared by every stage and evaluation.
+
+The audio encoder never changes across stages, so each 30 s window is encoded once: attach
+`AudioFrameCache.for_model(model, cache_dir)` as `model.audio_frame_cache`. Keys are a hash of the window's log-mel
+features plus a fingerprint of the encoder weights (a different encoder never reads stale frames).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """Hash of a module's parameters and buffers (names, shapes, dtypes and bytes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class AudioFrameCache:
+    """In-memory cache of pooled Whisper frames, optionally persisted as one file per window in `cache_dir`."""
+
+    def __init__(self, encoder_fingerprint: str, cache_dir: str | os.PathLike | None = None):
+        self.encoder_fingerprint = encoder_fingerprint
+        self.cache_dir = Path(cache_dir) / encoder_fingerprint if cache_dir else None
+        if self.cache_dir:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._memory: dict[str, torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, cache_dir: str | os.PathLike | None = None) -> "AudioFrameCache":
+        fingerprint = module_fingerprint(model.audio_encoder) + f"-k{model.config.audio_downsample}"
+        return cls(fingerprint, cache_dir)
+
+    def _key(self, features: torch.Tensor) -> str:
+        data = features.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+        return hashlib.blake2b(data, digest_size=20).hexdigest()
+
+    def get(self, features: torch.Tensor) -> torch.Tensor | None:
+        key = self._key(features)
+        frames = self._memory.get(key)
+        if frames is None and self.cache_dir and (self.cache_dir / f"{key}.pt").exists():
+            frames = torch.load(self.cache_dir / f"{key}.pt", weights_only=True)
+            self._memory[key] = frames
+        if frames is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return frames
+
+    def put(self, features: torch.Tensor, frames: torch.Tensor) -> None:
+        key = self._key(features)
+        frames = frames.detach().to("cpu").clone()
+        self._memory[key] = frames
+        if self.cache_dir:
+            fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
+            os.close(fd)
+            torch.save(frames, tmp)
+            os.replace(tmp, self.cache_dir / f"{key}.pt")
