@@ -1,0 +1,110 @@
+"""WordNet 3.0 (Debian ``wordnet-base``): definition -> the word it defines (the text anchor for rehearsal).
+
+Reads the Princeton database files directly (``/usr/share/wordnet/index.noun`` + ``data.noun``): no NLTK, no
+download. Only the first sense of common single-word nouns (SemCor-tagged) is used, ranked by SemCor frequency
+(``cntlist.rev``), so the pairs are about words a small model can know. Split: ``split_of("wordnet:n<offset>")``;
+the espeak builder uses the same key, so a gloss is in the same split for text and for synthetic speech.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.splits import split_of
+
+from .common import BuildContext, SourceInfo, SourceMissing, make_pair, pick_negatives, take_with_pool
+from .install import INSTALL
+
+WORDNET_DIR = Path("/usr/share/wordnet")
+INFO = SourceInfo(
+    name="wordnet-definitions",
+    modality="text",
+    licence="WordNet 3.0 licence (Princeton; permissive, keep the copyright notice)",
+    obtained="Debian wordnet-base: /usr/share/wordnet/index.noun + data.noun",
+    split_rule='training.splits.split_of("wordnet:n<synset offset>")',
+    install=INSTALL["wordnet"],
+)
+INSTRUCTION = "Given a definition, retrieve the word it defines."
+
+
+@dataclass(frozen=True)
+class Synset:
+    key: str       # "wordnet:n02084071"
+    lemma: str     # "dog"
+    gloss: str     # definition without the examples
+    lexname: int   # lexicographer file number (e.g. 5 = noun.animal): hard negatives share it
+    tag_count: int  # SemCor frequency of this sense of the lemma (cntlist.rev)
+
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def load_synsets(wordnet_dir: Path | None = None) -> list[Synset]:
+    """First senses of tagged single-word nouns with a 3-30 word definition, most frequent first (ties by lemma)."""
+    wordnet_dir = Path(wordnet_dir or WORDNET_DIR)
+    index, data = wordnet_dir / "index.noun", wordnet_dir / "data.noun"
+    if not index.exists() or not data.exists():
+        raise SourceMissing(f"WordNet not found at {wordnet_dir}: {INSTALL['wordnet']}")
+    first_sense: dict[str, tuple[str, int]] = {}
+    for line in index.read_text(encoding="latin-1").splitlines():
+        if line.startswith(" "):
+            continue
+        f = line.split()
+        lemma, p_cnt = f[0], int(f[3])
+        tagsense_cnt = int(f[5 + p_cnt])
+        offsets = f[6 + p_cnt:]
+        if tagsense_cnt >= 1 and _WORD.fullmatch(lemma) and len(lemma) > 2 and offsets:
+            first_sense.setdefault(offsets[0], (lemma, tagsense_cnt))
+    freq: dict[str, int] = {}
+    cnt_path = wordnet_dir / "cntlist.rev"
+    if cnt_path.exists():
+        for line in cnt_path.read_text(encoding="latin-1").splitlines():
+            f = line.split()
+            if len(f) == 3 and "%1:" in f[0]:
+                freq[f[0]] = int(f[2])
+    out = []
+    with data.open(encoding="latin-1") as fh:
+        for line in fh:
+            if line.startswith(" ") or line[:8] not in first_sense:
+                continue
+            head, _, gloss = line.partition(" | ")
+            definition = gloss.split('; "')[0].strip().rstrip(";").strip()
+            if not 3 <= len(definition.split()) <= 30:
+                continue
+            lemma, _ = first_sense[line[:8]]
+            f = head.split()
+            lex, n_words = int(f[1]), int(f[3], 16)
+            words = {f[4 + 2 * k].lower(): int(f[5 + 2 * k], 16) for k in range(n_words)}
+            cnt = freq.get(f"{lemma}%1:{lex:02d}:{words.get(lemma, 0):02d}::", 0)
+            out.append(Synset(f"wordnet:n{line[:8]}", lemma, definition, lex, cnt))
+    if not out:
+        raise SourceMissing(f"no usable noun synsets parsed from {data}")
+    out.sort(key=lambda s: (-s.tag_count, s.lemma))
+    return out
+
+
+def synsets(ctx: BuildContext, split: str) -> list[Synset]:
+    """The usable synsets of ``split`` (shared with the espeak builder)."""
+    return [s for s in ctx.cached("wordnet:synsets", load_synsets) if split_of(s.key) == split]
+
+
+def check(ctx: BuildContext) -> None:
+    """Raise SourceMissing unless WordNet is installed."""
+    ctx.cached("wordnet:synsets", load_synsets)
+
+
+def build(split: str, cap: int, ctx: BuildContext) -> list[dict]:
+    """Up to ``cap`` definition->word pairs, drawn from the 3,000 most frequent senses of the split when possible;
+    negatives are other words of the same split, same lexicographer file first (e.g. other animals)."""
+    rng = ctx.rng(INFO.name, split)
+    pool = synsets(ctx, split)
+    chosen, negpool = take_with_pool(pool[: max(cap, min(len(pool), 3000))], cap, ctx.n_negatives, rng)
+    pairs = []
+    for i, s in enumerate(chosen):
+        neg = pick_negatives(len(negpool), i, ctx.n_negatives, rng, prefer=lambda j: negpool[j].lexname == s.lexname)
+        pairs.append(make_pair({"text": s.gloss}, {"text": s.lemma}, [{"text": negpool[j].lemma} for j in neg],
+                               INFO.name, INSTRUCTION, key=s.key, negative_keys=[negpool[j].key for j in neg],
+                               label=s.lemma, lexname=s.lexname))
+    return pairs

@@ -1,0 +1,13 @@
+"""Decoupled Specialist Fusion: streaming task-vector fusion of modality specialists (DESIGN.md §2, stage F).
+
+Modules, one job each: `config` (all knobs), `st_io` (safetensors headers, reads, streaming writer), `lora` (peft
+adapters → exact ΔW), `plan` (key policies and validation from headers), `tensor_ctx` (per-tensor row access),
+`methods` (merge operators with paper/mergekit semantics), `engine` (thread pool, atomic output, manifest).
+"""
+
+from .config import ConfigError, FusionConfig, ModelSpec, load_config
+from .engine import fuse
+from .plan import PlanError
+from .st_io import CheckpointError
+
+__all__ = ["CheckpointError", "ConfigError", "FusionConfig", "ModelSpec", "PlanError", "fuse", "load_config"]

@@ -1,0 +1,229 @@
+"""Run a fusion plan: a memory-bounded thread pool over tensors, streaming shard writers, atomic publish.
+
+The output folder appears only by `rename` of a fully written, fsynced temporary folder; a killed run leaves at most
+a hidden `.NAME.partial-PID-*` folder whose shards have zeroed headers (no loader accepts them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import FusionConfig
+from .methods import fuse_tensor, memory_cost, recipe
+from .plan import FusionPlan, build_plan, check_inputs_exist
+from .st_io import OutTensor, Reader, ShardWriter
+from .tensor_ctx import Contributor, TensorContext
+
+WEIGHT_FILES = ("adapter_config.json", "fusion_manifest.json")
+
+
+class _Budget:
+    """Bytes of working memory in flight; a job larger than the limit runs alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used, self.cv = limit, 0, threading.Condition()
+
+    def acquire(self, n: int) -> None:
+        with self.cv:
+            while self.used > 0 and self.used + n > self.limit:
+                self.cv.wait()
+            self.used += n
+
+    def release(self, n: int) -> None:
+        with self.cv:
+            self.used -= n
+            self.cv.notify_all()
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.endswith(".safetensors") or name.endswith(".safetensors.index.json") or name in WEIGHT_FILES \
+        or name.startswith("adapter_model")
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy tokenizer/processor/remote-code/sentence-transformers files (all but weights); config.json last."""
+    copied = []
+    entries = sorted(p for p in Path(src).iterdir() if not p.name.startswith(".") and not _is_weight_file(p.name))
+    for p in sorted(entries, key=lambda p: p.name == "config.json"):
+        if p.is_dir():
+            shutil.copytree(p, dst / p.name)
+        else:
+            shutil.copy2(p, dst / p.name)
+        copied.append(p.name)
+    return copied
+
+
+def _clean_stale_partials(out: Path) -> None:
+    """Remove temp folders of earlier killed runs (their pid is gone)."""
+    for p in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            pid = int(p.name.split(".partial-")[1].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            pass
+
+
+def fuse(cfg: FusionConfig, on_tensor: Callable[[str], None] | None = None) -> dict:
+    """Fuse `cfg.models` into `cfg.base` and write `cfg.output`; returns the manifest (also written to disk)."""
+    t_start = time.perf_counter()
+    check_inputs_exist(cfg)
+    out = Path(cfg.output)
+    if out.exists() and not cfg.overwrite:
+        raise FileExistsError(f"output folder already exists: {out} (set overwrite: true to replace it)")
+    reader = Reader()
+    plan = build_plan(cfg, reader)  # every error about inputs is raised here, before any arithmetic
+    rc = recipe(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_partials(out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    writers: dict[str, ShardWriter] = {}
+    threads_before = torch.get_num_threads()
+    try:
+        for shard, keys in plan.shard_keys.items():
+            tensors = [OutTensor(k, plan.tensors[k].dtype, plan.tensors[k].shape) for k in keys]
+            writers[shard] = ShardWriter(tmp / shard, tensors)
+        changed = _execute(cfg, plan, rc, reader, writers, on_tensor)
+        for w in writers.values():
+            w.finish()
+        if plan.base.sharded:
+            index = {
+                "metadata": {"total_size": sum(w.data_size for w in writers.values())},
+                "weight_map": {k: s for s, keys in plan.shard_keys.items() for k in keys},
+            }
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        manifest = _manifest(cfg, plan, changed, time.perf_counter() - t_start)
+        (tmp / "fusion_manifest.json").write_text(json.dumps(manifest, indent=1))
+        src = cfg.base if cfg.files_from == "base" else next(m.path for m in cfg.models if m.name == cfg.files_from)
+        manifest["files_copied"] = copy_side_files(Path(src), tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        _publish(tmp, out)
+        return manifest
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        reader.close()
+        torch.set_num_threads(threads_before)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def _execute(cfg: FusionConfig, plan: FusionPlan, rc, reader: Reader, writers: dict[str, ShardWriter],
+             on_tensor: Callable[[str], None] | None) -> dict[str, set[str]]:
+    """Run every tensor job; returns, per fused key, the specialists whose bytes differed from the base."""
+    workers = cfg.workers or os.cpu_count() or 1
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    compute = torch.float64 if cfg.reference else torch.float32
+    changed: dict[str, set[str]] = {}
+    jobs: list[tuple[int, int, Callable[[], None], str]] = []
+    for key, tp in plan.tensors.items():
+        if tp.policy == "drop":
+            continue
+        w = writers[tp.shard]
+        nbytes = _out(tp).nbytes
+        if tp.policy in ("copy_base", "copy_owner"):
+            jobs.append((0, nbytes, (lambda src=tp.source, w=w, k=key: reader.copy_to(src, w.fd, w.offset_of(k))), key))
+            continue
+        base = plan.base.tensors[key]
+        contributors = [Contributor(s.name, s.weight, s.source(key) or base) for s in plan.specialists]
+        ctx = TensorContext(key, base, contributors, tp.lam, tp.dtype, compute, reader, w, cfg.chunk_elems, cfg.seed)
+        changed[key] = ctx.changed
+        cost = memory_cost(base.numel, base.row_elems, len(contributors), cfg)
+        jobs.append((cost, nbytes, (lambda ctx=ctx: fuse_tensor(ctx, cfg, rc)), key))
+    jobs.sort(key=lambda j: -j[0])
+    budget = _Budget(int(cfg.memory_limit_gb * (1 << 30)))
+    bar = tqdm(total=sum(j[1] for j in jobs), unit="B", unit_scale=True, desc=f"fuse[{cfg.method}]",
+               disable=not cfg.progress)
+    lock = threading.Lock()
+    futures: list[Future] = []
+
+    def run(cost: int, nbytes: int, fn: Callable[[], None], key: str) -> None:
+        try:
+            fn()
+        except Exception as e:
+            raise RuntimeError(f"fusing tensor {key!r} failed: {e}") from e
+        finally:
+            budget.release(cost)
+        with lock:
+            bar.update(nbytes)
+        if on_tensor is not None:
+            on_tensor(key)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fuse") as pool:
+        for cost, nbytes, fn, key in jobs:
+            if any(f.done() and f.exception() for f in futures):
+                break
+            budget.acquire(cost)
+            futures.append(pool.submit(run, cost, nbytes, fn, key))
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        for f in futures:
+            if f.done() and f.exception():
+                for g in futures:
+                    g.cancel()
+                bar.close()
+                raise f.exception()
+    bar.close()
+    return changed
+
+
+def _out(tp) -> OutTensor:
+    return OutTensor(tp.key, tp.dtype, tp.shape)
+
+
+def _manifest(cfg: FusionConfig, plan: FusionPlan, changed: dict[str, set[str]], seconds: float) -> dict:
+    """Per-tensor account: policy, method, owners, needs_recovery (fusion.md §1, DESIGN.md stage R)."""
+    tensors = {}
+    for key, tp in plan.tensors.items():
+        entry = {
+            "policy": tp.policy, "method": None, "owners": tp.owners, "needs_recovery": tp.needs_recovery,
+            "group": tp.group, "shard": tp.shard, "dtype": tp.dtype, "shape": list(tp.shape), "reason": tp.reason,
+        }
+        if tp.policy == "fuse":
+            ch = sorted(changed.get(key, ()))
+            entry["changed_by"] = ch
+            if ch:
+                entry.update(method=f"{cfg.method}/{cfg.semantics}", **{"lambda": tp.lam})
+            else:
+                entry.update(policy="copy_base", reason="unchanged (byte-identical to the base) in every specialist")
+        tensors[key] = entry
+    counts: dict[str, int] = {}
+    for e in tensors.values():
+        counts[e["policy"]] = counts.get(e["policy"], 0) + 1
+    return {
+        "format": "conan-fusion-manifest/1",
+        "config": json.loads(json.dumps(cfg.to_dict(), default=str)),
+        "summary": {
+            "counts": counts,
+            "needs_recovery": sorted(k for k, e in tensors.items() if e["needs_recovery"]),
+            "copied_from_owner": sorted(k for k, e in tensors.items() if e["policy"] == "copy_owner"),
+            "dropped": sorted(k for k, e in tensors.items() if e["policy"] == "drop"),
+            "seconds": round(seconds, 3),
+        },
+        "tensors": tensors,
+    }
