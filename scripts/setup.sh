@@ -15,3 +15,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q -r requirements-dev.txt
   echo "$want" > "$stamp"
 fi
+# Real data sources from the Debian/PyPI registries (emoji font, PDF manuals, WordNet, espeak-ng, a SoundFont).
+# Needs root or sudo for apt; without them the pipeline and tests skip those sources with a reason.
+if [ "$(id -u)" = "0" ] || command -v sudo >/dev/null 2>&1; then
+  bash training/data_sources/install_sources.sh .venv/bin/python
+else
+  echo "setup: no root/sudo; skipping Debian data sources (see training/data_sources/install_sources.sh)" >&2
+fi

@@ -22,4 +22,4 @@ else
   echo "apt: all of $APT_PACKAGES already installed"
 fi
 # shellcheck disable=SC2086
-"$PY" -m pip install $PIP_PACKAGES
+"$PY" -m pip install -q $PIP_PACKAGES
