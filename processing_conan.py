@@ -114,6 +114,13 @@ class ConanProcessor(ProcessorMixin):
         self.video_token_id = self._token_id(self.video_token)
         self.audio_token_id = self._token_id(self.audio_token)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        # This class *is* the repo's remote code, already trusted; without this the tokenizer's auto_map entry
+        # would ask again on stdin.
+        kwargs.setdefault("trust_remote_code", True)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     def _token_id(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
         if token_id is None or token_id == self.tokenizer.unk_token_id:
