@@ -7,8 +7,10 @@ them), with an error that says what to install. No torchaudio/torchvision/torchc
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+from collections.abc import Iterator
 from fractions import Fraction
 from typing import Any
 
@@ -113,8 +115,9 @@ def load_video_file(path: str, fps: float, max_frames: int) -> list[np.ndarray]:
     return [decoded[i][1] for i in picks]
 
 
-def render_pdf_page(path: str, page: int, scale: float) -> Any:
-    """Rasterise one page (0-based) of a PDF with pypdfium2 and return a PIL image."""
+@contextlib.contextmanager
+def open_pdf(path: str) -> Iterator[Any]:
+    """A pypdfium2 document, closed afterwards; a file that is not a readable PDF gives a ValueError."""
     _require_file(path, "PDF")
     pdfium = _optional_import("pypdfium2", "pypdfium2", "Reading PDF pages")
     try:
@@ -122,23 +125,21 @@ def render_pdf_page(path: str, page: int, scale: float) -> Any:
     except Exception as error:
         raise ValueError(f"PDF file {path!r} could not be opened: {error}") from error
     try:
+        yield document
+    finally:
+        document.close()
+
+
+def render_pdf_page(path: str, page: int, scale: float) -> Any:
+    """Rasterise one page (0-based) of a PDF with pypdfium2 and return a PIL image."""
+    with open_pdf(path) as document:
         n_pages = len(document)
         if not 0 <= page < n_pages:
             raise ValueError(f"PDF file {path!r} has {n_pages} pages; page={page} is out of range (0-based).")
         return document[page].render(scale=scale).to_pil().convert("RGB")
-    finally:
-        document.close()
 
 
 def count_pdf_pages(path: str) -> int:
     """Number of pages of a PDF (for expanding a PDF into one input per page)."""
-    _require_file(path, "PDF")
-    pdfium = _optional_import("pypdfium2", "pypdfium2", "Reading PDF pages")
-    try:
-        document = pdfium.PdfDocument(path)
-    except Exception as error:
-        raise ValueError(f"PDF file {path!r} could not be opened: {error}") from error
-    try:
+    with open_pdf(path) as document:
         return len(document)
-    finally:
-        document.close()

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 ITEM_KEYS = ("text", "image", "document", "page", "video", "audio")
 MEDIA_KEYS = ("image", "document", "video", "audio")
-ROW_KEYS = ("query", "positive", "negatives", "source", "instruction")
+ROW_KEYS = ("query", "positive", "negatives", "source", "instruction", "meta")  # meta: bookkeeping, see docs
 OnError = Literal["skip", "fatal"]
 
 
