@@ -156,7 +156,6 @@ def assemble_base(
         feature_extractor=feature_extractor,
         chat_template=CHAT_TEMPLATE,
         audio_downsample=audio_downsample,
-        audio_max_windows=config.audio_max_windows,
         **(processor_limits or {}),
     )
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
@@ -209,33 +208,49 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerBase:
     )
 
 
-def write_tiny_upstream_checkpoints(root: Path, hidden_size: int = 64, seed: int = 0) -> tuple[Path, Path]:
-    """Tiny random Qwen2-VL and Whisper checkpoints in their upstream formats (`save_pretrained`)."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, WhisperConfig, WhisperForConditionalGeneration
+def write_random_qwen2_vl(
+    out_dir: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    vision_width: int = 32,
+    vision_depth: int = 1,
+    seed: int = 0,
+) -> Path:
+    """A random Qwen2-VL checkpoint in the upstream format (`Qwen2VLForConditionalGeneration.save_pretrained`)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     torch.manual_seed(seed)
-    tokenizer = build_tiny_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2_VL_SPECIAL_TOKENS}
-    half_head = hidden_size // 4 // 2  # 4 heads; M-RoPE sections (t, h, w) must sum to head_dim / 2
+    half_head = hidden_size // num_heads // 2  # M-RoPE sections (t, h, w) must sum to head_dim / 2
     mrope_section = [half_head - 2 * (half_head * 3 // 8), half_head * 3 // 8, half_head * 3 // 8]
     qwen_config = Qwen2VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer) + 8, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                             "mrope_section": mrope_section},
+            vocab_size=-(-(len(tokenizer) + 1) // 64) * 64, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=max(1, num_heads // 2),
+            max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                            "mrope_section": mrope_section},
             bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
         ),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=hidden_size, num_heads=2, mlp_ratio=2),
+        vision_config=dict(depth=vision_depth, embed_dim=vision_width, hidden_size=hidden_size,
+                           num_heads=max(1, vision_width // 16), mlp_ratio=2),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
-    backbone_dir, audio_dir = root / "tiny-qwen2-vl", root / "tiny-whisper"
-    Qwen2VLForConditionalGeneration(qwen_config).save_pretrained(backbone_dir)
-    tokenizer.save_pretrained(backbone_dir)
-    Qwen2VLImageProcessorPil(min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28).save_pretrained(backbone_dir)
+    Qwen2VLForConditionalGeneration(qwen_config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    Qwen2VLImageProcessorPil(min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28).save_pretrained(out_dir)
+    return out_dir
 
+
+def write_tiny_upstream_checkpoints(root: Path, hidden_size: int = 64, seed: int = 0) -> tuple[Path, Path]:
+    """Tiny random Qwen2-VL and Whisper checkpoints in their upstream formats (`save_pretrained`)."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    backbone_dir = write_random_qwen2_vl(root / "tiny-qwen2-vl", build_tiny_tokenizer(), hidden_size, seed=seed)
+    audio_dir = root / "tiny-whisper"
     whisper_config = WhisperConfig(
         vocab_size=64, num_mel_bins=80, d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
         decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64, max_source_positions=1500,

@@ -1,0 +1,81 @@
+"""Per-modality retrieval scores of one model folder on the pipeline's held-out test pairs.
+
+For each modality's `test.jsonl`, every query ranks all distinct test positives of that modality (its own positive is
+the gold candidate), the MMEB protocol: hit@1 and MRR, ties counted pessimistically. This is what the pipeline
+prints after every stage (base, specialists, fused, recovered, rehearsed); it is an offline proxy on real local data,
+not an MMEB/MAEB number.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from training import hub_code
+from training.audio_cache import AudioFrameCache
+from training.evaluation.metrics import gold_rank, rank_metrics
+
+
+def resolve_item(item: dict[str, Any], root: Path) -> dict[str, Any]:
+    """Make an item's media paths absolute (JSONL paths are relative to the file)."""
+    out = {}
+    for key, value in item.items():
+        if key in ("image", "document", "video", "audio") and isinstance(value, str):
+            value = str(root / value)
+        out[key] = value
+    return out
+
+
+def read_pairs(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows[:limit] if limit else rows
+
+
+@torch.no_grad()
+def embed(model, processor, items: list[dict], instruction: str | None, batch_size: int, desc: str) -> np.ndarray:
+    vectors = []
+    for start in tqdm(range(0, len(items), batch_size), desc=desc, leave=False):
+        batch = processor.prepare(items[start : start + batch_size], instruction=instruction)
+        vectors.append(model(**batch).embeddings.float().numpy())
+    return np.concatenate(vectors)
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    data_dir: str | Path,
+    modalities: list[str] | None = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+    audio_cache_dir: str | Path | None = None,
+) -> dict[str, dict[str, float]]:
+    """{modality: {"hit@1", "mrr", "n_queries", "n_candidates"}} on `data_dir/<modality>/test.jsonl`."""
+    data_dir = Path(data_dir)
+    model = hub_code.ConanModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = hub_code.ConanProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    model.audio_frame_cache = AudioFrameCache.for_model(model, audio_cache_dir)
+    results = {}
+    for modality in modalities or sorted(p.name for p in data_dir.iterdir() if (p / "test.jsonl").exists()):
+        path = data_dir / modality / "test.jsonl"
+        if not path.exists():
+            continue
+        rows = read_pairs(path, limit)
+        queries = [resolve_item(r["query"], path.parent) for r in rows]
+        positives = [json.dumps(r["positive"], sort_keys=True) for r in rows]
+        unique = sorted(set(positives))
+        candidates = [resolve_item(json.loads(p), path.parent) for p in unique]
+        gold = [unique.index(p) for p in positives]
+        instruction = rows[0].get("instruction")
+        q = embed(model, processor, queries, instruction, batch_size, f"eval {modality} queries")
+        c = embed(model, processor, candidates, None, batch_size, f"eval {modality} candidates")
+        scores = q @ c.T
+        ranks = [gold_rank(row, g) for row, g in zip(scores, gold)]
+        metrics = rank_metrics(ranks, ks=(1, 5))
+        results[modality] = {
+            "hit@1": metrics["hit@1"], "mrr": metrics["mrr"], "n_queries": len(rows), "n_candidates": len(unique),
+        }
+    return results
