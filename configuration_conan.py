@@ -50,8 +50,9 @@ class ConanConfig(Qwen2VLConfig):
             Id of `<|audio_pad|>`: projected audio frames replace these placeholder embeddings.
         audio_downsample (`int`):
             Average-pooling stride over Whisper frames before the projector (2 -> 25 tokens per second).
-        audio_max_windows (`int`):
-            Cap on the number of 30 s windows one audio input may use (longer audio is cut, with a warning).
+        projector_calibration_hash (`str`, *optional*):
+            Fingerprint (`modeling_conan.backbone_fingerprint`) of the backbone the audio projector was trained on.
+            Loading the projector onto another backbone (e.g. after fusion) logs a Projector Drift warning.
         projector_hidden_act (`str`):
             Activation of the two-layer MLP audio projector.
         backbone_model_type (`str`):
@@ -66,7 +67,7 @@ class ConanConfig(Qwen2VLConfig):
     audio_config: dict | PreTrainedConfig | None = None
     audio_token_id: int = 151657
     audio_downsample: int = 2
-    audio_max_windows: int = 4
+    projector_calibration_hash: str | None = None
     projector_hidden_act: str = "gelu"
     backbone_model_type: str = "qwen2_vl"
     embedding_pooling: str = "last_token"

@@ -8,6 +8,8 @@ pooling of the backbone's final-norm hidden state, L2-normalised.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_conan import WHISPER_WINDOW_FRAMES, ConanConfig, audio_tokens_for_frames
 
+logger = logging.getLogger(__name__)
 AUDIO_TOKEN_TYPE = 3  # what ProcessorMixin-style processors mark audio placeholders with
 
 
@@ -75,6 +78,27 @@ class ConanPreTrainedModel(PreTrainedModel):
             super()._init_weights(module)
 
 
+def backbone_fingerprint(model: nn.Module, prefix: str = "backbone.", sample: int = 4096) -> str:
+    """Cheap identity of a backbone: every tensor's name/shape/dtype plus a strided sample of its bytes.
+
+    Fusion changes almost every element of the LLM weights, so a strided sample catches it, in well under a second
+    even for a 2B backbone (which is why loading can afford the Projector Drift check). Values are hashed after
+    rounding to bf16, so loading the same checkpoint in fp32 or bf16 gives the same fingerprint.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if not name.startswith(prefix):
+            continue
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // sample)
+        digest.update(f"{name}|{tuple(tensor.shape)}|".encode())
+        values = flat[::step][:sample].cpu()
+        if values.is_floating_point():
+            values = values.to(torch.bfloat16)
+        digest.update(values.contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class ConanModel(ConanPreTrainedModel):
     """Omni-modal embedding model. `forward` returns L2-normalised embeddings in `ConanModelOutput.embeddings`."""
 
@@ -88,6 +112,26 @@ class ConanModel(ConanPreTrainedModel):
         )
         self.audio_frame_cache = None  # optional, set by training code: see encode_audio_frames
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        model.check_projector_calibration()
+        return model
+
+    def check_projector_calibration(self) -> bool:
+        """False (and a warning) when the audio projector was calibrated on a different backbone: Projector Drift."""
+        expected = self.config.projector_calibration_hash
+        if not expected or any(p.device.type == "meta" for p in self.backbone.parameters()):
+            return True
+        actual = backbone_fingerprint(self)
+        if actual == expected:
+            return True
+        logger.warning(
+            "Projector Drift: audio_projector was calibrated on backbone %s but this backbone is %s; audio embeddings "
+            "will be degraded. Run `python -m training.recover` to recalibrate the projector.", expected[:12], actual[:12],
+        )
+        return False
 
     def get_input_embeddings(self) -> nn.Module:
         return self.backbone.get_input_embeddings()
@@ -246,4 +290,4 @@ def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -
     return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last_index]
 
 
-__all__ = ["ConanModel", "ConanPreTrainedModel", "ConanModelOutput", "ConanAudioProjector"]
+__all__ = ["ConanModel", "ConanPreTrainedModel", "ConanModelOutput", "ConanAudioProjector", "backbone_fingerprint"]

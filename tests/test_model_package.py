@@ -320,3 +320,28 @@ def test_audio_frame_cache_gives_identical_embeddings(tiny_model_and_processor, 
         model.audio_frame_cache = None
     for other in (first, second, third):
         torch.testing.assert_close(other, reference, atol=1e-6, rtol=0)
+
+
+def test_projector_drift_warning_on_load(tiny_repo, tmp_path, caplog):
+    """A projector calibrated on another backbone warns at load time; the same backbone (fp32 or bf16) does not."""
+    import shutil
+
+    from training import hub_code
+
+    modeling = hub_code.load("modeling_conan")
+    model = hub_code.ConanModel.from_pretrained(tiny_repo)
+    fingerprint = modeling.backbone_fingerprint(model)
+    model.config.projector_calibration_hash = fingerprint
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(tiny_repo, calibrated)
+    model.config.to_json_file(calibrated / "config.json")
+    with caplog.at_level("WARNING"):
+        for dtype in (torch.float32, torch.bfloat16):
+            assert hub_code.ConanModel.from_pretrained(calibrated, dtype=dtype).check_projector_calibration()
+    assert "Projector Drift" not in caplog.text
+    model.config.projector_calibration_hash = "0" * 64  # calibrated on some other (e.g. pre-fusion) backbone
+    model.config.to_json_file(calibrated / "config.json")
+    with caplog.at_level("WARNING"):
+        drifted = hub_code.ConanModel.from_pretrained(calibrated)
+    assert not drifted.check_projector_calibration()
+    assert "Projector Drift" in caplog.text

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import random
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,45 @@ from tqdm.auto import tqdm
 from training import hub_code
 from training.build_base import save_conan_repo
 from training.io_utils import atomic_output_dir, write_json_atomic
+
+
+def transplant_token_embeddings(model: torch.nn.Module, tokenizer: Any, seed: int = 0) -> dict[str, float]:
+    """Give every token of the backbone's vocabulary a lexical vector from the teacher's word-piece embeddings.
+
+    Why: the small backbone's token table is random, so words never seen in distillation stay meaningless (and
+    test splits are disjoint from train by construction). Each Qwen2 token string is re-tokenised by MiniLM's
+    WordPiece tokenizer, its pieces' input embeddings (384-d) are averaged, and the table is projected onto the
+    backbone width by PCA and rescaled to the original table's standard deviation.
+    """
+    from transformers import AutoTokenizer
+
+    from training.real_parts.minilm import minilm_model_dir
+
+    teacher_dir = minilm_model_dir()
+    teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    from safetensors.torch import load_file
+
+    teacher_table = load_file(str(teacher_dir / "model.safetensors"))
+    word_embeddings = next(v for k, v in teacher_table.items() if k.endswith("word_embeddings.weight")).float()
+    table = model.get_input_embeddings().weight
+    n_tokens = min(len(tokenizer), table.shape[0])
+    pieces = [tokenizer.convert_tokens_to_string([t]) for t in tokenizer.convert_ids_to_tokens(list(range(n_tokens)))]
+    encoded = teacher_tokenizer(pieces, add_special_tokens=False)["input_ids"]
+    vectors = torch.zeros(n_tokens, word_embeddings.shape[1])
+    covered = torch.zeros(n_tokens, dtype=torch.bool)
+    for token_id, ids in enumerate(encoded):
+        ids = [i for i in ids if i != teacher_tokenizer.unk_token_id]
+        if ids:
+            vectors[token_id] = word_embeddings[ids].mean(dim=0)
+            covered[token_id] = True
+    centred = vectors[covered] - vectors[covered].mean(dim=0)
+    torch.manual_seed(seed)
+    _, _, components = torch.pca_lowrank(centred, q=table.shape[1], center=False)
+    projected = centred @ components
+    projected = projected * (table.detach().float().std() / projected.std())
+    with torch.no_grad():
+        table[:n_tokens][covered] = projected.to(table.dtype)
+    return {"tokens": n_tokens, "covered": int(covered.sum())}
 
 
 def teacher_embeddings(texts: list[str], batch_size: int = 128) -> torch.Tensor:
@@ -42,8 +82,15 @@ def distill_text(
     relational_weight: float = 1.0,
     seed: int = 0,
     overwrite: bool = False,
+    transplant: bool = True,
+    instructions: list[str | None] | None = None,
 ) -> dict:
-    """Train the LLM of `model_dir` towards the teacher on `texts`; write the result to `out`; return the log."""
+    """Train the LLM of `model_dir` towards the teacher on `texts`; write the result to `out`; return the log.
+
+    With `transplant`, the token table first gets the teacher's lexical vectors (`transplant_token_embeddings`).
+    `instructions`: system instructions drawn per batch (None = the processor default), so the student's text
+    semantics hold under the instructions the later stages and evaluation use.
+    """
     texts = sorted({t.strip() for t in texts if t and t.strip()})
     if len(texts) < batch_size:
         raise ValueError(f"distill_text needs at least batch_size={batch_size} distinct texts, got {len(texts)}.")
@@ -52,6 +99,7 @@ def distill_text(
     model = hub_code.ConanModel.from_pretrained(model_dir, dtype=torch.float32)
     processor = hub_code.ConanProcessor.from_pretrained(model_dir, trust_remote_code=True)
     targets = teacher_embeddings(texts)
+    coverage = transplant_token_embeddings(model, processor.tokenizer, seed) if transplant else None
     for name, param in model.named_parameters():
         # The 151k-row embedding table stays frozen: updating it costs more than the rest of the step together.
         param.requires_grad = name.startswith("backbone.language_model.") and "embed_tokens" not in name
@@ -64,7 +112,7 @@ def distill_text(
     progress = tqdm(range(steps), desc="distill text", leave=False)
     for step in progress:
         idx = rng.sample(range(len(texts)), batch_size)
-        batch = processor.prepare([texts[i] for i in idx])
+        batch = processor.prepare([texts[i] for i in idx], instruction=rng.choice(instructions or [None]))
         student = model(**batch).embeddings
         teacher = targets[idx]
         cosine_loss = (1 - F.cosine_similarity(head(student), teacher, dim=-1)).mean()
@@ -82,7 +130,7 @@ def distill_text(
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         save_conan_repo(model, processor, tmp)
         write_json_atomic(tmp / "distill_log.json", {"teacher": "all-MiniLM-L6-v2", "texts": len(texts), "log": log})
-    return {"texts": len(texts), "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"]}
+    return {"texts": len(texts), "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"], "transplant": coverage}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -56,8 +56,8 @@ class Preset:
 PRESETS = {
     "smoke": Preset(data="smoke", backbone="smoke", distill_steps=30, specialist_steps=12, batch_size=8,
                     recover_steps=20, rehearse_steps=10, eval_limit=8),
-    "small": Preset(data="small", backbone="small", distill_steps=300, specialist_steps=80, batch_size=16,
-                    recover_steps=150, rehearse_steps=60, eval_limit=None),
+    "small": Preset(data="small", backbone="small", distill_steps=300, specialist_steps=150, batch_size=16,
+                    recover_steps=150, rehearse_steps=60, eval_limit=None, lora_r=16),
 }
 
 
@@ -116,9 +116,9 @@ class Pipeline:
         from training.small_base import build_small_base
 
         raw = build_small_base(out / "undistilled", size=self.preset.backbone, seed=self.seed)
-        texts = training_texts(self.data_dir)
+        texts, instructions = training_texts(self.data_dir)
         log = distill_text(raw, texts, out / "model", steps=self.preset.distill_steps,
-                           batch_size=min(32, len(texts)), seed=self.seed)
+                           batch_size=min(32, len(texts)), seed=self.seed, instructions=[None, *instructions])
         shutil.rmtree(raw)
         return {"model": str(out / "model"), "distill": log,
                 "scores": {"base": self.evaluate("base", out / "model")}}
@@ -134,7 +134,7 @@ class Pipeline:
                 data=specialist.DataConfig(train=[str(self.data_dir / modality / "train.jsonl")], on_error="skip"),
                 lora=specialist.LoraSettings(r=self.preset.lora_r, alpha=2.0 * self.preset.lora_r, dropout=0.0),
                 train=specialist.TrainConfig(per_device_batch_size=self.preset.batch_size,
-                                             max_steps=self.preset.specialist_steps, lr=1e-3, lr_projector=1e-3,
+                                             max_steps=self.preset.specialist_steps, lr=2e-3, lr_projector=1e-3,
                                              warmup_steps=5, log_every=10),
                 loss={"temperature": 0.05, "num_negatives": 1}, train_audio_projector=modality == "audio",
                 checkpoint_dir=str(out / f".{modality}-checkpoints"), seed=self.seed,
@@ -195,7 +195,8 @@ class Pipeline:
         report = recover(cfg)
         # The training-free alternative, measured next to it (not used downstream).
         realigned = realign.run(specialist_dir, fused, audio / "train.jsonl", output=out / "realigned",
-                                dev_data=audio / "dev.jsonl", feature_cache_dir=self.audio_cache, progress=False)
+                                dev_data=audio / "dev.jsonl", max_pairs=self.preset.eval_limit or 80,
+                                feature_cache_dir=self.audio_cache, progress=False)
         return {
             "model": str(out / "model"), "recovery": _compact(report), "realign": _compact(realigned),
             "scores": self.evaluate("recovered", out / "model"),
@@ -243,16 +244,18 @@ class Pipeline:
         print(f"pipeline finished in {time.perf_counter() - start:.0f} s; report: {self.out / 'report' / 'report.md'}")
 
 
-def training_texts(data_dir: Path) -> list[str]:
-    """Every text of the *train* split (queries, positives, negatives): the corpus text distillation uses."""
-    texts = []
+def training_texts(data_dir: Path) -> tuple[list[str], list[str]]:
+    """Every text of the *train* split (queries, positives, negatives) and every instruction used there."""
+    texts, instructions = [], set()
     for path in sorted(data_dir.glob("*/train.jsonl")):
         for line in path.read_text().splitlines():
             row = json.loads(line)
+            if row.get("instruction"):
+                instructions.add(row["instruction"])
             for item in [row["query"], row["positive"], *row.get("negatives", [])]:
                 if isinstance(item, dict) and isinstance(item.get("text"), str):
                     texts.append(item["text"])
-    return texts
+    return texts, sorted(instructions)
 
 
 def _compact(report: dict[str, Any]) -> dict[str, Any]:

@@ -252,21 +252,7 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return flat.view(torch.uint8).numpy().tobytes()
 
 
-def backbone_fingerprint(model: torch.nn.Module, prefix: str = "backbone.", sample: int = 4096) -> str:
-    """Cheap identity of the backbone: every tensor's name/shape/dtype plus a strided sample of its bytes.
-
-    Fusion changes almost every element of the LLM weights, so a strided sample catches it; it costs well under a
-    second even for a 2B backbone, which is why a load-time check can afford it.
-    """
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if not name.startswith(prefix):
-            continue
-        flat = tensor.detach().reshape(-1)
-        step = max(1, flat.numel() // sample)
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        digest.update(_tensor_bytes(flat[::step][:sample]))
-    return digest.hexdigest()
+backbone_fingerprint = hub_code.load("modeling_conan").backbone_fingerprint
 
 
 def full_hash(model: torch.nn.Module, prefix: str = "backbone.") -> str:
@@ -297,15 +283,6 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _audio_cache_file(model: torch.nn.Module, processor: Any, keys: list[str], cache_dir: str | os.PathLike) -> Path:
-    """Where cached frames live: keyed by the encoder's fingerprint, pooling, feature extractor and the clip list."""
-    identity = json.dumps([
-        backbone_fingerprint(model, prefix="audio_encoder."), model.config.audio_downsample,
-        processor.feature_extractor.to_dict(), processor.audio_max_windows, keys,
-    ], sort_keys=True, default=str)
-    return Path(cache_dir) / f"audio-frames-{hashlib.sha256(identity.encode()).hexdigest()[:24]}.pt"
-
-
 @torch.no_grad()
 def cache_audio(
     model: torch.nn.Module, processor: Any, inputs: dict[str, tuple[Any, str | None]], batch_size: int = 16,
@@ -313,41 +290,38 @@ def cache_audio(
 ) -> ClipCache:
     """Run the frozen Whisper encoder once per clip and keep only the frames the projector turns into tokens.
 
-    With `cache_dir` the result is also kept on disk (keyed by encoder fingerprint and clip list), so a resumed or
-    repeated run skips feature extraction and the encoder entirely.
+    With `cache_dir` the encoder's frames go through the shared per-window cache (training/audio_cache.py, keyed by
+    the encoder's fingerprint and the window's features), so every stage and every run encodes each clip once.
     """
-    if cache_dir is not None:
-        path = _audio_cache_file(model, processor, list(inputs), cache_dir)
-        if path.is_file():
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            return ClipCache(saved["input_ids"], saved["frames"], saved["lengths"], dict(saved["index"]))
-        cache = cache_audio(model, processor, inputs, batch_size, progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save({"input_ids": cache.input_ids, "frames": cache.frames, "lengths": cache.lengths,
-                    "index": cache.index}, tmp)
-        os.replace(tmp, path)
-        return cache
+    from training.audio_cache import AudioFrameCache
+
     tokens_for = hub_code.load("configuration_conan").audio_tokens_for_frames
     k = model.config.audio_downsample
     cache = ClipCache([], [], [])
     keys = list(inputs)
     device = _model_device(model)
-    for start in tqdm(range(0, len(keys), batch_size), desc="cache audio", disable=not progress, leave=False):
-        chunk = keys[start : start + batch_size]
-        prepared = [processor.prepare([inputs[key][0]], instruction=inputs[key][1]) for key in chunk]
-        features = torch.cat([p["input_features"] for p in prepared]).to(device)
-        frames = model.encode_audio_frames(features).float().cpu()
-        row = 0
-        for key, p in zip(chunk, prepared):
-            lengths = p["audio_feature_lengths"].cpu()
-            windows = lengths.shape[0]
-            keep = max(tokens_for(int(n), k) for n in lengths.tolist())
-            cache.index[key] = len(cache.input_ids)
-            cache.input_ids.append(p["input_ids"][0].cpu())
-            cache.frames.append(frames[row : row + windows, :keep].clone())
-            cache.lengths.append(lengths)
-            row += windows
+    previous = model.audio_frame_cache
+    if cache_dir is not None:
+        model.audio_frame_cache = AudioFrameCache.for_model(model, cache_dir)
+    try:
+        for start in tqdm(range(0, len(keys), batch_size), desc="cache audio", disable=not progress, leave=False):
+            chunk = keys[start : start + batch_size]
+            prepared = [processor.prepare([inputs[key][0]], instruction=inputs[key][1]) for key in chunk]
+            features = torch.cat([p["input_features"] for p in prepared]).to(device)
+            lengths_all = torch.cat([p["audio_feature_lengths"] for p in prepared])
+            frames = model.encode_audio_frames(features, lengths_all).float().cpu()
+            row = 0
+            for key, p in zip(chunk, prepared):
+                lengths = p["audio_feature_lengths"].cpu()
+                windows = lengths.shape[0]
+                keep = max(tokens_for(int(n), k) for n in lengths.tolist())
+                cache.index[key] = len(cache.input_ids)
+                cache.input_ids.append(p["input_ids"][0].cpu())
+                cache.frames.append(frames[row : row + windows, :keep].clone())
+                cache.lengths.append(lengths)
+                row += windows
+    finally:
+        model.audio_frame_cache = previous
     return cache
 
 

@@ -43,7 +43,9 @@ from training.engine import (
 from training.io_utils import atomic_output_dir, write_json_atomic
 from training.recover import CALIBRATION_FILE, backbone_fingerprint, embed_inputs, full_hash, retrieval_scores
 from training.sampling import MODALITY_GROUPS, BalancedModalitySampler, modality_of_pair
-from training.specialist import LoraSettings, TrainConfig, _resolve, mixed_precision_for
+from training.specialist import (
+    LoraSettings, TrainConfig, _resolve, add_run_arguments, build_dataclass, mixed_precision_for,
+)
 
 logger = logging.getLogger("training.rehearse")
 SELECTION_FILE = "selection.json"
@@ -87,16 +89,6 @@ class RehearsalConfig:
         return dataclasses.asdict(self)
 
 
-def _build(cls: type, values: Any, where: str) -> Any:
-    if not isinstance(values, dict):
-        raise ValueError(f"{where} must be a mapping, got {type(values).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; expected keys among {sorted(names)}")
-    return cls(**values)
-
-
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None,
                 raw: dict[str, Any] | None = None) -> RehearsalConfig:
     """YAML (or a dict) -> RehearsalConfig; relative paths resolve against the CWD first, then the repo root
@@ -113,10 +105,10 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         if key not in raw:
             raise ValueError(f"{where}: missing required key {key!r}")
     train = {"lr": 2e-5, "schedule": "cosine", **raw.get("train", {})}
-    cfg = _build(RehearsalConfig, {
-        **raw, "data": _build(RehearsalData, raw["data"], f"{where}: data"),
-        "lora": _build(LoraSettings, raw.get("lora", {"r": 16, "alpha": 32.0, "dropout": 0.05}), f"{where}: lora"),
-        "train": _build(TrainConfig, train, f"{where}: train"),
+    cfg = build_dataclass(RehearsalConfig, {
+        **raw, "data": build_dataclass(RehearsalData, raw["data"], f"{where}: data"),
+        "lora": build_dataclass(LoraSettings, raw.get("lora", {"r": 16, "alpha": 32.0, "dropout": 0.05}), f"{where}: lora"),
+        "train": build_dataclass(TrainConfig, train, f"{where}: train"),
     }, where)
     if not cfg.data.train:
         raise ValueError(f"{where}: data.train lists no JSONL file")
@@ -359,10 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="rehearsal YAML (training/configs/rehearse_*.yaml)")
     parser.add_argument("--model", help="override the fused/recovered model folder")
     parser.add_argument("--output", help="override the output folder")
-    parser.add_argument("--max-steps", type=int, help="override train.max_steps")
-    parser.add_argument("--resume", default="auto", help="auto (newest checkpoint, default) | never | FOLDER")
-    parser.add_argument("--stop-after", type=int, help="stop after this step (checkpoint first via save_every)")
-    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

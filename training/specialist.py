@@ -102,7 +102,8 @@ class SpecialistConfig:
         return dataclasses.asdict(self)
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+def build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
+    """`cls(**values)` with an error naming `where` and the allowed keys (YAML typos fail loudly)."""
     if not isinstance(values, dict):
         raise ValueError(f"{where} must be a mapping, got {type(values).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
@@ -123,11 +124,11 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Sp
     for key in ("name", "modality", "base", "output", "data"):
         if key not in raw:
             raise ValueError(f"{path}: missing required key {key!r}")
-    cfg = _build(SpecialistConfig, {
+    cfg = build_dataclass(SpecialistConfig, {
         **raw,
-        "data": _build(DataConfig, raw["data"], f"{path}: data"),
-        "lora": _build(LoraSettings, raw.get("lora", {}), f"{path}: lora"),
-        "train": _build(TrainConfig, raw.get("train", {}), f"{path}: train"),
+        "data": build_dataclass(DataConfig, raw["data"], f"{path}: data"),
+        "lora": build_dataclass(LoraSettings, raw.get("lora", {}), f"{path}: lora"),
+        "train": build_dataclass(TrainConfig, raw.get("train", {}), f"{path}: train"),
     }, str(path))
     if cfg.modality not in MODALITIES:
         raise ValueError(f"{path}: modality {cfg.modality!r}; expected one of {MODALITIES}")
@@ -314,6 +315,8 @@ def export_specialist(cfg: SpecialistConfig, peft_state: dict[str, torch.Tensor]
         save_file(delta, str(tmp / "task_vector.safetensors"), metadata={"base_hash": manifest["base_hash"]})
         merged.to(getattr(torch, cfg.save_dtype))
         merged.config.dtype = cfg.save_dtype
+        if cfg.train_audio_projector:  # the projector is now calibrated on this specialist's backbone
+            merged.config.projector_calibration_hash = hub_code.load("modeling_conan").backbone_fingerprint(merged)
         unwrap_conan(merged).eval()
         from training.build_base import save_conan_repo
 
@@ -325,16 +328,21 @@ def export_specialist(cfg: SpecialistConfig, peft_state: dict[str, torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Run-control flags shared by the accelerate-launched stages (specialist, rehearse)."""
+    parser.add_argument("--max-steps", type=int, help="override train.max_steps")
+    parser.add_argument("--resume", default="auto", help="auto (newest checkpoint, default) | never | FOLDER")
+    parser.add_argument("--stop-after", type=int, help="stop after this step (checkpoint first via save_every)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.specialist", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="training/configs/specialist_*.yaml")
     parser.add_argument("--base", help="override the base model folder")
     parser.add_argument("--output", help="override the output folder")
-    parser.add_argument("--max-steps", type=int, help="override train.max_steps")
-    parser.add_argument("--resume", default="auto", help="auto (newest checkpoint, default) | never | FOLDER")
-    parser.add_argument("--stop-after", type=int, help="stop after this step (checkpoint first via save_every)")
-    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

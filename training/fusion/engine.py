@@ -109,6 +109,7 @@ def fuse(cfg: FusionConfig, on_tensor: Callable[[str], None] | None = None) -> d
         (tmp / "fusion_manifest.json").write_text(json.dumps(manifest, indent=1))
         src = cfg.base if cfg.files_from == "base" else next(m.path for m in cfg.models if m.name == cfg.files_from)
         manifest["files_copied"] = copy_side_files(Path(src), tmp)
+        _carry_projector_calibration(cfg, manifest, tmp / "config.json")
         fd = os.open(tmp, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
@@ -122,6 +123,23 @@ def fuse(cfg: FusionConfig, on_tensor: Callable[[str], None] | None = None) -> d
     finally:
         reader.close()
         torch.set_num_threads(threads_before)
+
+
+def _carry_projector_calibration(cfg: FusionConfig, manifest: dict, config_path: Path) -> None:
+    """Tensors copied from one owner keep that owner's `projector_calibration_hash`, so loading the fused model
+    warns about Projector Drift until stage R recalibrates the projector on the fused backbone."""
+    owners = {o for e in manifest["tensors"].values() if e["needs_recovery"] for o in e.get("owners") or []}
+    hashes = set()
+    for model in cfg.models:
+        owner_config = model.path / "config.json"
+        if model.name in owners and owner_config.is_file():
+            value = json.loads(owner_config.read_text()).get("projector_calibration_hash")
+            if value:
+                hashes.add(value)
+    if len(hashes) == 1 and config_path.is_file():
+        config = json.loads(config_path.read_text())
+        config["projector_calibration_hash"] = hashes.pop()
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _publish(tmp: Path, out: Path) -> None:
