@@ -297,16 +297,26 @@ class ConanProcessor(ProcessorMixin):
         """
         if isinstance(inputs, (str, dict, Image.Image)):
             inputs = [inputs]
+        parsed = [self.parse_input(raw, index) for index, raw in enumerate(inputs)]
+        return self.prepare_parsed(parsed, [instruction] * len(parsed), padding_side, return_tensors)
+
+    def prepare_parsed(
+        self,
+        parsed: list[tuple[ParsedInput, list[bool]]],
+        instructions: list[str | None],
+        padding_side: str | None = None,
+        return_tensors: str | None = "pt",
+    ) -> BatchFeature:
+        """Model inputs for already-validated inputs (`parse_input` results), one instruction per row."""
         texts, images, is_doc, videos, audios = [], [], [], [], []
-        for index, raw in enumerate(inputs):
-            parsed, doc_flags = self.parse_input(raw, index)
-            texts.append(self.render(parsed, instruction))
-            images.extend(parsed.images)
+        for (item, doc_flags), instruction in zip(parsed, instructions):
+            texts.append(self.render(item, instruction))
+            images.extend(item.images)
             is_doc.extend(doc_flags)
-            if parsed.video is not None:
-                videos.append(parsed.video)
-            if parsed.audio is not None:
-                audios.append(parsed.audio)
+            if item.video is not None:
+                videos.append(item.video)
+            if item.audio is not None:
+                audios.append(item.audio)
         return self(
             text=texts, images=images or None, videos=videos or None, audio=audios or None,
             document_images=is_doc, padding_side=padding_side, return_tensors=return_tensors,

@@ -46,7 +46,10 @@ def test_recovery_changed_only_the_projector(smoke_run):
     recovered = load_file(smoke_run / "recover" / "model" / "model.safetensors")
     assert fused.keys() == recovered.keys()
     changed = {k for k in fused if not (fused[k] == recovered[k]).all()}
-    assert changed and all(k.startswith("audio_projector.") for k in changed)
+    assert all(k.startswith("audio_projector.") for k in changed)
+    report = json.loads((smoke_run / "recover" / "stage.json").read_text())["recovery"]
+    # Early stopping may keep the starting projector when no step beats it on dev; otherwise it must have moved.
+    assert bool(changed) == (report["best_step"] > 0), (report["best_step"], changed)
 
 
 def test_rerun_skips_finished_stages(smoke_run, capsys):

@@ -27,6 +27,7 @@ from transformers import (
     WhisperFeatureExtractor,
     WhisperModel,
 )
+from transformers.utils import logging as transformers_logging
 
 from training import hub_code
 from training.io_utils import atomic_output_dir, write_json_atomic
@@ -120,8 +121,15 @@ def assemble_base(
 
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(backbone)
     audio_token_id = add_audio_token(tokenizer)
-    vlm = Qwen2VLModel.from_pretrained(backbone, dtype=torch.float32)
-    whisper = WhisperModel.from_pretrained(audio_encoder, dtype=torch.float32)
+    # Upstream checkpoints carry heads we do not use (lm_head, the Whisper decoder is kept but unused): the
+    # load report would list them as unexpected, which is expected here, so it is silenced for these two loads.
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        vlm = Qwen2VLModel.from_pretrained(backbone, dtype=torch.float32)
+        whisper = WhisperModel.from_pretrained(audio_encoder, dtype=torch.float32)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     vlm_config = vlm.config
     config = ConanConfig(
         text_config=vlm_config.text_config.to_dict(),

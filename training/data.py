@@ -236,20 +236,7 @@ def prepare_rows(processor: Any, items: Sequence[Any], instructions: Sequence[st
 def process_parsed(processor: Any, parsed: Sequence[tuple[Any, list[bool]]], instructions: Sequence[str | None]
                    ) -> dict[str, torch.Tensor]:
     """Already-parsed inputs (`processor.parse_input` results) -> model inputs, rendered with per-row instructions."""
-    texts, images, is_doc, videos, audios = [], [], [], [], []
-    for (item, doc_flags), instruction in zip(parsed, instructions):
-        texts.append(processor.render(item, instruction))
-        images.extend(item.images)
-        is_doc.extend(doc_flags)
-        if item.video is not None:
-            videos.append(item.video)
-        if item.audio is not None:
-            audios.append(item.audio)
-    out = processor(
-        text=texts, images=images or None, videos=videos or None, audio=audios or None, document_images=is_doc,
-        return_tensors="pt",
-    )
-    return dict(out)
+    return dict(processor.prepare_parsed(list(parsed), list(instructions)))
 
 
 class ContrastiveCollator:

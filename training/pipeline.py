@@ -229,7 +229,9 @@ class Pipeline:
         from training.pipeline_report import write_report
 
         stages = {s: json.loads((self.stage_dir(s) / "stage.json").read_text()) for s in STAGES[:-1]}
-        paths = write_report(out, stages, self.preset_name, self.seed, self.command)
+        run_file = self.out / "run.json"  # the command that built the stages (a report-only rerun keeps it)
+        command = json.loads(run_file.read_text())["command"] if run_file.exists() else self.command
+        paths = write_report(out, stages, self.preset_name, self.seed, command)
         final = self.out / "final-model"
         if final.exists():
             shutil.rmtree(final)
@@ -239,6 +241,8 @@ class Pipeline:
     # --------------------------------------------------------------------------------------------------- run
     def run(self, stages: list[str]) -> None:
         start = time.perf_counter()
+        if "data" in stages or not (self.out / "run.json").exists():
+            write_json_atomic(self.out / "run.json", {"command": self.command, "seed": self.seed})
         for stage in stages:
             self.run_stage(stage, getattr(self, f"stage_{stage}"))
         print(f"pipeline finished in {time.perf_counter() - start:.0f} s; report: {self.out / 'report' / 'report.md'}")

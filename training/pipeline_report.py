@@ -56,6 +56,12 @@ def verdicts(rows: dict[str, dict[str, float]]) -> list[str]:
         word = "recovered" if gain > 0.02 else "did not recover"
         lines.append(f"Projector Recovery {word} audio: {fused['audio']:.3f} -> {recovered['audio']:.3f} ({gain:+.3f}); "
                      "the backbone was frozen, so the other modalities are unchanged by construction.")
+    flat = [m for m in MODALITIES if m in base and best_specialist(rows, m) is not None
+            and best_specialist(rows, m) - base[m] < 0.02]
+    if flat:
+        lines.append(f"The {', '.join(flat)} specialist(s) did not beat the base by 0.02 hit@1 at this scale, so "
+                     "fusion has little to compose there; the small backbone's vision tower is random (no pretrained "
+                     "vision tower installs offline) and specialists train only LoRA on the LLM.")
     for modality in ("image", "video", "document", "text"):
         spec = best_specialist(rows, modality)
         if spec is not None and modality in fused:

@@ -37,10 +37,13 @@ def read_pairs(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
 
 
 @torch.no_grad()
-def embed(model, processor, items: list[dict], instruction: str | None, batch_size: int, desc: str) -> np.ndarray:
+def embed(model, processor, items: list[dict], instructions: list[str | None], batch_size: int, desc: str) -> np.ndarray:
+    """Embeddings of `items`, each under its own instruction (rows of one modality mix sources and instructions)."""
     vectors = []
     for start in tqdm(range(0, len(items), batch_size), desc=desc, leave=False):
-        batch = processor.prepare(items[start : start + batch_size], instruction=instruction)
+        chunk = slice(start, start + batch_size)
+        parsed = [processor.parse_input(item, i) for i, item in enumerate(items[chunk], start)]
+        batch = processor.prepare_parsed(parsed, instructions[chunk])
         vectors.append(model(**batch).embeddings.float().numpy())
     return np.concatenate(vectors)
 
@@ -69,9 +72,8 @@ def evaluate_model(
         unique = sorted(set(positives))
         candidates = [resolve_item(json.loads(p), path.parent) for p in unique]
         gold = [unique.index(p) for p in positives]
-        instruction = rows[0].get("instruction")
-        q = embed(model, processor, queries, instruction, batch_size, f"eval {modality} queries")
-        c = embed(model, processor, candidates, None, batch_size, f"eval {modality} candidates")
+        q = embed(model, processor, queries, [r.get("instruction") for r in rows], batch_size, f"eval {modality} queries")
+        c = embed(model, processor, candidates, [None] * len(candidates), batch_size, f"eval {modality} candidates")
         scores = q @ c.T
         ranks = [gold_rank(row, g) for row, g in zip(scores, gold)]
         metrics = rank_metrics(ranks, ks=(1, 5))
