@@ -308,7 +308,41 @@ class ContrastiveCollator:
 
 
 # ------------------------------------------------------------------------------------------------------- sampler
-class SourceMixtureSampler:
+class StepResumableSampler:
+    """Batch samplers that are a pure function of (seed, step): a checkpoint stores the step alone.
+
+    Subclasses set `names`, `seed`, `max_steps`, `step` and implement `iter_from(start_step)`.
+    """
+
+    names: list[str]
+    seed: int
+    max_steps: int | None
+    step: int
+
+    def iter_from(self, start_step: int) -> Iterator[list[int]]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self.iter_from(self.step)
+
+    def __len__(self) -> int:
+        if self.max_steps is None:
+            raise TypeError(f"an unbounded {type(self).__name__} has no length")
+        return max(self.max_steps - self.step, 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "seed": self.seed, "names": self.names}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("names") != self.names or state.get("seed") != self.seed:
+            raise ValueError(
+                f"checkpoint sampler was built for sources {state.get('names')} seed {state.get('seed')}, but the "
+                f"current data has {self.names} seed {self.seed}; resume with the same data and seed"
+            )
+        self.step = int(state["step"])
+
+
+class SourceMixtureSampler(StepResumableSampler):
     """Per-step homogeneous batches drawn from weighted sources; a pure function of (seed, step).
 
     mode "global": one source per step for all ranks (each rank takes its slice of `batch_size * world_size`
@@ -387,24 +421,6 @@ class SourceMixtureSampler:
                 yield [int(i) for i in mine]
             step += 1
 
-    def __iter__(self) -> Iterator[list[int]]:
-        return self.iter_from(self.step)
-
-    def __len__(self) -> int:
-        if self.max_steps is None:
-            raise TypeError("an unbounded SourceMixtureSampler has no length")
-        return max(self.max_steps - self.step, 0)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "seed": self.seed, "names": self.names}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("names") != self.names or state.get("seed") != self.seed:
-            raise ValueError(
-                f"checkpoint sampler was built for sources {state.get('names')} seed {state.get('seed')}, but the "
-                f"current data has {self.names} seed {self.seed}; resume with the same data and seed"
-            )
-        self.step = int(state["step"])
 
 
 class ExampleDataset(torch.utils.data.Dataset):

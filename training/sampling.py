@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from training.data import StepResumableSampler
+
 MODALITY_GROUPS = ("image", "video", "document", "audio", "text")
 
 
@@ -63,7 +65,7 @@ def target_proportions(
     return out
 
 
-class BalancedModalitySampler:
+class BalancedModalitySampler(StepResumableSampler):
     """Per-(step, rank) source choice with equal group mass and stratified group coverage; yields row indices."""
 
     def __init__(
@@ -141,24 +143,8 @@ class BalancedModalitySampler:
                 yield [int(i) for i in per_rank[self.rank]]
             step += 1
 
-    def __iter__(self) -> Iterator[list[int]]:
-        return self.iter_from(self.step)
-
-    def __len__(self) -> int:
-        if self.max_steps is None:
-            raise TypeError("an unbounded BalancedModalitySampler has no length")
-        return max(self.max_steps - self.step, 0)
-
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "seed": self.seed, "names": self.names, "groups": self.groups}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("names") != self.names or state.get("seed") != self.seed:
-            raise ValueError(
-                f"checkpoint sampler was built for sources {state.get('names')} seed {state.get('seed')}, but the "
-                f"current data has {self.names} seed {self.seed}; resume with the same data and seed"
-            )
-        self.step = int(state["step"])
+        return {**super().state_dict(), "groups": self.groups}
 
 
 __all__ = ["BalancedModalitySampler", "MODALITY_GROUPS", "modality_of_item", "modality_of_pair", "target_proportions"]
