@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import struct
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -480,27 +478,17 @@ def save_hf_whisper(
     """
     from transformers import WhisperFeatureExtractor, WhisperProcessor
 
+    from training.io_utils import atomic_output_dir
+
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it")
     model = load_whisper_model(model_dir)
     feature_extractor = WhisperFeatureExtractor(feature_size=model.config.num_mel_bins)
     processor = WhisperProcessor(feature_extractor=feature_extractor, tokenizer=load_whisper_tokenizer(model_dir))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
