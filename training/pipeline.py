@@ -25,7 +25,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,7 +50,6 @@ class Preset:
     eval_limit: int | None
     lora_r: int = 8
     fusion_lambda: float = 1.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 PRESETS = {
@@ -67,7 +66,6 @@ class Pipeline:
     def __init__(self, out: Path, preset: Preset, seed: int = 0, force: set[str] | None = None):
         self.out, self.preset, self.seed, self.force = out, preset, seed, force or set()
         self.audio_cache = out / "cache" / "audio_frames"
-        self.scores: dict[str, dict[str, Any]] = {}
 
     # ---------------------------------------------------------------------------------------------- plumbing
     def stage_dir(self, stage: str) -> Path:
@@ -89,12 +87,10 @@ class Pipeline:
         print(f"[{stage}] finished in {result['seconds']:.0f} s: {summary_line(result)}", flush=True)
         return result
 
-    def evaluate(self, name: str, model_dir: Path) -> dict[str, Any]:
+    def evaluate(self, model_dir: Path) -> dict[str, Any]:
         from training.stage_eval import evaluate_model
 
-        scores = evaluate_model(model_dir, self.data_dir, limit=self.preset.eval_limit, audio_cache_dir=self.audio_cache)
-        self.scores[name] = scores
-        return scores
+        return evaluate_model(model_dir, self.data_dir, limit=self.preset.eval_limit, audio_cache_dir=self.audio_cache)
 
     @property
     def data_dir(self) -> Path:
@@ -121,7 +117,7 @@ class Pipeline:
                            batch_size=min(32, len(texts)), seed=self.seed, instructions=[None, *instructions])
         shutil.rmtree(raw)
         return {"model": str(out / "model"), "distill": log,
-                "scores": {"base": self.evaluate("base", out / "model")}}
+                "scores": {"base": self.evaluate(out / "model")}}
 
     def stage_specialists(self, out: Path) -> dict[str, Any]:
         from training import specialist
@@ -146,7 +142,7 @@ class Pipeline:
             results[modality] = {
                 "steps": manifest["steps"], "first": history[0] if history else None,
                 "last": history[-1] if history else None,
-                "scores": self.evaluate(f"specialist-{modality}", out / modality),
+                "scores": self.evaluate(out / modality),
             }
         return results
 
@@ -163,7 +159,7 @@ class Pipeline:
         manifest = fuse(cfg)
         flagged = sorted({k for k, v in manifest.get("tensors", {}).items() if v.get("needs_recovery")})
         return {"model": str(out / "model"), "needs_recovery": flagged,
-                "scores": self.evaluate("fused", out / "model")}
+                "scores": self.evaluate(out / "model")}
 
     def stage_drift(self, out: Path) -> dict[str, Any]:
         from training.diagnose_drift import drift_report, format_table
@@ -199,8 +195,8 @@ class Pipeline:
                                 feature_cache_dir=self.audio_cache, progress=False)
         return {
             "model": str(out / "model"), "recovery": _compact(report), "realign": _compact(realigned),
-            "scores": self.evaluate("recovered", out / "model"),
-            "scores_realigned": self.evaluate("realigned (training-free)", out / "realigned"),
+            "scores": self.evaluate(out / "model"),
+            "scores_realigned": self.evaluate(out / "realigned"),
         }
 
     def stage_rehearse(self, out: Path) -> dict[str, Any]:
@@ -223,7 +219,7 @@ class Pipeline:
         report = rehearse.rehearse(cfg, resume="never")
         shutil.rmtree(out / ".checkpoints", ignore_errors=True)
         return {"model": str(out / "model"), "rehearsal": _compact(report),
-                "scores": self.evaluate("rehearsed", out / "model")}
+                "scores": self.evaluate(out / "model")}
 
     def stage_report(self, out: Path) -> dict[str, Any]:
         from training.pipeline_report import write_report

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -18,22 +17,8 @@ from tqdm.auto import tqdm
 
 from training import hub_code
 from training.audio_cache import AudioFrameCache
+from training.data import load_jsonl
 from training.evaluation.metrics import gold_rank, rank_metrics
-
-
-def resolve_item(item: dict[str, Any], root: Path) -> dict[str, Any]:
-    """Make an item's media paths absolute (JSONL paths are relative to the file)."""
-    out = {}
-    for key, value in item.items():
-        if key in ("image", "document", "video", "audio") and isinstance(value, str):
-            value = str(root / value)
-        out[key] = value
-    return out
-
-
-def read_pairs(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return rows[:limit] if limit else rows
 
 
 @torch.no_grad()
@@ -66,13 +51,14 @@ def evaluate_model(
         path = data_dir / modality / "test.jsonl"
         if not path.exists():
             continue
-        rows = read_pairs(path, limit)
-        queries = [resolve_item(r["query"], path.parent) for r in rows]
-        positives = [json.dumps(r["positive"], sort_keys=True) for r in rows]
+        # The training loader validates rows and resolves media paths; decoding errors surface in the processor.
+        rows = load_jsonl(path, check_media=False)[:limit]
+        queries = [r.query for r in rows]
+        positives = [json.dumps(r.positive, sort_keys=True) for r in rows]
         unique = sorted(set(positives))
-        candidates = [resolve_item(json.loads(p), path.parent) for p in unique]
+        candidates = [json.loads(p) for p in unique]
         gold = [unique.index(p) for p in positives]
-        q = embed(model, processor, queries, [r.get("instruction") for r in rows], batch_size, f"eval {modality} queries")
+        q = embed(model, processor, queries, [r.instruction for r in rows], batch_size, f"eval {modality} queries")
         c = embed(model, processor, candidates, [None] * len(candidates), batch_size, f"eval {modality} candidates")
         scores = q @ c.T
         ranks = [gold_rank(row, g) for row, g in zip(scores, gold)]
