@@ -228,10 +228,12 @@ def test_ta_linear_bit_exact_vs_fp64_reference(ckpts, tmp_path, method, kw):
     ("breadcrumbs", "paper", 0.5), ("breadcrumbs", "mergekit", 0.5),
     ("breadcrumbs_ties", "mergekit", 0.5), ("breadcrumbs_ties", "paper", 0.5),
 ])
-def test_ties_breadcrumbs_masks_agree_with_reference(ckpts, tmp_path, method, semantics, density):
+@pytest.mark.parametrize("reuse_limit_mb", [0.0, 256.0], ids=["stream", "reuse"])
+def test_ties_breadcrumbs_masks_agree_with_reference(ckpts, tmp_path, method, semantics, density, reuse_limit_mb):
+    """Both the streaming passes (re-read per pass) and the in-memory reuse path, over many small row chunks."""
     gamma = 0.1
     fuse(_cfg(ckpts, tmp_path / "o", method=method, semantics=semantics, density=density, gamma=gamma,
-              reference=True, lambda_=1.3))
+              reference=True, lambda_=1.3, chunk_elems=500, reuse_limit_mb=reuse_limit_mb))
     sd = _load_out(tmp_path / "o")
     for key in FUSED:
         ref = reference(ckpts, key, method, semantics, lam=1.3, density=density, gamma=gamma)
@@ -256,7 +258,7 @@ def dare_ckpts(tmp_path_factory) -> dict:
     """fp32 base + one fp32 specialist with a dense delta, so kept entries are visible exactly in the output."""
     root = tmp_path_factory.mktemp("dare")
     g = torch.Generator().manual_seed(1)
-    base = {"backbone.language_model.layers.0.mlp.up_proj.weight": torch.randn(100, 200, generator=g)}
+    base = {"backbone.language_model.layers.0.mlp.up_proj.weight": torch.randn(100, 201, generator=g)}  # odd rows
     tau = {k: torch.randn(v.shape, generator=g) * 0.1 + 0.05 for k, v in base.items()}
     _save(root / "base", base)
     _save(root / "ft", {k: base[k] + tau[k] for k in base})
@@ -264,10 +266,11 @@ def dare_ckpts(tmp_path_factory) -> dict:
                                                  for k in base}}
 
 
-def _dare_run(dare_ckpts, out, seed, semantics="paper", density=0.3):
+def _dare_run(dare_ckpts, out, seed, semantics="paper", density=0.3, **kw):
+    kw.setdefault("chunk_elems", 3000)
     cfg = FusionConfig(base=dare_ckpts["root"] / "base", models=[{"name": "ft", "path": dare_ckpts["root"] / "ft"}],
                        output=out, method="dare_linear", semantics=semantics, density=density, seed=seed,
-                       progress=False, chunk_elems=3000)
+                       progress=False, **kw)
     fuse(cfg)
     key = next(iter(dare_ckpts["base"]))
     return (load_file(out / "model.safetensors")[key].double() - dare_ckpts["base"][key].double()), key
@@ -291,6 +294,16 @@ def test_dare_keep_rate_binomial_ci_and_unbiased(dare_ckpts, tmp_path):
     assert abs(float(z.mean())) < 0.05 and 0.8 < float(z.std()) < 1.2
     again, _ = _dare_run(dare_ckpts, tmp_path / "again", 0)
     assert torch.equal(again, runs[0]), "same seed must reproduce the same output"
+
+
+@pytest.mark.parametrize("semantics", ["paper", "mergekit"])
+def test_dare_mask_does_not_depend_on_chunking_or_reuse(dare_ckpts, tmp_path, semantics):
+    """Each element's draw comes from a counter-based stream, so chunk size (odd row offsets included), thread
+    order and the in-memory reuse of a second pass leave the output unchanged."""
+    whole, _ = _dare_run(dare_ckpts, tmp_path / "whole", 5, semantics, chunk_elems=1 << 20)
+    for i, kw in enumerate([{"chunk_elems": 3 * 201}, {"chunk_elems": 7 * 201, "reuse_limit_mb": 0.0}]):
+        chunked, _ = _dare_run(dare_ckpts, tmp_path / f"c{i}", 5, semantics, **kw)
+        assert torch.equal(chunked, whole), kw
 
 
 def test_dare_mergekit_l1_rescale(dare_ckpts, tmp_path):

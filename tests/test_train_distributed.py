@@ -1,5 +1,9 @@
 """A 2-process gloo run gives the 1-process loss and gradients on the same global batch (cross-device negatives,
-GradCache with no_sync, DDP averaging x W, the zero-touch of the audio projector on text-only chunks)."""
+GradCache with no_sync, DDP averaging x W, the zero-touch of the audio projector on text-only chunks), and so does
+the model sharded with FSDP2 (`fully_shard` per transformer block, frozen towers and LoRA in the same units).
+
+accelerate's FSDP plugin only runs on accelerators, so the FSDP2 case shards with torch's `fully_shard` on a CPU
+mesh and keeps accelerate for the cross-device gathers; `training/accelerate/fsdp2.yaml` itself needs GPUs."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +33,24 @@ def _write_data(root: Path) -> Path:
     return root / "t.jsonl"
 
 
-def compute(repo: str, data: str, out: str) -> None:
+def _fsdp2_shard(model: torch.nn.Module) -> torch.nn.Module:
+    """fully_shard every transformer block, then the root, on a CPU mesh over all ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (int(os.environ["WORLD_SIZE"]),))
+    for module in list(model.modules()):
+        if type(module).__name__ in ("Qwen2VLDecoderLayer", "Qwen2VLVisionBlock", "WhisperEncoderLayer"):
+            fully_shard(module, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _full_grad(param: torch.Tensor) -> torch.Tensor:
+    grad = param.grad
+    return (grad.full_tensor() if hasattr(grad, "full_tensor") else grad).detach().clone()
+
+
+def compute(repo: str, data: str, out: str, shard: str = "ddp") -> None:
     """Gradients of one step on this rank's share of the global batch (world size from the environment)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
@@ -44,7 +66,8 @@ def compute(repo: str, data: str, out: str) -> None:
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05)
-    model = accelerator.prepare(model)
+    distributed = accelerator.num_processes > 1
+    model = _fsdp2_shard(model) if shard == "fsdp2" and distributed else accelerator.prepare(model)
     model.train()
     processor = hub_code.ConanProcessor.from_pretrained(repo)
     per_rank = GLOBAL_BATCH // accelerator.num_processes
@@ -52,18 +75,20 @@ def compute(repo: str, data: str, out: str) -> None:
     examples = load_jsonl(data)[rank * per_rank : (rank + 1) * per_rank]
     batch = ContrastiveCollator(processor, num_negatives=1, chunk_size=1)(examples)
     touch = []
-    if accelerator.distributed_type == DistributedType.MULTI_CPU:
+    if accelerator.distributed_type == DistributedType.MULTI_CPU and shard == "ddp":
         touch = [p for n, p in model.named_parameters() if p.requires_grad and "audio_projector" in n]
     result = train_step(accelerator, model, batch, LossSettings(temperature=0.05), gradcache=True, touch=touch)
+    # FSDP2 reduce-scatters the mean over ranks; DDP all-reduces the mean: both equal the 1-process gradient
+    grads = {n.replace("module.", "", 1): _full_grad(p) for n, p in model.named_parameters() if p.requires_grad}
     if accelerator.is_main_process:
-        grads = {n.replace("module.", "", 1): p.grad.detach().clone()
-                 for n, p in model.named_parameters() if p.requires_grad}
+        sharded = any(hasattr(p, "full_tensor") for p in model.parameters())  # FSDP2 parameters are DTensors
         torch.save({"grads": grads, "loss": result.value, "candidates": result.num_candidates,
-                    "world": accelerator.num_processes}, out)
+                    "world": accelerator.num_processes, "sharded": sharded}, out)
     accelerator.wait_for_everyone()
 
 
-def test_two_gloo_processes_match_one_process(tiny_repo, tmp_path):
+@pytest.mark.parametrize("shard", ["ddp", "fsdp2"])
+def test_two_gloo_processes_match_one_process(tiny_repo, tmp_path, shard):
     data = _write_data(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -71,13 +96,15 @@ def test_two_gloo_processes_match_one_process(tiny_repo, tmp_path):
     two = tmp_path / "two.pt"
     subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
-         "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0", __file__, str(tiny_repo), str(data), str(two)],
+         "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0", __file__, str(tiny_repo), str(data), str(two),
+         shard],
         check=True, env=env, cwd=REPO_ROOT, timeout=300,
     )
     one = tmp_path / "one.pt"
     compute(str(tiny_repo), str(data), str(one))
     a, b = torch.load(one), torch.load(two)
     assert (a["world"], b["world"]) == (1, 2)
+    assert (a["sharded"], b["sharded"]) == (False, shard == "fsdp2")
     assert a["candidates"] == b["candidates"] == 2 * GLOBAL_BATCH  # all positives + all negatives, gathered
     assert torch.allclose(a["loss"], b["loss"], atol=1e-5)
     assert a["grads"].keys() == b["grads"].keys() and any("audio_projector" in k for k in a["grads"])
@@ -87,4 +114,4 @@ def test_two_gloo_processes_match_one_process(tiny_repo, tmp_path):
 
 
 if __name__ == "__main__":
-    compute(*sys.argv[1:4])
+    compute(*sys.argv[1:5])

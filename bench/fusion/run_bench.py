@@ -6,9 +6,9 @@ Needs checkpoints from `make_checkpoints.py` and mergekit in its own venv (`--se
 /work/mergekit-venv with `pip install torch==2.13.0 mergekit==0.1.5`). Both tools get the key intersection
 (`mergekit-inputs/`: mergekit cannot take keys the base lacks), `dtype: float32` compute, bf16 output, weight 1,
 lambda 1, seed 0; ours runs with `--semantics mergekit`. Per cell: wall time (perf_counter around the process),
-peak RSS and peak anonymous RSS (50 ms sampling of /proc/PID/status, plus wait4's ru_maxrss), output size, and the
+peak RSS (VmHWM) and peak anonymous RSS (RssAnon), sampled every 50 ms from /proc/PID/status, output size, and the
 max bf16 ULP distance between the two outputs over common keys. Warm page cache (the I/O floor pass reads every
-input first). Runs of the two tools alternate.
+input first) and `sync` before every timed run. Runs of the two tools alternate.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ def _status_kb(pid: int, field: str) -> int:
 def measure(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     """Run a command; wall seconds, peak RSS and peak anonymous RSS of its process tree (bytes)."""
     peak = {"rss": 0, "anon": 0}
+    os.sync()  # no earlier run's dirty pages are flushed on this run's clock
     with open(log, "w") as lf:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -83,18 +84,20 @@ def measure(cmd: list[str], log: Path, env: dict | None = None) -> dict:
         def sample() -> None:
             while not stop.is_set():
                 pids = _tree(proc.pid)
-                peak["rss"] = max(peak["rss"], sum(_status_kb(p, "VmRSS") for p in pids) * 1024)
+                # VmHWM: the kernel's own peak RSS of each process image (reset at exec, so unlike wait4's
+                # ru_maxrss it never inherits this benchmark process's RSS through fork)
+                peak["rss"] = max(peak["rss"], sum(_status_kb(p, "VmHWM") for p in pids) * 1024)
                 peak["anon"] = max(peak["anon"], sum(_status_kb(p, "RssAnon") for p in pids) * 1024)
                 stop.wait(0.05)
 
         th = threading.Thread(target=sample, daemon=True)
         th.start()
-        _, status, rusage = os.wait4(proc.pid, 0)
+        _, status, _ = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         stop.set()
         th.join()
     rc = os.waitstatus_to_exitcode(status)
-    return {"wall": wall, "rss": max(peak["rss"], rusage.ru_maxrss * 1024), "anon": peak["anon"], "rc": rc}
+    return {"wall": wall, "rss": peak["rss"], "anon": peak["anon"], "rc": rc}
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -115,6 +118,7 @@ def io_floor(inputs: list[Path], out_bytes: int, scratch: Path) -> dict:
     t_read = time.perf_counter() - t0
     scratch.mkdir(parents=True, exist_ok=True)
     target = scratch / "floor.bin"
+    os.sync()
     t1 = time.perf_counter()
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     left = out_bytes

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import FusionConfig
-from .methods import fuse_tensor, memory_cost, recipe
+from .methods import fuse_tensor, memory_cost, recipe, reuses_rows
 from .plan import FusionPlan, build_plan, check_inputs_exist
 from .st_io import OutTensor, Reader, ShardWriter
 from .tensor_ctx import Contributor, TensorContext
@@ -170,9 +170,11 @@ def _execute(cfg: FusionConfig, plan: FusionPlan, rc, reader: Reader, writers: d
             continue
         base = plan.base.tensors[key]
         contributors = [Contributor(s.name, s.weight, s.source(key) or base) for s in plan.specialists]
-        ctx = TensorContext(key, base, contributors, tp.lam, tp.dtype, compute, reader, w, cfg.chunk_elems, cfg.seed)
+        reuse = reuses_rows(base.numel, len(contributors), cfg, rc)
+        ctx = TensorContext(key, base, contributors, tp.lam, tp.dtype, compute, reader, w, cfg.chunk_elems, cfg.seed,
+                            reuse)
         changed[key] = ctx.changed
-        cost = memory_cost(base.numel, base.row_elems, len(contributors), cfg)
+        cost = memory_cost(base.numel, base.row_elems, len(contributors), cfg, reuse)
         jobs.append((cost, nbytes, (lambda ctx=ctx: fuse_tensor(ctx, cfg, rc)), key))
     jobs.sort(key=lambda j: -j[0])
     budget = _Budget(int(cfg.memory_limit_gb * (1 << 30)))

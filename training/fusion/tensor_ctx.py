@@ -10,6 +10,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from .lora import LoraDelta
@@ -37,8 +38,10 @@ class TensorContext:
     writer: ShardWriter
     chunk_elems: int
     seed: int
+    reuse: bool = False  # keep loaded rows for the next pass (multi-pass methods on tensors that fit in memory)
     changed: set[str] = field(default_factory=set)
     tie_take: dict = field(default_factory=dict)  # (t, k) -> threshold ties inside an exactly-k top-k
+    _loaded: dict = field(default_factory=dict, repr=False)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -60,7 +63,13 @@ class TensorContext:
         return (r0 * per, r1 * per) if self.shape else (0, 1)
 
     def load(self, r0: int, r1: int) -> tuple[bytearray, torch.Tensor, list[torch.Tensor | None]]:
-        """(base raw bytes, base rows in compute dtype, τ rows per contributor or None where identical)."""
+        """(base raw bytes, base rows in compute dtype, τ rows per contributor or None where identical).
+
+        With `reuse`, a second pass gets the same tensors back without reading and converting again, so callers
+        must not modify them in place.
+        """
+        if (r0, r1) in self._loaded:
+            return self._loaded[(r0, r1)]
         e0, e1 = self._elems(r0, r1)
         raw = self.reader.read_bytes(self.base, e0, e1)
         base = torch.frombuffer(raw, dtype=DTYPES[self.base.dtype][0]).to(self.compute) if raw else \
@@ -80,7 +89,13 @@ class TensorContext:
             if tau is not None:
                 self.changed.add(c.name)
             taus.append(tau)
+        if self.reuse:
+            self._loaded[(r0, r1)] = (raw, base, taus)
         return raw, base, taus
+
+    def release(self) -> None:
+        """Drop rows kept for reuse (the job is done; the context itself lives until the run ends)."""
+        self._loaded.clear()
 
     def emit(self, r0: int, r1: int, values: torch.Tensor) -> None:
         """Round (nearest-even) to the output dtype and write rows [r0, r1)."""
@@ -96,7 +111,25 @@ class TensorContext:
         else:
             self.emit(r0, r1, base)
 
-    def generator(self, contributor: str, r0: int) -> torch.Generator:
-        """Counter-based RNG: the stream depends on (seed, tensor, model, first row), never on thread order."""
-        h = hashlib.blake2b(f"{self.seed}|{self.key}|{contributor}|{r0}".encode(), digest_size=8).digest()
-        return torch.Generator().manual_seed(int.from_bytes(h, "little") & ((1 << 63) - 1))
+    def keep_mask(self, t: int, r0: int, n: int, density: float) -> torch.Tensor:
+        """Bernoulli(density) draws for the `n` elements from row `r0` of contributor `t` (DARE), as a bool mask.
+
+        Counter-based: one PCG64 stream per (seed, tensor, model), jumped ahead to the chunk's first element, so an
+        element's draw depends on neither the chunk size nor thread order. With `reuse`, the next pass gets the
+        same mask back without drawing again. P(keep) equals `density` to within 2^-32.
+        """
+        memo = ("mask", t, r0)
+        if memo in self._loaded:
+            return self._loaded[memo]
+        e0, _ = self._elems(r0, r0 + 1)
+        name = self.contributors[t].name
+        digest = hashlib.blake2b(f"{self.seed}|{self.key}|{name}".encode(), digest_size=16).digest()
+        bits = np.random.PCG64(int.from_bytes(digest, "little"))
+        bits.advance(e0 // 2)  # one 64-bit draw = two 32-bit uniforms
+        skip = e0 % 2
+        draws = bits.random_raw((n + skip + 1) // 2).view(np.uint32)[skip : skip + n]
+        mask = torch.from_numpy(draws < min(round(density * 2.0**32), 2**32 - 1)) if density < 1.0 else \
+            torch.ones(n, dtype=torch.bool)
+        if self.reuse:
+            self._loaded[memo] = mask
+        return mask
