@@ -232,8 +232,9 @@ def test_ta_linear_bit_exact_vs_fp64_reference(ckpts, tmp_path, method, kw):
 def test_ties_breadcrumbs_masks_agree_with_reference(ckpts, tmp_path, method, semantics, density, reuse_limit_mb):
     """Both the streaming passes (re-read per pass) and the in-memory reuse path, over many small row chunks."""
     gamma = 0.1
+    scope = {"trim_scope": "tensor"} if (method, semantics) == ("ties", "paper") else {}  # model scope: own test
     fuse(_cfg(ckpts, tmp_path / "o", method=method, semantics=semantics, density=density, gamma=gamma,
-              reference=True, lambda_=1.3, chunk_elems=500, reuse_limit_mb=reuse_limit_mb))
+              reference=True, lambda_=1.3, chunk_elems=500, reuse_limit_mb=reuse_limit_mb, **scope))
     sd = _load_out(tmp_path / "o")
     for key in FUSED:
         ref = reference(ckpts, key, method, semantics, lam=1.3, density=density, gamma=gamma)
@@ -246,10 +247,73 @@ def test_ties_breadcrumbs_masks_agree_with_reference(ckpts, tmp_path, method, se
 
 
 def test_ties_fp32_close_to_reference(ckpts, tmp_path):
-    fuse(_cfg(ckpts, tmp_path / "o", method="ties", density=0.2))
+    fuse(_cfg(ckpts, tmp_path / "o", method="ties", density=0.2, trim_scope="tensor"))
     sd = _load_out(tmp_path / "o")
     for key in FUSED:
         assert _ulp(sd[key], _bf16(reference(ckpts, key, "ties", density=0.2))) <= 1, key
+
+
+MODEL_KEYS = [k for k in SHAPES if not k.startswith("audio_projector.")]  # every fused tensor (frozen ones too)
+
+
+def reference_model_ties(ckpts, lam: float, density: float) -> dict[str, np.ndarray]:
+    """The original TIES (paper repo / FusionBench): each task vector flattened over the whole model, one kthvalue
+    threshold per task, sign election with zero sums set to the model's majority sign, disjoint mean."""
+    sizes = [int(np.prod(SHAPES[k])) for k in MODEL_KEYS]
+    base = np.concatenate([_f64(ckpts["base"][k]).ravel() for k in MODEL_KEYS])
+    taus = [np.concatenate([_f64(ckpts["specs"][n][k]).ravel() for k in MODEL_KEYS]) - base for n in SPECIALISTS]
+    trimmed = [t * _topk_mask(t, density) for t in taus]
+    sign = np.sign(sum(trimmed))
+    sign[sign == 0] = np.sign(sign.sum())
+    agree = [(np.sign(t) == sign) & (t != 0) for t in trimmed]
+    merged = sum(np.where(a, t, 0.0) for a, t in zip(agree, trimmed)) / np.maximum(sum(agree), 1)
+    flat = base + lam * merged
+    return {k: part.reshape(SHAPES[k]) for k, part in zip(MODEL_KEYS, np.split(flat, np.cumsum(sizes)[:-1]))}
+
+
+@pytest.mark.parametrize("reference_mode", [True, False], ids=["fp64", "fp32"])
+def test_ties_model_trim_scope_matches_flattened_reference(ckpts, tmp_path, reference_mode):
+    """paper TIES trims over the whole model by default: one threshold per specialist across all fused tensors.
+    Streaming over small chunks and two workers, it equals the flattened fp64 reference (bit-exact in fp64 mode)."""
+    man = fuse(_cfg(ckpts, tmp_path / "o", method="ties", semantics="paper", density=0.2, lambda_=1.3,
+                    reference=reference_mode, chunk_elems=500, workers=2))
+    assert man["summary"]["trim_scope"] == "model"
+    assert set(man["summary"]["model_thresholds"]) == set(SPECIALISTS)
+    sd, ref = _load_out(tmp_path / "o"), reference_model_ties(ckpts, lam=1.3, density=0.2)
+    per_tensor = reference(ckpts, MODEL_KEYS[0], "ties", "paper", lam=1.3, density=0.2)
+    assert not np.array_equal(_bf16(per_tensor), _bf16(ref[MODEL_KEYS[0]])), "scopes must differ on this data"
+    for key in MODEL_KEYS:
+        if reference_mode:
+            assert torch.equal(sd[key].view(torch.int16), _bf16(ref[key]).view(torch.int16)), key
+        else:
+            assert _ulp(sd[key], _bf16(ref[key])) <= 1, key
+
+
+def test_model_trim_majority_sign_spans_tensors(tmp_path):
+    """An exact cancellation (τ_a = -τ_b) takes the majority elected sign of the whole model, which here comes from
+    another tensor entirely; per tensor it would be 0 (its own elected signs sum to 0)."""
+    root = tmp_path / "ckpts"
+    base = {"backbone.a.weight": torch.zeros(4, dtype=torch.float32), "backbone.b.weight": torch.zeros(4)}
+    _save(root / "base", base)
+    _save(root / "x", {"backbone.a.weight": torch.tensor([1.0, 0, 0, 0]), "backbone.b.weight": torch.ones(4)})
+    _save(root / "y", {"backbone.a.weight": torch.tensor([-1.0, 0, 0, 0]), "backbone.b.weight": torch.ones(4)})
+    models = [{"name": "x", "path": root / "x"}, {"name": "y", "path": root / "y"}]
+    outs = {}
+    for scope in ("model", "tensor"):
+        fuse(FusionConfig(base=root / "base", models=models, output=tmp_path / scope, method="ties",
+                          density=0.99, trim_scope=scope, progress=False))
+        outs[scope] = load_file(tmp_path / scope / "model.safetensors")
+    # model: Σ elected signs = 0 (a) + 4 (b) > 0 -> + : the cancelled entry keeps x's +1; tensor: a's own sum is 0
+    assert outs["model"]["backbone.a.weight"].tolist() == [1.0, 0, 0, 0]
+    assert outs["tensor"]["backbone.a.weight"].tolist() == [0.0, 0, 0, 0]
+    assert outs["model"]["backbone.b.weight"].tolist() == [1.0] * 4
+
+
+def test_trim_scope_model_needs_paper_ties(ckpts, tmp_path):
+    with pytest.raises(ConfigError, match="trim_scope: model"):
+        _cfg(ckpts, tmp_path / "o", method="ties", semantics="mergekit", trim_scope="model")
+    with pytest.raises(ConfigError, match="trim_scope: model"):
+        _cfg(ckpts, tmp_path / "o", method="dare_ties", trim_scope="model")
 
 
 # ------------------------------------------------------------------------------------------------------ DARE
@@ -480,12 +544,13 @@ def test_output_exists_and_bad_config_errors(ckpts, tmp_path):
 
 def test_cli_flags_and_yaml(ckpts, tmp_path, capsys):
     args = ["--base", str(ckpts["root"] / "base"), "--output", str(tmp_path / "o"), "--method", "ties",
-            "--density", "0.3", "--lambda-group", "llm=0.5", "--no-progress"]
+            "--density", "0.3", "--lambda-group", "llm=0.5", "--trim-scope", "tensor", "--no-progress"]
     for n in SPECIALISTS:
         args += ["--model", f"{n}={ckpts['root'] / n}:1.0"]
     assert cli_main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["needs_recovery"] == ["audio_projector.fc1.weight", "audio_projector.fc2.weight"]
+    assert summary["trim_scope"] == "tensor"
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"base: {ckpts['root'] / 'base'}\noutput: {tmp_path / 'y'}\nmethod: linear\nprogress: false\n"
                    f"models:\n  - {{name: a, path: {ckpts['root'] / 'image'}}}\n")

@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda-group", action="append", type=_group_lambda, help="GROUP=VALUE, repeatable")
     p.add_argument("--density", type=float)
     p.add_argument("--gamma", type=float)
+    p.add_argument("--trim-scope", choices=["tensor", "model"], help="TIES top-k per tensor or over the whole model")
     p.add_argument("--normalize", choices=["true", "false"])
     p.add_argument("--seed", type=int)
     p.add_argument("--out-dtype", choices=["float32", "bfloat16", "float16", "float64"])
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {
         "base": args.base, "models": args.models, "output": args.output, "method": args.method,
         "semantics": args.semantics, "lambda": args.lambda_, "density": args.density, "gamma": args.gamma,
+        "trim_scope": args.trim_scope,
         "normalize": None if args.normalize is None else args.normalize == "true", "seed": args.seed,
         "out_dtype": args.out_dtype, "reference": args.reference, "workers": args.workers,
         "memory_limit_gb": args.memory_limit_gb, "chunk_elems": args.chunk_elems, "files_from": args.files_from,

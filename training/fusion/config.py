@@ -66,6 +66,7 @@ class FusionConfig:
     lambda_: float = 1.0  # global scale (YAML key: lambda)
     lambda_groups: dict[str, float] = field(default_factory=dict)
     density: float = 1.0  # fraction of entries kept (TIES, DARE, Breadcrumbs)
+    trim_scope: str | None = None  # TIES top-k over each `tensor` or the whole `model`; None = paper: model, mergekit: tensor
     gamma: float = 0.01  # Breadcrumbs: fraction of top-|tau| outliers removed
     normalize: bool | None = None  # divide by sum of weights; None = the semantics' default for the method
     seed: int = 0
@@ -108,6 +109,14 @@ class FusionConfig:
         unknown = set(self.lambda_groups) - set(self.groups) - {"other"}
         if unknown:
             raise ConfigError(f"lambda_groups names unknown groups {sorted(unknown)}; known: {sorted(self.groups)}")
+        if self.trim_scope not in (None, "tensor", "model"):
+            raise ConfigError(f"trim_scope must be tensor|model or null, got {self.trim_scope!r}")
+        if self.trim_scope == "model" and (self.method != "ties" or self.semantics != "paper"):
+            raise ConfigError(
+                f"trim_scope: model is the original TIES trim (one top-k per specialist over all fused tensors); it "
+                f"needs method: ties and semantics: paper, got method {self.method!r}, semantics {self.semantics!r} "
+                "(mergekit keeps exactly k per tensor)"
+            )
         if self.missing_in_specialist not in ("error", "zero"):
             raise ConfigError(f"missing_in_specialist must be error|zero, got {self.missing_in_specialist!r}")
         if self.files_from != "base" and self.files_from not in names:

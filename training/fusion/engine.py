@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import FusionConfig
-from .methods import fuse_tensor, memory_cost, recipe, reuses_rows
+from .methods import fuse_tensor, majority_sign, memory_cost, model_trim_thresholds, recipe, reuses_rows
 from .plan import FusionPlan, build_plan, check_inputs_exist
 from .st_io import OutTensor, Reader, ShardWriter
 from .tensor_ctx import Contributor, TensorContext
@@ -159,6 +159,7 @@ def _execute(cfg: FusionConfig, plan: FusionPlan, rc, reader: Reader, writers: d
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     compute = torch.float64 if cfg.reference else torch.float32
     changed: dict[str, set[str]] = {}
+    fused: list[TensorContext] = []
     jobs: list[tuple[int, int, Callable[[], None], str]] = []
     for key, tp in plan.tensors.items():
         if tp.policy == "drop":
@@ -174,6 +175,7 @@ def _execute(cfg: FusionConfig, plan: FusionPlan, rc, reader: Reader, writers: d
         ctx = TensorContext(key, base, contributors, tp.lam, tp.dtype, compute, reader, w, cfg.chunk_elems, cfg.seed,
                             reuse)
         changed[key] = ctx.changed
+        fused.append(ctx)
         cost = memory_cost(base.numel, base.row_elems, len(contributors), cfg, reuse)
         jobs.append((cost, nbytes, (lambda ctx=ctx: fuse_tensor(ctx, cfg, rc)), key))
     jobs.sort(key=lambda j: -j[0])
@@ -196,6 +198,8 @@ def _execute(cfg: FusionConfig, plan: FusionPlan, rc, reader: Reader, writers: d
             on_tensor(key)
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fuse") as pool:
+        if rc.model_trim and fused:
+            _set_model_thresholds(fused, cfg, pool, plan)
         for cost, nbytes, fn, key in jobs:
             if any(f.done() and f.exception() for f in futures):
                 break
@@ -209,7 +213,26 @@ def _execute(cfg: FusionConfig, plan: FusionPlan, rc, reader: Reader, writers: d
                 bar.close()
                 raise f.exception()
     bar.close()
+    if rc.model_trim:  # exact cancellations take the majority elected sign of the whole model
+        total = sum(ctx.elected_sum for ctx in fused)
+        if total <= 0:
+            for ctx in fused:
+                if ctx.majority_redo is not None:
+                    ctx.majority_redo(majority_sign(total))
     return changed
+
+
+def _set_model_thresholds(fused: list[TensorContext], cfg: FusionConfig, pool: ThreadPoolExecutor,
+                          plan: FusionPlan) -> None:
+    """TIES over the whole model: two streaming radix passes over every fused tensor find each specialist's
+    threshold before the merge pass writes anything."""
+    bar = tqdm(total=2 if fused[0].compute == torch.float32 else 4, unit="pass", desc="trim thresholds (model)",
+               disable=not cfg.progress)
+    thresholds = model_trim_thresholds(fused, cfg, map_fn=pool.map, on_pass=lambda: bar.update(1))
+    bar.close()
+    plan.model_thresholds = dict(zip((s.name for s in plan.specialists), thresholds))
+    for ctx in fused:
+        ctx.model_thresholds = thresholds
 
 
 def _out(tp) -> OutTensor:
@@ -244,6 +267,8 @@ def _manifest(cfg: FusionConfig, plan: FusionPlan, changed: dict[str, set[str]],
             "copied_from_owner": sorted(k for k, e in tensors.items() if e["policy"] == "copy_owner"),
             "dropped": sorted(k for k, e in tensors.items() if e["policy"] == "drop"),
             "seconds": round(seconds, 3),
+            "trim_scope": ("model" if recipe(cfg).model_trim else "tensor") if cfg.method == "ties" else None,
+            "model_thresholds": plan.model_thresholds,
         },
         "tensors": tensors,
     }

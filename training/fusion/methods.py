@@ -4,9 +4,10 @@ Semantics (fusion.md §2.2) are explicit: `paper` follows the original repositor
 
 | aspect                  | paper                                   | mergekit                                  |
 |-------------------------|-----------------------------------------|-------------------------------------------|
-| TIES trim scope         | per tensor (the paper trims the whole   | per tensor, flattened                     |
-|                         | model; not implemented, see README)     |                                           |
-| sign election           | sign(Σ τ̂_t); 0 → tensor majority sign  | sign(Σ w_t τ̂_t); Σ ≥ 0 → +               |
+| TIES trim scope         | whole model: one top-k per specialist   | per tensor, flattened                     |
+|                         | over all fused tensors (`trim_scope`)   |                                           |
+| sign election           | sign(Σ τ̂_t); 0 → majority sign of the  | sign(Σ w_t τ̂_t); Σ ≥ 0 → +               |
+|                         | trim scope (model or tensor)            |                                           |
 | disjoint-mean divisor   | count of agreeing non-zero entries      | Σ w_t over agreeing entries (ties only)   |
 | DARE rescale            | 1 / density                             | match the L1 norm of τ_t per tensor       |
 | Breadcrumbs scope       | per row along the last dim              | per tensor, flattened                     |
@@ -19,6 +20,7 @@ Breadcrumbs uses the inclusive rule in both semantics. Exact zeros never count a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -49,6 +51,7 @@ class Recipe:
     dare_rescale: str  # inverse | l1
     band_rowwise: bool
     exact_k: bool  # top-k keeps exactly k (mergekit) instead of every entry >= the k-th largest (paper repos)
+    model_trim: bool = False  # TIES thresholds (and the zero-sum majority sign) over the whole model, not per tensor
 
 
 def recipe(cfg: FusionConfig) -> Recipe:
@@ -65,37 +68,52 @@ def recipe(cfg: FusionConfig) -> Recipe:
             divisor = "weight" if norm else None
     else:
         divisor = "weight" if cfg.normalize else None
-    return Recipe(SPARSIFY.get(m), consensus, not paper, divisor, "inverse" if paper else "l1", paper, not paper)
+    model_trim = m == "ties" and paper and cfg.density < 1.0 and cfg.trim_scope in (None, "model")
+    return Recipe(SPARSIFY.get(m), consensus, not paper, divisor, "inverse" if paper else "l1", paper, not paper,
+                  model_trim)
 
 
 # ----------------------------------------------------------------------------------------------------------- select
-def kth_largest_abs(ctx: TensorContext, queries: list[tuple[int, int]]) -> dict[tuple[int, int], float]:
-    """Exact k-th largest |τ_t| for each (t, k), by a radix select on the float bit pattern, streaming in chunks.
+Query = tuple[int, int]  # (contributor index t, k)
 
-    `ctx.tie_take[(t, k)]` is set to how many entries equal to the threshold belong to an exactly-k selection.
+
+def _histograms(ctx: TensorContext, state: dict[Query, list[int]], shift: int, done_bits: int,
+                int_dtype: torch.dtype) -> dict[Query, torch.Tensor]:
+    """One radix pass over one tensor: counts of the 16-bit digit at `shift` among entries matching each prefix."""
+    hists = {q: torch.zeros(1 << 16, dtype=torch.int64) for q in state}
+    for r0, r1 in ctx.chunks():
+        _, _, taus = ctx.load(r0, r1)
+        for q, (prefix, _) in state.items():
+            tau = taus[q[0]]
+            if tau is None:
+                if prefix == 0:
+                    hists[q][0] += (r1 - r0) * max(1, ctx.base.row_elems)
+                continue
+            bits = tau.abs().view(int_dtype)
+            if done_bits:
+                bits = bits[(bits >> (shift + 16)) == prefix]
+            hists[q] += torch.bincount(((bits >> shift) & 0xFFFF).to(torch.int64), minlength=1 << 16)
+    return hists
+
+
+def radix_select(ctxs: list[TensorContext], queries: list[Query], map_fn: Callable = map,
+                 on_pass: Callable[[], None] | None = None) -> dict[Query, tuple[float, int]]:
+    """Exact k-th largest |τ_t| over the entries of all `ctxs` for each (t, k), by a radix select on the float bit
+    pattern, streaming in chunks; also how many entries equal to it belong to an exactly-k selection.
 
     O(n) per pass and bounded memory (no full sort, no int64 index as with argsort); 2 passes in fp32, 4 in fp64.
+    `map_fn` runs the per-tensor passes (e.g. a thread pool's map); k <= 0 gives (0.0, 0).
     """
-    int_dtype = torch.int32 if ctx.compute == torch.float32 else torch.int64
-    nbits = 32 if ctx.compute == torch.float32 else 64
-    shifts = list(range(nbits - 16, -1, -16))
+    compute = ctxs[0].compute
+    int_dtype = torch.int32 if compute == torch.float32 else torch.int64
+    nbits = 32 if compute == torch.float32 else 64
     state = {q: [0, q[1]] for q in queries if q[1] > 0}  # prefix, k remaining
-    out = {q: 0.0 for q in queries}
     done_bits = 0
-    for shift in shifts:
+    for shift in range(nbits - 16, -1, -16):
         hists = {q: torch.zeros(1 << 16, dtype=torch.int64) for q in state}
-        for r0, r1 in ctx.chunks():
-            _, _, taus = ctx.load(r0, r1)
-            for q, (prefix, _) in state.items():
-                tau = taus[q[0]]
-                if tau is None:
-                    if prefix == 0:
-                        hists[q][0] += (r1 - r0) * max(1, ctx.base.row_elems)
-                    continue
-                bits = tau.abs().view(int_dtype)
-                if done_bits:
-                    bits = bits[(bits >> (shift + 16)) == prefix]
-                hists[q] += torch.bincount(((bits >> shift) & 0xFFFF).to(torch.int64), minlength=1 << 16)
+        for part in map_fn(lambda c: _histograms(c, state, shift, done_bits, int_dtype), ctxs):
+            for q, h in part.items():
+                hists[q] += h
         for q, st in state.items():
             csum = torch.flip(hists[q], [0]).cumsum(0)  # counts from the largest bin down
             idx = int(torch.searchsorted(csum, torch.tensor(st[1])).item())
@@ -103,10 +121,31 @@ def kth_largest_abs(ctx: TensorContext, queries: list[tuple[int, int]]) -> dict[
             above = int(csum[idx - 1].item()) if idx > 0 else 0
             st[0], st[1] = (st[0] << 16) | b, st[1] - above
         done_bits += 16
+        if on_pass is not None:
+            on_pass()
+    out = {q: (0.0, 0) for q in queries}
     for q, (prefix, remaining) in state.items():
-        out[q] = torch.tensor([prefix], dtype=int_dtype).view(ctx.compute).item()
-        ctx.tie_take[q] = remaining
+        out[q] = (torch.tensor([prefix], dtype=int_dtype).view(compute).item(), remaining)
     return out
+
+
+def kth_largest_abs(ctx: TensorContext, queries: list[Query]) -> dict[Query, float]:
+    """Per-tensor thresholds; `ctx.tie_take[(t, k)]` gets the ties at the threshold inside an exactly-k top-k."""
+    found = radix_select([ctx], queries)
+    ctx.tie_take.update({q: ties for q, (_, ties) in found.items() if q[1] > 0})
+    return {q: value for q, (value, _) in found.items()}
+
+
+def model_trim_thresholds(ctxs: list[TensorContext], cfg: FusionConfig, map_fn: Callable = map,
+                          on_pass: Callable[[], None] | None = None) -> list[float]:
+    """Original TIES trim: per specialist, the k-th largest |τ_t| over all fused tensors, k = ⌊density · N⌋
+    (entries a specialist leaves equal to the base count as zeros, as in a flattened state dict)."""
+    T = len(ctxs[0].contributors)
+    k = int(cfg.density * sum(c.numel for c in ctxs))
+    if k <= 0:
+        return [math.inf] * T
+    found = radix_select(ctxs, [(t, k) for t in range(T)], map_fn, on_pass)
+    return [found[(t, k)][0] for t in range(T)]
 
 
 # --------------------------------------------------------------------------------------------- element-wise / GTA
@@ -130,8 +169,15 @@ def _gta(ctx: TensorContext, rc: Recipe, cfg: FusionConfig) -> None:
     thr: dict[tuple[int, int], float] = {}
     n = ctx.numel
     k_top = max(1, int(cfg.density * n)) if rc.exact_k else int(cfg.density * n)
+    magnitude_thr: list[float] = []
     if rc.sparsify == "magnitude" and cfg.density < 1.0:
-        thr = kth_largest_abs(ctx, [(t, k_top) for t in range(T)])
+        if rc.model_trim:  # thresholds over the whole model, found by the engine before any tensor is written
+            magnitude_thr = list(ctx.model_thresholds)
+        elif k_top > 0:
+            found = kth_largest_abs(ctx, [(t, k_top) for t in range(T)])
+            magnitude_thr = [found[(t, k_top)] for t in range(T)]
+        else:
+            magnitude_thr = [math.inf] * T
     elif rc.sparsify == "band" and not rc.band_rowwise:
         n_out, n_keep = int(cfg.gamma * n), int(cfg.density * n)
         thr = kth_largest_abs(ctx, [(t, k) for t in range(T) for k in (n_out, n_out + n_keep)])
@@ -144,9 +190,7 @@ def _gta(ctx: TensorContext, rc: Recipe, cfg: FusionConfig) -> None:
         if rc.sparsify == "magnitude":
             if cfg.density >= 1.0:
                 return tau
-            if k_top == 0:
-                return torch.zeros_like(tau)
-            a, v = tau.abs(), thr[(t, k_top)]
+            a, v = tau.abs(), magnitude_thr[t]
             if not rc.exact_k:
                 return tau * (a >= v)
             # mergekit keeps exactly k (argsort order); ties at the threshold: lowest flat index first
@@ -179,14 +223,27 @@ def _gta(ctx: TensorContext, rc: Recipe, cfg: FusionConfig) -> None:
         if cancel:
             majority_fix.append((r0, r1))
         ctx.emit(r0, r1, base + merged.mul_(ctx.lam))
-    # paper TIES: Σ τ̂ = 0 with non-zero contributors resolves to the tensor's majority elected sign; redo those chunks
-    if rc.consensus and not rc.weighted_election and majority_fix and elected_sum <= 0:
-        sign = -1.0 if elected_sum < 0 else 0.0
+    if not rc.consensus or rc.weighted_election:
+        return
+
+    # paper TIES: Σ τ̂ = 0 with non-zero contributors resolves to the majority elected sign of the trim scope (this
+    # tensor, or the whole model: then the engine sums every tensor's `elected_sum` and calls `majority_redo`)
+    def redo(sign: float) -> None:
         for r0, r1 in majority_fix:
             raw, base, taus = ctx.load(r0, r1)
             sp = [None if tau is None else sparsified(t, tau, r0) for t, tau in enumerate(taus)]
             merged, _, _ = _combine(sp, w, rc, base, provisional_sign=sign)
             ctx.emit(r0, r1, base + merged.mul_(ctx.lam))
+
+    if rc.model_trim:
+        ctx.elected_sum, ctx.majority_redo = elected_sum, (redo if majority_fix else None)
+    elif majority_fix and elected_sum <= 0:
+        redo(majority_sign(elected_sum))
+
+
+def majority_sign(elected_sum: float) -> float:
+    """The sign that exact cancellations take once the provisional + is known to be wrong (Σ elected ≤ 0)."""
+    return -1.0 if elected_sum < 0 else 0.0
 
 
 def _combine(sp: list[torch.Tensor | None], w: list[float], rc: Recipe, base: torch.Tensor,
@@ -336,7 +393,7 @@ def multi_pass(cfg: FusionConfig, rc: Recipe) -> bool:
     """Whether the method reads every τ more than once (thresholds or DARE's L1 factor before the merge pass)."""
     if cfg.method in ("linear", "tsv_m", "iso_c"):
         return False
-    return (rc.sparsify == "magnitude" and cfg.density < 1.0) or (rc.sparsify == "band" and not rc.band_rowwise) \
+    return (rc.sparsify == "magnitude" and cfg.density < 1.0 and not rc.model_trim) or (rc.sparsify == "band" and not rc.band_rowwise) \
         or (rc.sparsify == "random" and rc.dare_rescale == "l1")
 
 

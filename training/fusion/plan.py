@@ -54,6 +54,7 @@ class FusionPlan:
     specialists: list[Specialist]
     tensors: dict[str, TensorPlan]
     shard_keys: dict[str, list[str]]  # output shard name -> keys in write order
+    model_thresholds: dict[str, float] | None = None  # TIES trim over the whole model: |τ| threshold per specialist
 
 
 def _matches(patterns: list[str], key: str) -> bool:

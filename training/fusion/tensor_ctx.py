@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ class TensorContext:
     chunk_elems: int
     seed: int
     reuse: bool = False  # keep loaded rows for the next pass (multi-pass methods on tensors that fit in memory)
+    model_thresholds: list[float] | None = None  # TIES with trim_scope model: |τ_t| thresholds over all tensors
+    elected_sum: float = 0.0  # TIES (paper, model scope): Σ elected signs of this tensor, for the model majority
+    majority_redo: Callable[[float], None] | None = None  # rewrites this tensor's exact cancellations with a sign
     changed: set[str] = field(default_factory=set)
     tie_take: dict = field(default_factory=dict)  # (t, k) -> threshold ties inside an exactly-k top-k
     _loaded: dict = field(default_factory=dict, repr=False)
