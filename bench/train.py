@@ -37,8 +37,36 @@ def build_repo(size: str, root: Path) -> Path:
     return out
 
 
+def _status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Linux: restart this process's VmHWM at its current RSS (clear_refs 5), so the peak covers only the steps."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """VmHWM of this process image; ru_maxrss elsewhere (it can include the parent's RSS inherited at exec)."""
+    hwm = _status_mb("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    now = _status_mb("VmRSS")
+    return now if now is not None else peak_rss_mb()
 
 
 def worker(repo: str, mode: str, batch: int, chunk: int, steps: int) -> dict:
@@ -70,8 +98,9 @@ def worker(repo: str, mode: str, batch: int, chunk: int, steps: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return out
 
+    base_rss = rss_mb()  # model, optimizer state and the tokenised batches are loaded
+    reset = reset_peak_rss()
     step(batches[0])  # warm-up (allocator, kernels)
-    base_rss = rss_mb()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -83,9 +112,10 @@ def worker(repo: str, mode: str, batch: int, chunk: int, steps: int) -> dict:
     seconds = time.perf_counter() - t0
     return {
         "mode": mode, "samples_per_s": batch * steps / seconds, "seconds": seconds,
-        "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mb(),
-        "peak_kind": "cuda max_memory_allocated" if cuda else "process max RSS",
-        "rss_after_warmup_mb": base_rss, "device": str(accelerator.device),
+        "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb() - base_rss,
+        "peak_kind": "cuda max_memory_allocated" if cuda else
+        ("peak RSS growth over the loaded model during the steps" if reset else "process max RSS"),
+        "rss_before_steps_mb": base_rss, "device": str(accelerator.device),
     }
 
 
