@@ -103,6 +103,10 @@ def real_audio_base(tmp_path_factory) -> Path:
 DIGITS_USED = ("zero", "one", "two", "three")
 
 
+def _digit(item: dict) -> str:
+    return item["text"].split()[-1]  # "the digit three" -> "three"
+
+
 def _fsdd_subset(out_dir: Path, split: str, limit: int) -> Path:
     """FSDD rows of four digits (positive and hard negative both among them), written as `out_dir/audio/<split>`."""
     from conftest import shared_path
@@ -112,7 +116,7 @@ def _fsdd_subset(out_dir: Path, split: str, limit: int) -> Path:
     path = out_dir / "audio" / f"{split}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [r for r in fsdd_rows(path.parent, split, seed=0)
-            if r["positive"]["text"].split()[-1] in DIGITS_USED and r["negatives"][0]["text"].split()[-1] in DIGITS_USED]
+            if _digit(r["positive"]) in DIGITS_USED and _digit(r["negatives"][0]) in DIGITS_USED]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[:limit]))
     return path
 

@@ -66,7 +66,7 @@ class FusionConfig:
     lambda_: float = 1.0  # global scale (YAML key: lambda)
     lambda_groups: dict[str, float] = field(default_factory=dict)
     density: float = 1.0  # fraction of entries kept (TIES, DARE, Breadcrumbs)
-    trim_scope: str | None = None  # TIES top-k over each `tensor` or the whole `model`; None = paper: model, mergekit: tensor
+    trim_scope: str | None = None  # TIES top-k per `tensor` or over the `model`; None: paper model, mergekit tensor
     gamma: float = 0.01  # Breadcrumbs: fraction of top-|tau| outliers removed
     normalize: bool | None = None  # divide by sum of weights; None = the semantics' default for the method
     seed: int = 0

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import FusionConfig
-from .methods import fuse_tensor, majority_sign, memory_cost, model_trim_thresholds, recipe, reuses_rows
+from .methods import Recipe, fuse_tensor, majority_sign, memory_cost, model_trim_thresholds, recipe, reuses_rows
 from .plan import FusionPlan, build_plan, check_inputs_exist
 from .st_io import OutTensor, Reader, ShardWriter
 from .tensor_ctx import Contributor, TensorContext
@@ -105,7 +105,7 @@ def fuse(cfg: FusionConfig, on_tensor: Callable[[str], None] | None = None) -> d
                 "weight_map": {k: s for s, keys in plan.shard_keys.items() for k in keys},
             }
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        manifest = _manifest(cfg, plan, changed, time.perf_counter() - t_start)
+        manifest = _manifest(cfg, rc, plan, changed, time.perf_counter() - t_start)
         (tmp / "fusion_manifest.json").write_text(json.dumps(manifest, indent=1))
         src = cfg.base if cfg.files_from == "base" else next(m.path for m in cfg.models if m.name == cfg.files_from)
         manifest["files_copied"] = copy_side_files(Path(src), tmp)
@@ -152,7 +152,7 @@ def _publish(tmp: Path, out: Path) -> None:
         os.rename(tmp, out)
 
 
-def _execute(cfg: FusionConfig, plan: FusionPlan, rc, reader: Reader, writers: dict[str, ShardWriter],
+def _execute(cfg: FusionConfig, plan: FusionPlan, rc: Recipe, reader: Reader, writers: dict[str, ShardWriter],
              on_tensor: Callable[[str], None] | None) -> dict[str, set[str]]:
     """Run every tensor job; returns, per fused key, the specialists whose bytes differed from the base."""
     workers = cfg.workers or os.cpu_count() or 1
@@ -239,7 +239,7 @@ def _out(tp) -> OutTensor:
     return OutTensor(tp.key, tp.dtype, tp.shape)
 
 
-def _manifest(cfg: FusionConfig, plan: FusionPlan, changed: dict[str, set[str]], seconds: float) -> dict:
+def _manifest(cfg: FusionConfig, rc: Recipe, plan: FusionPlan, changed: dict[str, set[str]], seconds: float) -> dict:
     """Per-tensor account: policy, method, owners, needs_recovery (fusion.md §1, DESIGN.md stage R)."""
     tensors = {}
     for key, tp in plan.tensors.items():
@@ -267,7 +267,7 @@ def _manifest(cfg: FusionConfig, plan: FusionPlan, changed: dict[str, set[str]],
             "copied_from_owner": sorted(k for k, e in tensors.items() if e["policy"] == "copy_owner"),
             "dropped": sorted(k for k, e in tensors.items() if e["policy"] == "drop"),
             "seconds": round(seconds, 3),
-            "trim_scope": ("model" if recipe(cfg).model_trim else "tensor") if cfg.method == "ties" else None,
+            "trim_scope": ("model" if rc.model_trim else "tensor") if cfg.method == "ties" else None,
             "model_thresholds": plan.model_thresholds,
         },
         "tensors": tensors,

@@ -394,7 +394,8 @@ def multi_pass(cfg: FusionConfig, rc: Recipe) -> bool:
     """Whether the method reads every τ more than once (thresholds or DARE's L1 factor before the merge pass)."""
     if cfg.method in ("linear", "tsv_m", "iso_c"):
         return False
-    return (rc.sparsify == "magnitude" and cfg.density < 1.0 and not rc.model_trim) or (rc.sparsify == "band" and not rc.band_rowwise) \
+    per_tensor_threshold = rc.sparsify == "magnitude" and cfg.density < 1.0 and not rc.model_trim
+    return per_tensor_threshold or (rc.sparsify == "band" and not rc.band_rowwise) \
         or (rc.sparsify == "random" and rc.dare_rescale == "l1")
 
 
