@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -89,6 +90,11 @@ def bench_steps(model_dir: Path, train: Path, batch_size: int, steps: int, featu
                 "input_features": torch.cat([p["input_features"] for p in prepared]),
                 "audio_feature_lengths": torch.cat([p["audio_feature_lengths"] for p in prepared])}
 
+    def update(loss: torch.Tensor) -> None:
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
     def step_naive(step: int) -> None:
         rows = R.batch_indices(len(split.pairs), batch_size, step, 0)
         audio = model(**audio_batch_from_features(rows)).embeddings
@@ -99,31 +105,22 @@ def bench_steps(model_dir: Path, train: Path, batch_size: int, steps: int, featu
         uniq, inverse = torch.unique(positives, return_inverse=True)
         bank = torch.zeros(len(uniq), text_emb.shape[1])
         bank[inverse] = text_emb
-        loss = R.recovery_loss(audio, bank, inverse, torch.arange(len(uniq)), 0.02)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        update(R.recovery_loss(audio, bank, inverse, torch.arange(len(uniq)), 0.02))
 
-    def step_cached_text(step: int) -> None:
+    def step_against_text_bank(step: int, audio_batch: Callable[[list[int]], dict]) -> None:
+        """One recovery step against the cached text bank; the variants differ only in how audio is batched."""
         rows = R.batch_indices(len(split.pairs), batch_size, step, 0)
-        audio = model(**audio_batch_from_features(rows)).embeddings
+        audio = model(**audio_batch(rows)).embeddings
         positives = torch.tensor([split.partner_rows[i] for i in rows])
         cands = R.queue_candidates(positives, len(split.partner_bank), 4096, step, 0)
-        loss = R.recovery_loss(audio, split.partner_bank, positives, cands, 0.02)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        update(R.recovery_loss(audio, split.partner_bank, positives, cands, 0.02))
 
-    def step_recover(step: int) -> None:
-        rows = R.batch_indices(len(split.pairs), batch_size, step, 0)
-        batch = R.collate_clips(split.clips, [split.audio_rows[i] for i in rows], pad_id)
-        audio = model(**batch).embeddings
-        positives = torch.tensor([split.partner_rows[i] for i in rows])
-        cands = R.queue_candidates(positives, len(split.partner_bank), 4096, step, 0)
-        loss = R.recovery_loss(audio, split.partner_bank, positives, cands, 0.02)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    def step_cached_text(step: int) -> None:  # log-mel features in, Whisper re-run every step
+        step_against_text_bank(step, audio_batch_from_features)
+
+    def step_recover(step: int) -> None:  # cached Whisper frames in, as training.recover does
+        step_against_text_bank(
+            step, lambda rows: R.collate_clips(split.clips, [split.audio_rows[i] for i in rows], pad_id))
 
     variants = (("naive (re-encode text + Whisper)", step_naive, "in-batch unique texts"),
                 ("cached text, Whisper re-run", step_cached_text, "whole text bank"),

@@ -24,6 +24,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+from bench.procfs import status_kb  # noqa: E402
+
 SIZES = {"tiny": 64, "mid": 256}
 
 
@@ -38,14 +41,8 @@ def build_repo(size: str, root: Path) -> Path:
 
 
 def _status_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
+    kb = status_kb(field)
+    return None if kb is None else kb / 1024.0
 
 
 def reset_peak_rss() -> bool:

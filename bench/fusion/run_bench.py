@@ -29,6 +29,9 @@ from safetensors import safe_open
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.procfs import status_kb  # noqa: E402
 MK_VENV = Path("/work/mergekit-venv")
 SPECIALISTS = ("image", "video", "document", "audio")
 METHODS = {  # name: (our flags, mergekit parameters)
@@ -61,17 +64,6 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def _status_kb(pid: int, field: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def measure(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     """Run a command; wall seconds, peak RSS and peak anonymous RSS of its process tree (bytes)."""
     peak = {"rss": 0, "anon": 0}
@@ -86,8 +78,8 @@ def measure(cmd: list[str], log: Path, env: dict | None = None) -> dict:
                 pids = _tree(proc.pid)
                 # VmHWM: the kernel's own peak RSS of each process image (reset at exec, so unlike wait4's
                 # ru_maxrss it never inherits this benchmark process's RSS through fork)
-                peak["rss"] = max(peak["rss"], sum(_status_kb(p, "VmHWM") for p in pids) * 1024)
-                peak["anon"] = max(peak["anon"], sum(_status_kb(p, "RssAnon") for p in pids) * 1024)
+                peak["rss"] = max(peak["rss"], sum(status_kb("VmHWM", p) or 0 for p in pids) * 1024)
+                peak["anon"] = max(peak["anon"], sum(status_kb("RssAnon", p) or 0 for p in pids) * 1024)
                 stop.wait(0.05)
 
         th = threading.Thread(target=sample, daemon=True)
