@@ -27,8 +27,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training import hub_code  # noqa: E402
-from training.build_base import CHAT_TEMPLATE, TINY_PROCESSOR_LIMITS, build_tiny_repo, build_tiny_tokenizer  # noqa: E402
+from training.common import hub_code  # noqa: E402
+from training.base.build_base import CHAT_TEMPLATE, TINY_PROCESSOR_LIMITS, build_tiny_repo, build_tiny_tokenizer  # noqa: E402
 
 
 def make_inputs(modality: str, n: int, rng: np.random.Generator) -> list:
@@ -81,7 +81,7 @@ def mid_model(workdir: Path):
     from transformers import WhisperFeatureExtractor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from training.build_base import add_audio_token
+    from training.base.build_base import add_audio_token
 
     tokenizer = build_tiny_tokenizer()
     audio_id = add_audio_token(tokenizer)

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training import recover as R  # noqa: E402
+from training.recovery import recover as R  # noqa: E402
 
 SHARED_FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd" / "recordings"
 
@@ -150,7 +150,7 @@ def compare(base: Path, train: Path, dev: Path, work: Path, features: Path, spec
     """specialist (projector trained on the base) -> fused (LLM perturbed) -> recovered / realigned."""
     from safetensors.torch import load_file, save_file
 
-    from training import realign
+    from training.recovery import realign
 
     specialist = work / "specialist"
     t0 = time.perf_counter()
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(scratch)
         model_dir = args.model
         if model_dir is None:
-            from training.build_base import build_tiny_repo
+            from training.base.build_base import build_tiny_repo
 
             model_dir = build_tiny_repo(work / "tiny")
         train_takes = range(10, 14) if args.compare else range(10, 12)

@@ -5,7 +5,7 @@
 
 Each (size, mode) runs in its own subprocess so peak memory is its own: peak RSS growth over the loaded model on
 CPU, `torch.cuda.max_memory_allocated` on GPU. Data: real text pairs (Python docstring -> signature,
-training/toy_data.py). Model: a random Conan repo built by training.build_base (tiny = hidden 64, mid = hidden 256),
+training/data_sources/toy_data.py). Model: a random Conan repo built by training.build_base (tiny = hidden 64, mid = hidden 256),
 LoRA r=16 on every LLM linear layer, dropout 0.05. The GradCache overhead is reported as plain/GradCache samples/s.
 """
 
@@ -31,7 +31,7 @@ SIZES = {"tiny": 64, "mid": 256}
 
 
 def build_repo(size: str, root: Path) -> Path:
-    from training.build_base import TINY_PROCESSOR_LIMITS, assemble_base, write_tiny_upstream_checkpoints
+    from training.base.build_base import TINY_PROCESSOR_LIMITS, assemble_base, write_tiny_upstream_checkpoints
 
     out = root / f"conan-{size}"
     if not out.exists():
@@ -70,10 +70,10 @@ def worker(repo: str, mode: str, batch: int, chunk: int, steps: int) -> dict:
     import torch
     from accelerate import Accelerator
 
-    from training import hub_code
-    from training.data import ContrastiveCollator, parse_row
-    from training.engine import LossSettings, apply_lora, build_optimizer, train_step
-    from training.toy_data import text_rows
+    from training.common import hub_code
+    from training.contrastive.data import ContrastiveCollator, parse_row
+    from training.contrastive.trainer import LossSettings, apply_lora, build_optimizer, train_step
+    from training.data_sources.toy_data import text_rows
 
     torch.manual_seed(0)
     accelerator = Accelerator()

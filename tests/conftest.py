@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory) -> Path:
-    from training.build_base import build_tiny_repo
+    from training.base.build_base import build_tiny_repo
 
     return build_tiny_repo(tmp_path_factory.mktemp("conan") / "tiny")
 

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model_dir = Path(args.model) if args.model else Path(args.out)
     if not args.model and not (model_dir / "config.json").exists():
-        from training.build_base import build_tiny_repo
+        from training.base.build_base import build_tiny_repo
 
         build_tiny_repo(model_dir)
     model = SentenceTransformer(str(model_dir), trust_remote_code=True, device="cpu")

@@ -2,6 +2,6 @@
 format (docs/ARCHITECTURE.md), from sources that install from package registries (see ``install.py``).
 
 Entry point: :func:`training.data_sources.build.build_datasets` / ``python -m training.data_sources.build``.
-Splits follow ``training/splits.py``, the rule the offline proxy evaluation uses, so training never sees its test
+Splits follow ``training/common/splits.py``, the rule the offline proxy evaluation uses, so training never sees its test
 items.
 """

@@ -139,7 +139,7 @@ def build_datasets(out_dir: str | Path, preset: str | Preset = "smoke", modaliti
         manifest = {
             "format": "docs/ARCHITECTURE.md training JSONL: query/positive/negatives/source/instruction (+meta)",
             "preset": asdict(p), "seed": seed, "modalities": {}, "skipped_modalities": {},
-            "split_rule": "training/splits.py (the offline proxy evaluation uses only 'test' items)",
+            "split_rule": "training/common/splits.py (the offline proxy evaluation uses only 'test' items)",
             "install": {"apt": APT_COMMAND, "pip": PIP_COMMAND, "script": INSTALL["all"]},
             "command": f"python -m training.data_sources.build --out <this folder> --preset {p.name} "
                        f"--modalities {','.join(mods)} --seed {seed}",

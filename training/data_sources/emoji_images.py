@@ -7,7 +7,7 @@ Uses the proxy suite's loaders (``proxy_data.emoji_names`` for the unique single
 from __future__ import annotations
 
 from training.evaluation.proxy_data import emoji_names, render_emoji
-from training.splits import split_of
+from training.common.splits import split_of
 
 from .common import BuildContext, SourceInfo, make_pair, pick_negatives, take_with_pool
 from .install import INSTALL
@@ -17,7 +17,7 @@ INFO = SourceInfo(
     modality="image",
     licence="Noto Color Emoji images Apache-2.0 (font OFL-1.1); CLDR names via PyPI emoji (BSD)",
     obtained="Debian fonts-noto-color-emoji rendered with PIL at 109 px, resized; names from emoji.EMOJI_DATA",
-    split_rule='training.splits.split_of("emoji:<name>")',
+    split_rule='training.common.splits.split_of("emoji:<name>")',
     install=INSTALL["emoji"],
 )
 INSTRUCTION = "Retrieve the emoji that this name describes."

@@ -1,6 +1,6 @@
 """FSDD spoken digits (real speech): recording -> "the spoken digit seven", with speaker metadata for clustering.
 
-Split: ``training.splits.fsdd_split(take)`` (official test = takes 0-4), the rule the proxy evaluation uses.
+Split: ``training.common.splits.fsdd_split(take)`` (official test = takes 0-4), the rule the proxy evaluation uses.
 Reads the recordings with the proxy suite's loader (``training.evaluation.proxy_data.fsdd_clips``).
 """
 
@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from training.evaluation.proxy_data import DIGIT_NAMES, fsdd_clips
-from training.splits import fsdd_split
+from training.common.splits import fsdd_split
 
 from .common import BuildContext, SourceInfo, balanced_take, make_pair, pick_negatives
 from .install import INSTALL
@@ -20,7 +20,7 @@ INFO = SourceInfo(
     modality="audio",
     licence="CC BY-SA 4.0 (Jakobovski/free-spoken-digit-dataset @26eb9aa); keep attribution",
     obtained="../shared/data/fsdd/recordings (8 kHz WAVs copied byte for byte)",
-    split_rule="training.splits.fsdd_split(take): takes 0-4 test, 5-9 dev, 10-49 train",
+    split_rule="training.common.splits.fsdd_split(take): takes 0-4 test, 5-9 dev, 10-49 train",
     install=INSTALL["fsdd"],
 )
 INSTRUCTION = "Identify the digit spoken in the recording."

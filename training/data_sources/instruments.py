@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.splits import split_of
+from training.common.splits import split_of
 
 from .common import BuildContext, SourceInfo, SourceMissing, balanced_take, make_pair, pick_negatives
 from .install import INSTALL
@@ -57,7 +57,7 @@ INFO = SourceInfo(
     licence="Fluid R3 GM SoundFont MIT (Debian fluid-soundfont-gm); rendered with fluidsynth (LGPL-2.1+)",
     obtained=f"fluidsynth -ni -R 0 -C 0 -r {SAMPLE_RATE} {SOUNDFONT} <notes.mid>: one note per (program, register), "
              f"{NOTE_S} s held, cut into {SLOT_S} s clips",
-    split_rule='training.splits.split_of("gm:<program>:<midi note>")',
+    split_rule='training.common.splits.split_of("gm:<program>:<midi note>")',
     install=INSTALL["instruments"],
 )
 INSTRUCTION = "Identify the instrument and register of the note in the recording."

@@ -35,7 +35,7 @@ CIFAR_INFO = SourceInfo(
     licence="frames from CIFAR-10 (see cifar10-photos); motion is synthetic",
     obtained=f"{FRAMES} frames {SIZE}x{SIZE} of a PIL zoom/pan/rotation over one CIFAR-10 photo, MPEG-4 MP4 at "
              f"{FPS} fps (PyAV)",
-    split_rule="the photo's training.splits.cifar_split(index)",
+    split_rule="the photo's training.common.splits.cifar_split(index)",
     install=INSTALL["cifar10"] + "; " + INSTALL["video"],
 )
 EMOJI_INFO = SourceInfo(
@@ -44,7 +44,7 @@ EMOJI_INFO = SourceInfo(
     licence="frames from Noto Color Emoji (Apache-2.0); motion is synthetic",
     obtained=f"{FRAMES} frames {SIZE}x{SIZE} of a PIL zoom/pan/rotation over one rendered emoji, MPEG-4 MP4 at "
              f"{FPS} fps (PyAV)",
-    split_rule='the emoji\'s training.splits.split_of("emoji:<name>")',
+    split_rule='the emoji\'s training.common.splits.split_of("emoji:<name>")',
     install=INSTALL["emoji"] + "; " + INSTALL["video"],
 )
 

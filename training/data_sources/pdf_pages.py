@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.splits import split_of
+from training.common.splits import split_of
 
 from .common import BuildContext, SourceInfo, SourceMissing, make_pair, pick_negatives
 from .install import INSTALL
@@ -39,7 +39,7 @@ INFO = SourceInfo(
     obtained=f"pypdfium2 text layer (query) and greyscale page render at {RENDER_DPI} dpi (PNG) of evenly spaced "
              "pages, "
              "at most --max-pages per manual",
-    split_rule='training.splits.split_of("pdf:<file name>:<0-based page>")',
+    split_rule='training.common.splits.split_of("pdf:<file name>:<0-based page>")',
     install=INSTALL["pdf"],
 )
 INSTRUCTION = "Find the manual page that contains this text."

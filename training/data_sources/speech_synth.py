@@ -20,7 +20,7 @@ INFO = SourceInfo(
     modality="audio",
     licence="espeak-ng GPL-3+ (the generated audio is ours); text: WordNet 3.0 licence",
     obtained="Debian espeak-ng 1.51 (-s 160, 22.05 kHz WAV) speaking WordNet 3.0 noun definitions",
-    split_rule='training.splits.split_of("wordnet:n<synset offset>") (same as wordnet-definitions)',
+    split_rule='training.common.splits.split_of("wordnet:n<synset offset>") (same as wordnet-definitions)',
     install=INSTALL["espeak"],
 )
 INSTRUCTION = "Retrieve the recording in which this sentence is spoken."

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.splits import split_of
+from training.common.splits import split_of
 
 from .common import BuildContext, SourceInfo, SourceMissing, make_pair, pick_negatives, take_with_pool
 from .install import INSTALL
@@ -23,7 +23,7 @@ INFO = SourceInfo(
     modality="text",
     licence="WordNet 3.0 licence (Princeton; permissive, keep the copyright notice)",
     obtained="Debian wordnet-base: /usr/share/wordnet/index.noun + data.noun",
-    split_rule='training.splits.split_of("wordnet:n<synset offset>")',
+    split_rule='training.common.splits.split_of("wordnet:n<synset offset>")',
     install=INSTALL["wordnet"],
 )
 INSTRUCTION = "Given a definition, retrieve the word it defines."

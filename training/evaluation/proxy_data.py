@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from training.splits import cifar_split, split_of
+from training.common.splits import cifar_split, split_of
 
 FSDD_SPEAKERS = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
 DIGIT_NAMES = ("Zero", "One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine")

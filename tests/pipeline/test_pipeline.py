@@ -1,0 +1,76 @@
+"""The main job end to end on its smoke preset: every stage runs, the final repo loads and embeds every modality."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import shared_path
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    shared_path("data", "fsdd")
+    shared_path("data", "cifar10-test")
+    from training.pipeline.runner import PRESETS, STAGES, Pipeline
+
+    out = tmp_path_factory.mktemp("pipeline") / "smoke"
+    pipeline = Pipeline(out, PRESETS["smoke"], seed=0)
+    pipeline.preset_name, pipeline.command = "smoke", "python -m training.pipeline --preset smoke"
+    pipeline.run(list(STAGES))
+    return out
+
+
+def test_every_stage_finished_and_was_evaluated(smoke_run):
+    from training.pipeline.runner import MODALITIES, STAGES
+
+    for stage in STAGES:
+        assert (smoke_run / stage / "stage.json").exists(), stage
+    for stage in ("fuse", "recover", "rehearse"):
+        scores = json.loads((smoke_run / stage / "stage.json").read_text())["scores"]
+        assert set(scores) == set(MODALITIES)
+        assert all(0.0 <= v["hit@1"] <= 1.0 for v in scores.values())
+    manifest = json.loads((smoke_run / "fuse" / "model" / "fusion_manifest.json").read_text())
+    assert any(k.startswith("audio_projector.") for k in manifest["summary"]["needs_recovery"])
+    report = (smoke_run / "report" / "report.md").read_text()
+    assert "| fused |" in report and "Projector" in report
+
+
+def test_recovery_changed_only_the_projector(smoke_run):
+    from safetensors.torch import load_file
+
+    fused = load_file(smoke_run / "fuse" / "model" / "model.safetensors")
+    recovered = load_file(smoke_run / "recover" / "model" / "model.safetensors")
+    assert fused.keys() == recovered.keys()
+    changed = {k for k in fused if not (fused[k] == recovered[k]).all()}
+    assert all(k.startswith("audio_projector.") for k in changed)
+    report = json.loads((smoke_run / "recover" / "stage.json").read_text())["recovery"]
+    # Early stopping may keep the starting projector when no step beats it on dev; otherwise it must have moved.
+    assert bool(changed) == (report["best_step"] > 0), (report["best_step"], changed)
+
+
+def test_rerun_skips_finished_stages(smoke_run, capsys):
+    from training.pipeline.runner import PRESETS, STAGES, Pipeline
+
+    pipeline = Pipeline(smoke_run, PRESETS["smoke"], seed=0)
+    pipeline.preset_name, pipeline.command = "smoke", "rerun"
+    pipeline.run(list(STAGES[:-1]))
+    assert capsys.readouterr().out.count("skipped") == len(STAGES) - 1
+
+
+def test_final_model_loads_and_encodes_every_modality(smoke_run):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(smoke_run / "final-model"), trust_remote_code=True)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    audio = {"array": (rng.standard_normal(8000) * 0.1).astype(np.float32), "sampling_rate": 16000}
+    inputs = ["the spoken digit seven", image, {"document": image}, {"video": rng.integers(0, 255, (4, 32, 32, 3),
+                                                                                           dtype=np.uint8)},
+              {"audio": audio}, {"image": image, "text": "a photo"}]
+    vectors = model.encode(inputs)
+    assert vectors.shape == (len(inputs), model.get_embedding_dimension())
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)

@@ -1,0 +1,180 @@
+"""Balanced rehearsal (stage B): sampler proportions and coverage, the DDP projector guard, selection, resume."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from training.rehearsal import rehearse as B
+from training.contrastive.sampling import BalancedModalitySampler, modality_of_pair, target_proportions
+
+SIZES = {"photos": 10000, "charts": 2500, "speech": 400, "wiki": 900, "code": 100}
+GROUPS = {"photos": "image", "charts": "image", "speech": "audio", "wiki": "text", "code": "text"}
+
+
+def _sources() -> dict[str, list[int]]:
+    out, offset = {}, 0
+    for name, n in SIZES.items():
+        out[name] = list(range(offset, offset + n))
+        offset += n
+    return out
+
+
+def test_target_proportions_equal_per_group_sqrt_inside():
+    p = target_proportions(SIZES, GROUPS)
+    assert p["speech"] == pytest.approx(1 / 3)
+    assert p["photos"] == pytest.approx(1 / 3 * 100 / 150) and p["charts"] == pytest.approx(1 / 3 * 50 / 150)
+    assert p["wiki"] == pytest.approx(1 / 3 * 30 / 40) and p["code"] == pytest.approx(1 / 3 * 10 / 40)
+    with pytest.raises(ValueError, match="no modality group"):
+        target_proportions(SIZES, {"photos": "image"})
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_sampler_hits_target_proportions_within_2_percent(world_size):
+    sampler = BalancedModalitySampler(_sources(), GROUPS, batch_size=4, world_size=world_size, seed=3)
+    counts = collections.Counter()
+    steps = 10_000 // world_size
+    for step in range(steps):
+        counts.update(sampler.names[s] for s in sampler.sources_at(step))
+    total = steps * world_size
+    for name, target in sampler.mixture.items():
+        assert abs(counts[name] / total - target) <= 0.02, (name, counts[name] / total, target)
+
+
+def test_every_step_covers_every_group_when_world_size_allows():
+    sampler = BalancedModalitySampler(_sources(), GROUPS, batch_size=4, world_size=3, seed=0)
+    for step in range(300):
+        assert sorted(sampler.groups_at(step)) == ["audio", "image", "text"]
+    single = BalancedModalitySampler(_sources(), GROUPS, batch_size=4, world_size=1, seed=0)
+    for start in range(0, 300, 3):  # W=1: a shuffled round-robin, all groups in every 3 consecutive steps
+        assert sorted(g for s in range(start, start + 3) for g in single.groups_at(s)) == ["audio", "image", "text"]
+
+
+def test_micro_batches_are_single_source_and_ranks_never_share_rows():
+    sources = _sources()
+    owner = {i: name for name, rows in sources.items() for i in rows}
+    ranks = [BalancedModalitySampler(sources, GROUPS, batch_size=4, rank=r, world_size=2, seed=1, max_steps=50)
+             for r in range(2)]
+    for batches in zip(*(list(s) for s in ranks)):
+        assert all(len({owner[i] for i in b}) == 1 for b in batches)
+        assert not set(batches[0]) & set(batches[1])
+    resumed = BalancedModalitySampler(sources, GROUPS, batch_size=4, rank=1, world_size=2, seed=1, max_steps=50)
+    resumed.load_state_dict({"step": 20, "seed": 1, "names": resumed.names, "groups": resumed.groups})
+    assert list(resumed) == list(ranks[1])[20:]
+
+
+def test_pair_modality():
+    assert modality_of_pair({"audio": "a.wav"}, {"text": "x"}) == "audio"
+    assert modality_of_pair({"text": "q"}, {"image": "p.png", "text": "t"}) == "image"
+    assert modality_of_pair("q", {"text": "t"}) == "text"
+
+
+# ------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def rehearsal_data(tmp_path_factory) -> Path:
+    """Tiny synthetic sources of three groups (labelled synthetic): colour images, tones, word definitions."""
+    root = tmp_path_factory.mktemp("rehearse_data")
+    colours = ["red", "green", "blue", "yellow", "purple", "orange"]
+    rows = {"colours": [], "tones": [], "words": []}
+    for c in colours:
+        Image.new("RGB", (56, 56), c).save(root / f"{c}.png")
+        rows["colours"].append({"query": {"image": f"{c}.png"}, "positive": {"text": f"a plain {c} picture"},
+                                "source": "colours"})
+    for f in (220, 330, 440, 550, 660, 880):
+        t = np.arange(int(0.3 * 16000)) / 16000
+        sf.write(root / f"tone_{f}.wav", (0.3 * np.sin(2 * np.pi * f * t)).astype(np.float32), 16000)
+        rows["tones"].append({"query": {"audio": f"tone_{f}.wav"}, "positive": {"text": f"a tone of {f} hertz"},
+                              "source": "tones"})
+    for w, d in [("cat", "a small feline"), ("dog", "a loyal canine"), ("sun", "the star of our system"),
+                 ("sea", "a large body of salt water"), ("tree", "a tall woody plant"), ("rain", "water falling")]:
+        rows["words"].append({"query": {"text": w}, "positive": {"text": d}, "source": "words"})
+    for name, items in rows.items():
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+        (root / f"{name}_dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items[:2]))
+    return root
+
+
+def _config(tiny_repo: Path, data: Path, out: Path) -> B.RehearsalConfig:
+    return B.load_config(None, raw={
+        "model": str(tiny_repo), "output": str(out), "seed": 0,
+        "data": {"train": [str(data / f"{n}.jsonl") for n in ("colours", "tones", "words")],
+                 "dev": {"image": str(data / "colours_dev.jsonl"), "audio": str(data / "tones_dev.jsonl"),
+                         "text": str(data / "words_dev.jsonl")}},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+        "loss": {"temperature": 0.05, "symmetric": True},
+        "train": {"per_device_batch_size": 3, "chunk_size": 0, "max_steps": 4, "lr": 1e-3, "save_every": 1,
+                  "log_every": 1, "mixed_precision": "no"},
+        "eval_every": 2, "specialists": {"audio": str(tiny_repo)}, "specialist_scores": {"image": 0.5, "text": 0.5},
+    })
+
+
+def test_rehearsal_resume_selection_and_output(tiny_repo, rehearsal_data, tmp_path):
+    straight = B.rehearse(_config(tiny_repo, rehearsal_data, tmp_path / "straight"))
+    assert straight["groups"] == {"colours": "image", "tones": "audio", "words": "text"}
+    assert straight["config"]["train"]["lr_projector"] == pytest.approx(1e-4)  # 0.1 x the LoRA LR
+    evals = straight["selection"]["evals"]
+    assert set(evals) == {"0", "2", "4"}
+    refs = straight["selection"]["references"]
+    assert refs["origin"] == {"image": "given", "text": "given", "audio": str(tiny_repo)}
+    best = straight["selection"]["best"]
+    assert best["worst_retention"] == max(evals[s]["worst_retention"] for s in ("2", "4"))
+    for e in evals.values():
+        assert e["worst_retention"] == min(e["retention"].values())
+    assert straight["selected_step"] == best["step"]
+
+    cfg = _config(tiny_repo, rehearsal_data, tmp_path / "resumed")
+    partial = B.rehearse(cfg, stop_after=3)  # killed between two evaluations
+    assert partial["output"] is None and partial["steps"] == 3
+    resumed = B.rehearse(cfg)
+    assert resumed["steps"] == 4 and resumed["selection"]["evals"].keys() == evals.keys()
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+    base = load_file(tiny_repo / "model.safetensors")
+    changed = {k for k in base if not torch.equal(base[k], a[k])}
+    assert any(k.startswith("backbone.language_model.layers.") for k in changed)
+    assert not any(k.startswith(("audio_encoder.", "backbone.visual.")) for k in changed), "frozen towers moved"
+    record = json.loads((tmp_path / "straight" / "projector_calibration.json").read_text())
+    assert json.loads((tmp_path / "straight" / "config.json").read_text())["projector_calibration_hash"] == \
+        record["backbone_fingerprint"]
+
+
+def test_dummy_pass_gives_the_projector_a_gradient_on_text_only_batches(tiny_repo):
+    """The DDP guard: a text-only micro-batch still touches every trainable projector parameter (with 0)."""
+    from training.contrastive.trainer import apply_lora, zero_touch
+    from training.common import hub_code
+
+    model = apply_lora(hub_code.ConanModel.from_pretrained(tiny_repo, dtype=torch.float32), 4, 8, 0.0,
+                       train_audio_projector=True)
+    processor = hub_code.ConanProcessor.from_pretrained(tiny_repo, trust_remote_code=True)
+    projector = [p for n, p in model.named_parameters() if p.requires_grad and "audio_projector" in n]
+    assert projector
+    loss = model(**processor.prepare(["only text here", "and more text"])).embeddings.sum()
+    (loss + zero_touch(projector)()).backward()
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in projector)
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown modality group"):
+        B.load_config(None, raw={"model": "m", "output": "o", "data": {"train": ["x"], "dev": {"speech": "d"}}})
+    with pytest.raises(ValueError, match="missing required key 'data'"):
+        B.load_config(None, raw={"model": "m", "output": "o"})
+
+
+def test_shipped_rehearsal_configs_parse():
+    from training.common import hub_code
+
+    for path in sorted((hub_code.REPO_ROOT / "training" / "configs").glob("rehearse_*.yaml")):
+        cfg = B.load_config(path)
+        assert cfg.train.lr_projector == pytest.approx(cfg.projector_lr_scale * cfg.train.lr), path
+        assert set(cfg.data.dev) <= set(cfg.specialists) | set(cfg.specialist_scores), path

@@ -1,0 +1,150 @@
+"""Balanced multi-modal sampling for rehearsal (stage B; notes/training.md §3).
+
+Mass is split equally across modality groups (image / video / document / audio / text), then inside a group each
+source gets p ∝ n^alpha (alpha = 0.5 by default), so large image sets cannot starve audio. Every device micro-batch
+holds one source (homogeneous batches). Group assignment is stratified over the stream of (step, rank) slots:
+
+- world size W >= G groups: every step's W slots start with a fresh random permutation of all groups (then another,
+  truncated), so every optimizer step covers every group (Conan's Cross-GPU Batch Balance);
+- W < G: consecutive slots walk through random permutations of the groups, i.e. a shuffled round-robin across
+  steps: every ceil(G/W) steps cover every group.
+
+Each group's marginal frequency is exactly 1/G per slot position, so proportions converge fast. The sampler is a
+pure function of (seed, step): resuming needs only `step` (`state_dict`), like `training.data.SourceMixtureSampler`,
+whose interface it shares (usable as a DataLoader `batch_sampler` and by `training.engine.run_loop`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from training.contrastive.data import StepResumableSampler
+
+MODALITY_GROUPS = ("image", "video", "document", "audio", "text")
+
+
+def modality_of_item(item: Any) -> str:
+    """The modality group an input belongs to (audio > video > document > image > text for mixtures)."""
+    if isinstance(item, str):
+        return "text"
+    if not isinstance(item, dict):
+        raise TypeError(f"expected a str or dict input, got {type(item).__name__}")
+    for key in ("audio", "video", "document", "image"):
+        if item.get(key) is not None:
+            return key
+    return "text"
+
+
+def modality_of_pair(query: Any, positive: Any) -> str:
+    """A pair's group: its most specific modality on either side (an audio<->text pair rehearses audio)."""
+    order = ("audio", "video", "document", "image", "text")
+    found = {modality_of_item(query), modality_of_item(positive)}
+    return next(m for m in order if m in found)
+
+
+def target_proportions(
+    source_sizes: dict[str, int], source_groups: dict[str, str], alpha: float = 0.5,
+) -> dict[str, float]:
+    """Per-source probability: 1/G per group, inside a group ∝ n^alpha."""
+    missing = sorted(set(source_sizes) - set(source_groups))
+    if missing:
+        raise ValueError(f"sources {missing} have no modality group; give them one (groups: {{source: group}}).")
+    groups: dict[str, list[str]] = {}
+    for name in sorted(source_sizes):
+        if source_sizes[name] <= 0:
+            raise ValueError(f"source {name!r} is empty; drop it from the rehearsal data.")
+        groups.setdefault(source_groups[name], []).append(name)
+    out = {}
+    for members in groups.values():
+        mass = np.array([source_sizes[m] ** alpha for m in members], dtype=np.float64)
+        for m, p in zip(members, mass / mass.sum()):
+            out[m] = float(p) / len(groups)
+    return out
+
+
+class BalancedModalitySampler(StepResumableSampler):
+    """Per-(step, rank) source choice with equal group mass and stratified group coverage; yields row indices."""
+
+    def __init__(
+        self,
+        sources: dict[str, Sequence[int]],
+        source_groups: dict[str, str],
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        alpha: float = 0.5,
+        max_steps: int | None = None,
+    ):
+        if not sources:
+            raise ValueError("BalancedModalitySampler needs at least one source")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.names = sorted(sources)
+        self.indices = [np.asarray(sources[n], dtype=np.int64) for n in self.names]
+        for name, idx in zip(self.names, self.indices):
+            if len(idx) < batch_size:
+                raise ValueError(f"source {name!r} has {len(idx)} rows but a micro-batch takes {batch_size}; lower "
+                                 "per_device_batch_size or drop the source")
+        self.proportions = target_proportions({n: len(i) for n, i in zip(self.names, self.indices)},
+                                              source_groups, alpha)
+        self.groups = sorted({source_groups[n] for n in self.names})
+        self.members = {g: [i for i, n in enumerate(self.names) if source_groups[n] == g] for g in self.groups}
+        self.within = {g: np.array([self.proportions[self.names[i]] for i in m]) * len(self.groups)
+                       for g, m in self.members.items()}
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.alpha, self.max_steps = seed, alpha, max_steps
+        self.step = 0
+
+    @property
+    def mixture(self) -> dict[str, float]:
+        return dict(self.proportions)
+
+    def groups_at(self, step: int) -> list[str]:
+        """The group of each rank at `step` (see the module doc for the stratification)."""
+        g, w = len(self.groups), self.world_size
+        if w >= g:
+            rng = np.random.default_rng([self.seed, 7, step])
+            order = np.concatenate([rng.permutation(g) for _ in range(-(-w // g))])[:w]
+            return [self.groups[i] for i in order]
+        out = []
+        for slot in range(step * w, step * w + w):
+            block, pos = divmod(slot, g)
+            out.append(self.groups[np.random.default_rng([self.seed, 11, block]).permutation(g)[pos]])
+        return out
+
+    def sources_at(self, step: int) -> list[int]:
+        """Source index of each rank at `step`: the rank's group, then p ∝ n^alpha inside it."""
+        picks = []
+        for rank, group in enumerate(self.groups_at(step)):
+            rng = np.random.default_rng([self.seed, 13, step, rank])
+            picks.append(int(rng.choice(self.members[group], p=self.within[group])))
+        return picks
+
+    def _take(self, cursors: list[list[int]], source: int) -> np.ndarray:
+        epoch, cursor = cursors[source]
+        n = len(self.indices[source])
+        if cursor + self.batch_size > n:
+            epoch, cursor = epoch + 1, 0
+        order = np.random.default_rng([self.seed, 17, source, epoch]).permutation(n)
+        cursors[source] = [epoch, cursor + self.batch_size]
+        return self.indices[source][order[cursor : cursor + self.batch_size]]
+
+    def iter_from(self, start_step: int) -> Iterator[list[int]]:
+        """This rank's micro-batches from `start_step` on; earlier steps only advance the per-source cursors."""
+        cursors = [[0, 0] for _ in self.names]
+        step = 0
+        while self.max_steps is None or step < self.max_steps:
+            per_rank = [self._take(cursors, s) for s in self.sources_at(step)]  # ranks never share rows
+            if step >= start_step:
+                yield [int(i) for i in per_rank[self.rank]]
+            step += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "groups": self.groups}
+
+
+__all__ = ["BalancedModalitySampler", "MODALITY_GROUPS", "modality_of_item", "modality_of_pair", "target_proportions"]

@@ -1,0 +1,327 @@
+"""accelerate-based training pieces shared by the specialist, rehearsal and recovery stages.
+
+Freezing + LoRA (peft) on the backbone LLM, optimizer parameter groups, warmup schedules, one contrastive train
+step (plain or GradCache, cross-device negatives), atomic `save_state` checkpoints with exact resume (model,
+optimizer, scheduler, RNG and the data sampler's step), and the loop that logs loss and in-batch accuracy.
+The same code runs on CPU (1 or N gloo processes), DDP, FSDP2 and DeepSpeed via `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.contrastive.data import ContrastiveBatch
+from training.contrastive.gradcache import cached_step, plain_step
+from training.contrastive.loss import LossOutput, info_nce
+
+logger = logging.getLogger(__name__)
+
+LLM_PREFIX = "backbone.language_model"
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CHECKPOINT_PREFIX = "step_"
+
+
+# ---------------------------------------------------------------------------------------------- model set-up
+def lora_target_regex(targets: Sequence[str], prefix: str = LLM_PREFIX) -> str:
+    """A peft `target_modules` regex restricted to the LLM layers (never the vision tower or the audio encoder)."""
+    if not targets:
+        raise ValueError("LoRA needs at least one target module name (e.g. q_proj)")
+    names = "|".join(re.escape(t) for t in targets)
+    return rf"{re.escape(prefix)}\.layers\.\d+\..*\b({names})"
+
+
+def apply_lora(
+    model: nn.Module,
+    r: int,
+    alpha: float,
+    dropout: float,
+    targets: Sequence[str] = DEFAULT_LORA_TARGETS,
+    train_audio_projector: bool = False,
+) -> nn.Module:
+    """Freeze everything, add LoRA to the LLM's linear layers; the audio projector optionally trains in full.
+
+    The projector goes through peft `modules_to_save`, so the adapter folder holds its trained weights too (fusion
+    reads both, training/fusion/lora.py).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_regex(targets), bias="none",
+        modules_to_save=["audio_projector"] if train_audio_projector else None,
+    )
+    peft_model = get_peft_model(model, config)
+    matched = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A")]
+    if not matched:
+        raise ValueError(f"LoRA targets {list(targets)} matched no linear layer under {LLM_PREFIX}")
+    return peft_model
+
+
+def set_frozen_modules_eval(model: nn.Module) -> None:
+    """Frozen towers stay in eval mode (no dropout) while LoRA and the projector train."""
+    base = unwrap_conan(model)
+    base.backbone.visual.eval()
+    base.audio_encoder.eval()
+
+
+def unwrap_conan(model: nn.Module) -> nn.Module:
+    """The ConanModel inside DDP/FSDP/peft wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, int]:
+    """Counts of trainable / total parameters (logged and written to the manifest)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": total}
+
+
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float = 0.0, lr_projector: float | None = None,
+    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters only: a LoRA group and an audio-projector group (own LR)."""
+    lora, projector = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (projector if "audio_projector" in name else lora).append(param)
+    if not lora and not projector:
+        raise ValueError("the model has no trainable parameters; check the LoRA / projector settings")
+    groups = []
+    if lora:
+        groups.append({"params": lora, "lr": lr, "weight_decay": weight_decay, "name": "lora"})
+    if projector:
+        groups.append({"params": projector, "lr": lr_projector or lr, "weight_decay": 0.0, "name": "projector"})
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int) -> Any:
+    """Linear / cosine / constant decay after linear warmup (transformers' schedulers)."""
+    from transformers import get_scheduler
+
+    allowed = ("linear", "cosine", "constant_with_warmup")
+    if name not in allowed:
+        raise ValueError(f"schedule must be one of {allowed}, got {name!r}")
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+# ------------------------------------------------------------------------------------------------- one step
+@dataclass
+class LossSettings:
+    temperature: float = 0.02
+    symmetric: bool = False
+    cross_device: bool = True
+
+
+def encoder_of(model: nn.Module) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """chunk -> L2-normalised embeddings through the (wrapped) model, so DDP/FSDP hooks run."""
+    return lambda chunk: model(**chunk).embeddings
+
+
+def loss_for(batch: ContrastiveBatch, settings: LossSettings) -> Callable[[torch.Tensor, torch.Tensor], LossOutput]:
+    """(queries, positives+negatives) -> LossOutput for this batch's keys."""
+    n = batch.num_queries
+
+    def loss_fn(queries: torch.Tensor, targets: torch.Tensor) -> LossOutput:
+        return info_nce(
+            queries, targets[:n], targets[n:], positive_keys=batch.positive_keys,
+            negative_keys=batch.negative_keys, query_keys=batch.query_keys, temperature=settings.temperature,
+            symmetric=settings.symmetric, cross_device=settings.cross_device,
+        )
+
+    return loss_fn
+
+
+def zero_touch(params: Sequence[nn.Parameter]) -> Callable[[], torch.Tensor] | None:
+    """0 * sum(params): makes DDP see every trainable parameter used even when a batch skips a module (e.g. the
+    audio projector on a text-only chunk; notes/training.md §3 "dummy pass")."""
+    if not params:
+        return None
+    return lambda: sum(p.sum() for p in params) * 0.0
+
+
+def train_step(
+    accelerator: Any,
+    model: nn.Module,
+    batch: ContrastiveBatch,
+    settings: LossSettings,
+    gradcache: bool,
+    touch: Sequence[nn.Parameter] = (),
+) -> LossOutput:
+    """Forward + backward of one contrastive micro-batch (no optimizer step)."""
+    encode = encoder_of(model)
+    extra = zero_touch(touch)
+    if gradcache:
+        return cached_step(
+            encode, batch.query_chunks, batch.target_chunks, loss_for(batch, settings),
+            backward=accelerator.backward, no_sync=lambda: accelerator.no_sync(model), extra_loss=extra,
+        )
+    return plain_step(encode, batch.query_chunks, batch.target_chunks, loss_for(batch, settings),
+                      backward=accelerator.backward, extra_loss=extra)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+class TrainState:
+    """Step counter saved with `accelerator.save_state` (register_for_checkpointing needs state_dict)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+
+
+def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
+    """Completed checkpoints under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def save_checkpoint(accelerator: Any, root: str | os.PathLike, step: int, keep: int = 0) -> Path:
+    """`save_state` into a temp folder, then one rename by the main process; prune to the newest `keep`."""
+    root = Path(root)
+    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
+    tmp = root / f".{final.name}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep > 0:
+            for old in checkpoint_dirs(root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume(resume: str | None, root: str | os.PathLike) -> Path | None:
+    """`None`/"never" -> fresh; "auto" -> newest checkpoint under root if any; else an explicit folder."""
+    if resume in (None, "", "never", False):
+        return None
+    if resume == "auto":
+        found = checkpoint_dirs(root)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"resume checkpoint {path} does not exist")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- the loop
+@dataclass
+class LoopSettings:
+    max_steps: int
+    gradcache: bool = True
+    max_grad_norm: float = 1.0
+    log_every: int = 10
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    checkpoint_dir: str | None = None
+    stop_after: int | None = None  # stop (as if interrupted) after this step; for tests and time-boxed jobs
+
+
+def run_loop(
+    accelerator: Any,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    batches: Iterable[ContrastiveBatch],
+    state: TrainState,
+    loss_settings: LossSettings,
+    loop: LoopSettings,
+    sampler: Any = None,
+    touch: Sequence[nn.Parameter] = (),
+) -> list[dict[str, float]]:
+    """Optimizer steps from `state.step` to `loop.max_steps`; returns the logged metrics (also in metrics.jsonl)."""
+    from tqdm.auto import tqdm
+
+    history: list[dict[str, float]] = []
+    metrics_path = Path(loop.checkpoint_dir) / "metrics.jsonl" if loop.checkpoint_dir else None
+    bar = tqdm(total=loop.max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
+               desc="train", dynamic_ncols=True)
+    iterator = iter(batches)
+    window: list[LossOutput] = []
+    t0, samples = time.perf_counter(), 0
+    model.train()
+    set_frozen_modules_eval(model)
+    while state.step < loop.max_steps:
+        batch = next(iterator).to(accelerator.device)
+        out = train_step(accelerator, model, batch, loss_settings, loop.gradcache, touch)
+        grad_norm = None
+        if loop.max_grad_norm and loop.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                    loop.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        if sampler is not None:
+            sampler.step = state.step
+        window.append(out)
+        samples += out.num_queries
+        bar.update(1)
+        if not math.isfinite(float(out.value)):
+            raise FloatingPointError(f"loss is {float(out.value)} at step {state.step}; lower the LR or check data")
+        if state.step % max(loop.log_every, 1) == 0 or state.step == loop.max_steps:
+            record = {
+                "step": state.step,
+                "loss": float(torch.stack([o.value for o in window]).mean()),
+                "accuracy": float(torch.stack([o.accuracy for o in window]).mean()),
+                "lr": float(scheduler.get_last_lr()[0]),
+                "samples_per_s": samples / max(time.perf_counter() - t0, 1e-9),
+                "candidates": window[-1].num_candidates,
+            }
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
+            if accelerator.is_main_process and metrics_path is not None:
+                metrics_path.parent.mkdir(parents=True, exist_ok=True)
+                with metrics_path.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            window, t0, samples = [], time.perf_counter(), 0
+        if loop.checkpoint_dir and loop.save_every and state.step % loop.save_every == 0:
+            save_checkpoint(accelerator, loop.checkpoint_dir, state.step, loop.keep_checkpoints)
+        if loop.stop_after is not None and state.step >= loop.stop_after:
+            break
+    bar.close()
+    return history
+
+
+__all__ = [
+    "DEFAULT_LORA_TARGETS", "LossSettings", "LoopSettings", "TrainState", "apply_lora", "build_optimizer",
+    "build_scheduler", "checkpoint_dirs", "encoder_of", "lora_target_regex", "resolve_resume", "run_loop",
+    "save_checkpoint", "set_frozen_modules_eval", "train_step", "trainable_parameters", "unwrap_conan",
+]

@@ -1,0 +1,1 @@
+"""Orchestration only: run the stages in order (`runner`) and write the report (`report`)."""

@@ -1,0 +1,303 @@
+"""The end-to-end job: decouple -> fuse -> recover on a small Conan model, on real data, with a report.
+
+    python -m training.pipeline --preset small     # the README's main job (<= 20 min on 2 CPU cores)
+    python -m training.pipeline --preset smoke     # CI-sized (<= 3 min)
+
+Stages (each writes `OUT/<stage>/` and a `stage.json`; a rerun skips finished stages, `--force` redoes them):
+  data        real train/dev/test pairs per modality (training/data_sources; splits never overlap)
+  base        small base from real parts (Whisper tiny.en encoder, real Qwen2 tokenizer) + text semantics
+              distilled from all-MiniLM-L6-v2
+  specialists one contrastive LoRA specialist per modality (text anchor, image, video, document, audio)
+  fuse        Decoupled Specialist Fusion (task arithmetic); audio projector copied from the audio specialist
+  drift       Projector Drift diagnosis: the audio specialist vs the fused model
+  recover     Projector Recovery: the audio projector alone, backbone frozen
+  rehearse    balanced multi-modal rehearsal (LoRA on the fused backbone + projector at a lower LR)
+  report      report.md + PNG plots: per-modality scores after every stage
+Every stage is evaluated on the held-out test pairs (training/evaluation/stage_eval.py: an offline proxy, not MMEB/MAEB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from training.common.io_utils import write_json_atomic
+
+logger = logging.getLogger("training.pipeline")
+MODALITIES = ("text", "image", "video", "document", "audio")
+STAGES = ("data", "base", "specialists", "fuse", "drift", "recover", "rehearse", "report")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything that differs between the CI-sized run and the README's small run."""
+
+    data: str
+    backbone: str
+    distill_steps: int
+    specialist_steps: int
+    batch_size: int
+    recover_steps: int
+    rehearse_steps: int
+    eval_limit: int | None
+    lora_r: int = 8
+    fusion_lambda: float = 1.0
+
+
+PRESETS = {
+    "smoke": Preset(data="smoke", backbone="smoke", distill_steps=30, specialist_steps=12, batch_size=8,
+                    recover_steps=20, rehearse_steps=10, eval_limit=8),
+    "small": Preset(data="small", backbone="small", distill_steps=300, specialist_steps=150, batch_size=16,
+                    recover_steps=150, rehearse_steps=60, eval_limit=None, lora_r=16),
+}
+
+
+class Pipeline:
+    """Runs the stages in order; each stage's result is `OUT/<stage>/stage.json` (present = finished)."""
+
+    def __init__(self, out: Path, preset: Preset, seed: int = 0, force: set[str] | None = None):
+        self.out, self.preset, self.seed, self.force = out, preset, seed, force or set()
+        self.audio_cache = out / "cache" / "audio_frames"
+
+    # ---------------------------------------------------------------------------------------------- plumbing
+    def stage_dir(self, stage: str) -> Path:
+        return self.out / stage
+
+    def run_stage(self, stage: str, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+        marker = self.stage_dir(stage) / "stage.json"
+        if marker.exists() and stage not in self.force and "all" not in self.force:
+            result = json.loads(marker.read_text())
+            print(f"[{stage}] done earlier ({result.get('seconds', 0):.0f} s) - skipped; --force {stage} redoes it")
+            return result
+        if self.stage_dir(stage).exists():
+            shutil.rmtree(self.stage_dir(stage))
+        self.stage_dir(stage).mkdir(parents=True)
+        start = time.perf_counter()
+        result = fn(self.stage_dir(stage))
+        result["seconds"] = time.perf_counter() - start
+        write_json_atomic(marker, result)
+        print(f"[{stage}] finished in {result['seconds']:.0f} s: {summary_line(result)}", flush=True)
+        return result
+
+    def evaluate(self, model_dir: Path) -> dict[str, Any]:
+        from training.evaluation.stage_eval import evaluate_model
+
+        return evaluate_model(model_dir, self.data_dir, limit=self.preset.eval_limit, audio_cache_dir=self.audio_cache)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.stage_dir("data") / "pairs"
+
+    # ------------------------------------------------------------------------------------------------ stages
+    def stage_data(self, out: Path) -> dict[str, Any]:
+        from training.data_sources.build import build_datasets
+
+        manifest = build_datasets(out / "pairs", preset=self.preset.data, modalities=list(MODALITIES), seed=self.seed)
+        counts = {m: manifest["modalities"][m]["counts"] for m in manifest.get("modalities", {})}
+        missing = [m for m in MODALITIES if not (out / "pairs" / m / "train.jsonl").exists()]
+        if missing:
+            raise RuntimeError(f"no training data could be built for {missing}; see {out / 'pairs' / 'manifest.json'}")
+        return {"counts": counts}
+
+    def stage_base(self, out: Path) -> dict[str, Any]:
+        from training.base.distill_text import distill_text
+        from training.base.small_base import build_small_base
+
+        raw = build_small_base(out / "undistilled", size=self.preset.backbone, seed=self.seed)
+        texts, instructions = training_texts(self.data_dir)
+        log = distill_text(raw, texts, out / "model", steps=self.preset.distill_steps,
+                           batch_size=min(32, len(texts)), seed=self.seed, instructions=[None, *instructions])
+        shutil.rmtree(raw)
+        return {"model": str(out / "model"), "distill": log,
+                "scores": {"base": self.evaluate(out / "model")}}
+
+    def stage_specialists(self, out: Path) -> dict[str, Any]:
+        from training.specialist import decouple as specialist
+
+        base = self.stage_dir("base") / "model"
+        results = {}
+        for modality in MODALITIES:
+            cfg = specialist.SpecialistConfig(
+                name=f"specialist-{modality}", modality=modality, base=str(base), output=str(out / modality),
+                data=specialist.DataConfig(train=[str(self.data_dir / modality / "train.jsonl")], on_error="skip"),
+                lora=specialist.LoraSettings(r=self.preset.lora_r, alpha=2.0 * self.preset.lora_r, dropout=0.0),
+                train=specialist.TrainConfig(per_device_batch_size=self.preset.batch_size,
+                                             max_steps=self.preset.specialist_steps, lr=2e-3, lr_projector=1e-3,
+                                             warmup_steps=5, log_every=10),
+                loss={"temperature": 0.05, "num_negatives": 1}, train_audio_projector=modality == "audio",
+                checkpoint_dir=str(out / f".{modality}-checkpoints"), seed=self.seed,
+                audio_cache_dir=str(self.audio_cache),
+            )
+            manifest = specialist.train(cfg, resume="never")
+            shutil.rmtree(out / f".{modality}-checkpoints", ignore_errors=True)
+            history = manifest["history"]
+            results[modality] = {
+                "steps": manifest["steps"], "first": history[0] if history else None,
+                "last": history[-1] if history else None,
+                "scores": self.evaluate(out / modality),
+            }
+        return results
+
+    def stage_fuse(self, out: Path) -> dict[str, Any]:
+        from training.fusion.config import FusionConfig, ModelSpec
+        from training.fusion.engine import fuse
+
+        specialists = self.stage_dir("specialists")
+        cfg = FusionConfig(
+            base=self.stage_dir("base") / "model", output=out / "model", method="task_arithmetic",
+            lambda_=self.preset.fusion_lambda,
+            models=[ModelSpec(path=specialists / m, name=m) for m in MODALITIES], progress=False,
+        )
+        manifest = fuse(cfg)
+        flagged = sorted({k for k, v in manifest.get("tensors", {}).items() if v.get("needs_recovery")})
+        return {"model": str(out / "model"), "needs_recovery": flagged,
+                "scores": self.evaluate(out / "model")}
+
+    def stage_drift(self, out: Path) -> dict[str, Any]:
+        from training.recovery.drift import drift_report, format_table
+
+        report = drift_report(
+            self.stage_dir("specialists") / "audio", self.stage_dir("fuse") / "model",
+            self.data_dir / "audio" / "test.jsonl", max_pairs=self.preset.eval_limit or 80,
+            feature_cache_dir=self.audio_cache, progress=False,
+        )
+        write_json_atomic(out / "drift.json", report)
+        (out / "drift.md").write_text(format_table(report) + "\n")
+        print(format_table(report))
+        return {"report": str(out / "drift.json"), "table": format_table(report)}
+
+    def stage_recover(self, out: Path) -> dict[str, Any]:
+        from training.recovery import realign
+        from training.recovery.recover import RecoverConfig, recover
+
+        fused = self.stage_dir("fuse") / "model"
+        specialist_dir = self.stage_dir("specialists") / "audio"
+        audio = self.data_dir / "audio"
+        cfg = RecoverConfig(
+            model=str(fused), output=str(out / "model"), train_data=str(audio / "train.jsonl"),
+            dev_data=str(audio / "dev.jsonl"), specialist=str(specialist_dir), lr=1e-3,
+            max_steps=self.preset.recover_steps, batch_size=self.preset.batch_size * 2, temperature=0.05,
+            eval_every=max(10, self.preset.recover_steps // 5), feature_cache_dir=str(self.audio_cache),
+            seed=self.seed, progress=False,
+        )
+        report = recover(cfg)
+        # The training-free alternative, measured next to it (not used downstream).
+        realigned = realign.run(specialist_dir, fused, audio / "train.jsonl", output=out / "realigned",
+                                dev_data=audio / "dev.jsonl", max_pairs=self.preset.eval_limit or 80,
+                                feature_cache_dir=self.audio_cache, progress=False)
+        return {
+            "model": str(out / "model"), "recovery": _compact(report), "realign": _compact(realigned),
+            "scores": self.evaluate(out / "model"),
+            "scores_realigned": self.evaluate(out / "realigned"),
+        }
+
+    def stage_rehearse(self, out: Path) -> dict[str, Any]:
+        from training.rehearsal import rehearse
+        from training.specialist import decouple as specialist
+
+        cfg = rehearse.RehearsalConfig(
+            model=str(self.stage_dir("recover") / "model"), output=str(out / "model"),
+            data=rehearse.RehearsalData(
+                train=[str(self.data_dir / m / "train.jsonl") for m in MODALITIES],
+                dev={m: str(self.data_dir / m / "dev.jsonl") for m in MODALITIES}, on_error="skip",
+                max_dev_pairs=self.preset.eval_limit or 40,
+            ),
+            lora=specialist.LoraSettings(r=self.preset.lora_r, alpha=2.0 * self.preset.lora_r, dropout=0.0),
+            train=specialist.TrainConfig(per_device_batch_size=self.preset.batch_size,
+                                         max_steps=self.preset.rehearse_steps, lr=3e-4, log_every=10),
+            loss={"temperature": 0.05, "num_negatives": 1},
+            specialists={m: str(self.stage_dir("specialists") / m) for m in MODALITIES},
+            checkpoint_dir=str(out / ".checkpoints"), seed=self.seed,
+        )
+        report = rehearse.rehearse(cfg, resume="never")
+        shutil.rmtree(out / ".checkpoints", ignore_errors=True)
+        return {"model": str(out / "model"), "rehearsal": _compact(report),
+                "scores": self.evaluate(out / "model")}
+
+    def stage_report(self, out: Path) -> dict[str, Any]:
+        from training.pipeline.report import write_report
+
+        stages = {s: json.loads((self.stage_dir(s) / "stage.json").read_text()) for s in STAGES[:-1]}
+        run_file = self.out / "run.json"  # the command that built the stages (a report-only rerun keeps it)
+        command = json.loads(run_file.read_text())["command"] if run_file.exists() else self.command
+        paths = write_report(out, stages, self.preset_name, self.seed, command)
+        final = self.out / "final-model"
+        if final.exists():
+            shutil.rmtree(final)
+        shutil.copytree(self.stage_dir("rehearse") / "model", final)
+        return {"report": paths["report"], "final_model": str(final)}
+
+    # --------------------------------------------------------------------------------------------------- run
+    def run(self, stages: list[str]) -> None:
+        start = time.perf_counter()
+        if "data" in stages or not (self.out / "run.json").exists():
+            write_json_atomic(self.out / "run.json", {"command": self.command, "seed": self.seed})
+        for stage in stages:
+            self.run_stage(stage, getattr(self, f"stage_{stage}"))
+        print(f"pipeline finished in {time.perf_counter() - start:.0f} s; report: {self.out / 'report' / 'report.md'}")
+
+
+def training_texts(data_dir: Path) -> tuple[list[str], list[str]]:
+    """Every text of the *train* split (queries, positives, negatives) and every instruction used there."""
+    texts, instructions = [], set()
+    for path in sorted(data_dir.glob("*/train.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("instruction"):
+                instructions.add(row["instruction"])
+            for item in [row["query"], row["positive"], *row.get("negatives", [])]:
+                if isinstance(item, dict) and isinstance(item.get("text"), str):
+                    texts.append(item["text"])
+    return texts, sorted(instructions)
+
+
+def _compact(report: dict[str, Any]) -> dict[str, Any]:
+    """Scalars and small dicts of a stage report (the full report stays in its own folder)."""
+    return {k: v for k, v in report.items() if isinstance(v, (int, float, str, bool)) or (
+        isinstance(v, dict) and len(json.dumps(v, default=str)) < 2000)}
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    if all(isinstance(v, dict) and "scores" in v for v in result.values() if isinstance(v, dict)) and any(
+            isinstance(v, dict) for v in result.values()):  # the specialists stage: one entry per modality
+        return " ".join(f"{m}->{v['scores'][m]['hit@1']:.2f}" for m, v in result.items()
+                        if isinstance(v, dict) and m in v.get("scores", {})) + " (hit@1 on own modality)"
+    scores = result.get("scores")
+    if isinstance(scores, dict) and scores and all(isinstance(v, dict) for v in scores.values()):
+        first = next(iter(scores.values()))
+        if "hit@1" in first:
+            return " ".join(f"{m}={v['hit@1']:.2f}" for m, v in scores.items()) + " (hit@1)"
+        return "; ".join(f"{k}: " + " ".join(f"{m}={v['hit@1']:.2f}" for m, v in s.items()) for k, s in scores.items())
+    return ", ".join(f"{k}={v}" for k, v in result.items()
+                     if isinstance(v, (int, float, str)) and k != "seconds" and len(str(v)) < 120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    parser.add_argument("--out", default=None, help="output folder (default runs/pipeline-<preset>)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="run only these stages")
+    parser.add_argument("--force", nargs="*", default=None, choices=[*STAGES, "all"],
+                        help="redo these finished stages (no names: all)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    force = set(STAGES) if args.force == [] else set(args.force or [])
+    out = Path(args.out or f"runs/pipeline-{args.preset}")
+    pipeline = Pipeline(out, PRESETS[args.preset], seed=args.seed, force=force)
+    pipeline.preset_name = args.preset
+    pipeline.command = "python -m training.pipeline " + " ".join(argv if argv is not None else sys.argv[1:])
+    pipeline.run(args.stages)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Stage B: balanced multi-modal rehearsal of the fused (+ recovered) model (`rehearse`)."""

@@ -1,0 +1,372 @@
+"""Stage B (DESIGN.md §2): balanced multi-modal rehearsal of the fused (+ recovered) model.
+
+    python -m training.rehearse --config training/configs/rehearse_tiny.yaml
+    accelerate launch --config_file training/accelerate/ddp.yaml -m training.rehearse --config CONFIG.yaml
+
+LoRA (peft) on the fused backbone's LLM plus the audio projector in full at a lower LR (default 0.1x), the vision
+tower and the Whisper encoder frozen in eval mode (notes/training.md §0 row B, §3):
+- `training.sampling.BalancedModalitySampler`: equal mass per modality group, p ∝ n^0.5 inside a group, one source
+  per device micro-batch, every step covering all groups when the world size allows (shuffled round-robin otherwise);
+- a zero-weighted touch of the projector in every step's loss, so DDP never errors on a rank whose batch has no
+  audio (`training.engine.zero_touch`);
+- every `eval_every` steps each modality's dev R@1 is divided by its specialist's score (retention) and the step with
+  the best *worst-modality* retention is kept (min_m score_m / specialist_m, not the mean);
+- `accelerator.save_state` checkpoints with exact resume (model, optimizer, scheduler, RNG, sampler step); the
+  selection record and the best trainable weights live next to them.
+The shared pieces (data, loss, GradCache step, loop, checkpoints) come from training.data / training.engine.
+Output: the merged model (LoRA folded in), `rehearsal_report.json`, and a new projector calibration record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from training.common import hub_code
+from training.base.build_base import save_conan_repo
+from training.contrastive.data import ContrastiveCollator, ExampleDataset, load_jsonl, load_sources
+from training.contrastive.trainer import (
+    LoopSettings, LossSettings, TrainState, apply_lora, build_optimizer, build_scheduler, resolve_resume, run_loop,
+    trainable_parameters, unwrap_conan,
+)
+from training.common.io_utils import atomic_output_dir, write_json_atomic
+from training.recovery.recover import CALIBRATION_FILE, backbone_fingerprint, embed_inputs, full_hash, retrieval_scores
+from training.contrastive.sampling import MODALITY_GROUPS, BalancedModalitySampler, modality_of_pair
+from training.specialist.decouple import (
+    LoraSettings, TrainConfig, _resolve, add_run_arguments, build_dataclass, mixed_precision_for,
+)
+
+logger = logging.getLogger("training.rehearse")
+SELECTION_FILE = "selection.json"
+BEST_FILE = "best_trainable.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------------- config
+@dataclass
+class RehearsalData:
+    train: list[str] = field(default_factory=list)  # JSONL files, every modality group mixed
+    groups: dict[str, str] = field(default_factory=dict)  # source -> group override (default: inferred from rows)
+    alpha: float = 0.5  # inside a group p ∝ n^alpha
+    dev: dict[str, str] = field(default_factory=dict)  # group -> dev JSONL (query -> positive, R@1 over positives)
+    on_error: str = "fatal"
+    check_media: bool = True
+    num_workers: int = 0
+    query_instruction: str | None = None
+    target_instruction: str | None = None
+    max_dev_pairs: int | None = None
+
+
+@dataclass
+class RehearsalConfig:
+    model: str  # the fused (and projector-recovered) model folder
+    output: str
+    data: RehearsalData
+    lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=16, alpha=32.0, dropout=0.05))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-5, schedule="cosine"))
+    loss: dict[str, Any] = field(default_factory=dict)  # temperature, symmetric, num_negatives
+    projector_lr_scale: float = 0.1  # projector LR = scale x LoRA LR unless train.lr_projector is set
+    dummy_projector_pass: bool = True  # zero-weighted projector touch in every step (DDP unused-parameter guard)
+    warmup_ratio: float | None = 0.05  # re-warm: overrides train.warmup_steps when set
+    eval_every: int = 0  # 0 = only at the end
+    specialists: dict[str, str] = field(default_factory=dict)  # group -> specialist folder (retention reference)
+    specialist_scores: dict[str, float] = field(default_factory=dict)  # group -> known specialist dev R@1
+    checkpoint_dir: str | None = None  # default <output>.checkpoints
+    save_dtype: str = "float32"
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None,
+                raw: dict[str, Any] | None = None) -> RehearsalConfig:
+    """YAML (or a dict) -> RehearsalConfig; relative paths resolve against the CWD first, then the repo root
+    (`training.specialist` does the same, so configs work from any working directory)."""
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config {path} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+    raw = dict(raw or {})
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    where = str(path or "config")
+    for key in ("model", "output", "data"):
+        if key not in raw:
+            raise ValueError(f"{where}: missing required key {key!r}")
+    train = {"lr": 2e-5, "schedule": "cosine", **raw.get("train", {})}
+    cfg = build_dataclass(RehearsalConfig, {
+        **raw, "data": build_dataclass(RehearsalData, raw["data"], f"{where}: data"),
+        "lora": build_dataclass(LoraSettings, raw.get("lora", {"r": 16, "alpha": 32.0, "dropout": 0.05}), f"{where}: lora"),
+        "train": build_dataclass(TrainConfig, train, f"{where}: train"),
+    }, where)
+    if not cfg.data.train:
+        raise ValueError(f"{where}: data.train lists no JSONL file")
+    bad = sorted({g for g in [*cfg.data.groups.values(), *cfg.data.dev, *cfg.specialists, *cfg.specialist_scores]}
+                 - set(MODALITY_GROUPS))
+    if bad:
+        raise ValueError(f"{where}: unknown modality group(s) {bad}; expected among {MODALITY_GROUPS}")
+    unknown_loss = sorted(set(cfg.loss) - {"temperature", "symmetric", "num_negatives"})
+    if unknown_loss:
+        raise ValueError(f"{where}: loss has unknown key(s) {unknown_loss}; expected temperature/symmetric/num_negatives")
+    if cfg.train.lr_projector is None:
+        cfg.train.lr_projector = cfg.projector_lr_scale * cfg.train.lr
+    fix = _resolve
+    cfg.model, cfg.output = fix(cfg.model), fix(cfg.output)
+    cfg.data.train = [fix(p) for p in cfg.data.train]
+    cfg.data.dev = {g: fix(p) for g, p in cfg.data.dev.items()}
+    cfg.specialists = {g: fix(p) for g, p in cfg.specialists.items()}
+    cfg.checkpoint_dir = fix(cfg.checkpoint_dir) if cfg.checkpoint_dir else cfg.output + ".checkpoints"
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------- pieces
+def source_groups(dataset: ExampleDataset, overrides: dict[str, str]) -> dict[str, str]:
+    """Each source's modality group: the override, else the most common group of its rows."""
+    out = {}
+    for source, rows in dataset.by_source().items():
+        if source in overrides:
+            out[source] = overrides[source]
+            continue
+        counts = Counter(modality_of_pair(dataset[i].query, dataset[i].positive) for i in rows)
+        out[source] = counts.most_common(1)[0][0]
+    return out
+
+
+def _dev_inputs(path: str, cfg: RehearsalConfig) -> tuple[dict, dict, list[tuple[str, str]]]:
+    examples = load_jsonl(path, on_error=cfg.data.on_error, check_media=cfg.data.check_media)
+    examples = examples[: cfg.data.max_dev_pairs] if cfg.data.max_dev_pairs else examples
+    queries, targets, pairs = {}, {}, []
+    for e in examples:
+        q_inst = e.instruction or cfg.data.query_instruction
+        q_key = json.dumps([q_inst, e.query], sort_keys=True)
+        t_key = json.dumps([cfg.data.target_instruction, e.positive], sort_keys=True)
+        queries.setdefault(q_key, (e.query, q_inst))
+        targets.setdefault(t_key, (e.positive, cfg.data.target_instruction))
+        pairs.append((q_key, t_key))
+    return queries, targets, pairs
+
+
+@torch.no_grad()
+def dev_scores(model: torch.nn.Module, processor: Any, cfg: RehearsalConfig, batch_size: int = 16) -> dict[str, float]:
+    """R@1 per modality group: each dev query against every distinct positive of its group's dev file."""
+    was_training = model.training
+    model.eval()
+    scores = {}
+    for group, path in sorted(cfg.data.dev.items()):
+        queries, targets, pairs = _dev_inputs(path, cfg)
+        q_emb, q_index = embed_inputs(model, processor, queries, batch_size, progress=False, desc=f"dev {group}")
+        t_emb, t_index = embed_inputs(model, processor, targets, batch_size, progress=False, desc=f"dev {group}")
+        first: dict[str, str] = {}
+        for q, t in pairs:
+            first.setdefault(q, t)
+        rows = list(first)
+        scores[group] = retrieval_scores(q_emb[[q_index[q] for q in rows]], t_emb,
+                                         [t_index[first[q]] for q in rows])["r@1"]
+    model.train(was_training)
+    return scores
+
+
+def retention(scores: dict[str, float], references: dict[str, float]) -> dict[str, float]:
+    """score_m / reference_m per group (1.0 when the reference is 0 and the score is not below it)."""
+    out = {}
+    for group, score in scores.items():
+        ref = references.get(group)
+        if ref is None or (isinstance(ref, float) and math.isnan(ref)):
+            continue
+        out[group] = score / ref if ref > 0 else (1.0 if score >= ref else 0.0)
+    return out
+
+
+def reference_scores(cfg: RehearsalConfig, start_scores: dict[str, float], processor: Any) -> dict[str, Any]:
+    """Each group's reference: a given number, else its specialist's dev R@1, else the starting model's score."""
+    refs, origin = {}, {}
+    for group in cfg.data.dev:
+        if group in cfg.specialist_scores:
+            refs[group], origin[group] = float(cfg.specialist_scores[group]), "given"
+        elif group in cfg.specialists:
+            spec = hub_code.ConanModel.from_pretrained(cfg.specialists[group], dtype=torch.float32).eval()
+            sub = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dev={group: cfg.data.dev[group]}))
+            refs[group], origin[group] = dev_scores(spec, processor, sub)[group], cfg.specialists[group]
+            del spec
+        else:
+            refs[group], origin[group] = start_scores[group], "start (no specialist given)"
+    return {"scores": refs, "origin": origin}
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ------------------------------------------------------------------------------------------------------ train
+def rehearse(cfg: RehearsalConfig, resume: str | None = "auto", stop_after: int | None = None,
+             overwrite: bool = False) -> dict[str, Any]:
+    """Run stage B; returns the report (`output` is None when stopped early by `stop_after`)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from safetensors.torch import load_file, save_file
+
+    accelerator = Accelerator(mixed_precision=mixed_precision_for(cfg.train.mixed_precision))
+    if Path(cfg.output).exists() and not overwrite:
+        raise FileExistsError(f"output {cfg.output} exists; pass --force to replace it")
+    set_seed(cfg.seed)
+    gradcache = 0 < cfg.train.chunk_size < cfg.train.per_device_batch_size
+    model = hub_code.ConanModel.from_pretrained(cfg.model, dtype=torch.float32)
+    processor = hub_code.ConanProcessor.from_pretrained(cfg.model, trust_remote_code=True)
+    if cfg.train.gradient_checkpointing:
+        # use_reentrant=False: with frozen embeddings reentrant checkpointing silently drops LoRA gradients.
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model = apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets,
+                       train_audio_projector=True)
+    dataset = load_sources(cfg.data.train, on_error=cfg.data.on_error, check_media=cfg.data.check_media)
+    groups = source_groups(dataset, cfg.data.groups)
+    sampler = BalancedModalitySampler(
+        dataset.by_source(), groups, cfg.train.per_device_batch_size, rank=accelerator.process_index,
+        world_size=accelerator.num_processes, seed=cfg.seed, alpha=cfg.data.alpha, max_steps=cfg.train.max_steps,
+    )
+    collator = ContrastiveCollator(
+        processor, num_negatives=int(cfg.loss.get("num_negatives", 0)),
+        chunk_size=cfg.train.chunk_size if gradcache else 0, query_instruction=cfg.data.query_instruction,
+        target_instruction=cfg.data.target_instruction, on_error=cfg.data.on_error,
+    )
+    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.lr_projector)
+    warmup = cfg.train.warmup_steps if cfg.warmup_ratio is None else int(round(cfg.warmup_ratio * cfg.train.max_steps))
+    scheduler = build_scheduler(optimizer, cfg.train.schedule, warmup, cfg.train.max_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    accelerator.register_for_checkpointing(sampler)
+    ckpt_root = Path(cfg.checkpoint_dir)
+    checkpoint = resolve_resume(resume, ckpt_root)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        logger.info("resumed from %s at step %d", checkpoint, state.step)
+    selection_path = ckpt_root / SELECTION_FILE
+    selection: dict[str, Any] = {"evals": {}, "best": None}
+    if selection_path.is_file() and checkpoint is not None:
+        selection = json.loads(selection_path.read_text())
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
+                                         num_workers=cfg.data.num_workers,
+                                         generator=torch.Generator().manual_seed(cfg.seed))
+    touch = [p for n, p in model.named_parameters() if p.requires_grad and "audio_projector" in n] \
+        if cfg.dummy_projector_pass else []
+    peft_model = accelerator.unwrap_model(model)
+    conan = unwrap_conan(model)
+
+    def evaluate(step: int) -> None:
+        if not cfg.data.dev:
+            return
+        scores = dev_scores(conan, processor, cfg)
+        if "references" not in selection:
+            selection["references"] = reference_scores(cfg, scores, processor)
+        kept = retention(scores, selection["references"]["scores"])
+        worst = min(kept.values()) if kept else float("nan")
+        selection["evals"][str(step)] = {"scores": scores, "retention": kept, "worst_retention": worst,
+                                         "worst_group": min(kept, key=kept.get) if kept else None}
+        best = selection["best"]
+        if step > 0 and (best is None or worst > best["worst_retention"]):
+            selection["best"] = {"step": step, "worst_retention": worst}
+            if accelerator.is_main_process:
+                ckpt_root.mkdir(parents=True, exist_ok=True)
+                save_file(trainable_state(peft_model), str(ckpt_root / f".{BEST_FILE}.tmp"))
+                (ckpt_root / f".{BEST_FILE}.tmp").replace(ckpt_root / BEST_FILE)
+        if accelerator.is_main_process:
+            write_json_atomic(selection_path, selection)
+
+    if cfg.data.dev and "0" not in selection["evals"]:
+        evaluate(0)
+    history: list[dict[str, float]] = []
+    every = cfg.eval_every if cfg.eval_every > 0 else cfg.train.max_steps
+    while state.step < cfg.train.max_steps:
+        if cfg.data.dev and state.step > 0 and state.step % every == 0 and str(state.step) not in selection["evals"]:
+            evaluate(state.step)  # resumed at an eval point whose evaluation was lost
+        segment_end = min((state.step // every + 1) * every, cfg.train.max_steps)
+        history += run_loop(
+            accelerator, model, optimizer, scheduler, loader, state,
+            LossSettings(temperature=float(cfg.loss.get("temperature", 0.02)),
+                         symmetric=bool(cfg.loss.get("symmetric", False))),
+            LoopSettings(max_steps=segment_end, gradcache=gradcache, max_grad_norm=cfg.train.max_grad_norm,
+                         log_every=cfg.train.log_every, save_every=cfg.train.save_every,
+                         keep_checkpoints=cfg.train.keep_checkpoints, checkpoint_dir=str(ckpt_root),
+                         stop_after=stop_after),
+            sampler=sampler, touch=touch,
+        )
+        if state.step == segment_end:
+            evaluate(state.step)
+        if stop_after is not None and state.step >= stop_after:
+            break
+
+    report = {
+        "format": "conan-rehearsal-report/1", "model": cfg.model, "config": cfg.to_dict(), "steps": state.step,
+        "world_size": accelerator.num_processes, "groups": groups, "mixture": sampler.mixture,
+        "parameters": trainable_parameters(model), "history": history, "selection": selection, "output": None,
+    }
+    if state.step < cfg.train.max_steps:
+        return report
+    report["selected_step"] = selection["best"]["step"] if selection.get("best") else state.step
+    if accelerator.is_main_process:  # the main process wrote the best weights and is the only one exporting
+        if selection.get("best") is not None:
+            best = load_file(str(ckpt_root / BEST_FILE))
+            missing = set(best) - set(dict(peft_model.named_parameters()))
+            if missing:
+                raise RuntimeError(f"best checkpoint names do not match the model: {sorted(missing)[:3]}")
+            peft_model.load_state_dict(best, strict=False)
+        export_rehearsed(cfg, peft_model, processor, report, overwrite)
+        report["output"] = cfg.output
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return report
+
+
+def export_rehearsed(cfg: RehearsalConfig, peft_model: torch.nn.Module, processor: Any, report: dict[str, Any],
+                     overwrite: bool = False) -> Path:
+    """Fold LoRA into the backbone (and the trained projector copy into place); write the model atomically."""
+    merged = peft_model.merge_and_unload().to("cpu", getattr(torch, cfg.save_dtype))
+    merged.eval()
+    fingerprint = backbone_fingerprint(merged)
+    merged.config.projector_calibration_hash = fingerprint
+    record = {"format": "conan-projector-calibration/1", "backbone_fingerprint": fingerprint,
+              "backbone_sha256": full_hash(merged), "projector_sha256": full_hash(merged, "audio_projector."),
+              "calibrated_on": "rehearsal (projector trained jointly with the backbone LoRA)", "method": "rehearsal"}
+    with atomic_output_dir(cfg.output, overwrite=overwrite) as tmp:
+        save_conan_repo(merged, processor, tmp)
+        write_json_atomic(tmp / CALIBRATION_FILE, record)
+        write_json_atomic(tmp / "rehearsal_report.json", report)
+    return Path(cfg.output)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.rehearse", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="rehearsal YAML (training/configs/rehearse_*.yaml)")
+    parser.add_argument("--model", help="override the fused/recovered model folder")
+    parser.add_argument("--output", help="override the output folder")
+    add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = load_config(args.config, {"model": args.model, "output": args.output})
+        if args.max_steps is not None:
+            cfg.train.max_steps = args.max_steps
+        report = rehearse(cfg, resume=args.resume, stop_after=args.stop_after, overwrite=args.force)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"rehearse: error: {error}", file=sys.stderr)
+        return 2
+    best = report["selection"].get("best")
+    print(json.dumps({"output": report["output"], "steps": report["steps"], "selected": best,
+                      "mixture": report["mixture"]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""Stage S (DESIGN.md §2): train one modality specialist from the Conan base by contrastive learning.
+
+    python -m training.specialist --config training/configs/specialist_tiny_audio.yaml
+    accelerate launch --config_file training/accelerate/ddp.yaml -m training.specialist --config CONFIG.yaml
+
+LoRA (peft) on the backbone LLM, the vision tower and audio encoder frozen, the audio projector trained in full for
+the audio specialist; InfoNCE with in-batch + cross-device + hard negatives and GradCache (training/contrastive/trainer.py).
+Output folder (written atomically):
+    config.json, model.safetensors, processor/tokenizer files, remote code, sentence-transformers files
+        -> the merged specialist: loads with AutoModel / SentenceTransformer (trust_remote_code) and training.fuse
+    adapter/                  peft LoRA adapter (+ the trained projector) for adapter-based fusion
+    task_vector.safetensors   dense delta (specialist - base) of every changed tensor, fp32
+    specialist_manifest.json  base hash, full config, data mix, trainable counts, final metrics
+Checkpoints (`accelerator.save_state`) go to `checkpoint_dir` every `save_every` steps; `--resume auto` continues
+from the newest one exactly (model, optimizer, scheduler, RNG, sampler position).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from training.common import hub_code
+from training.contrastive.data import ContrastiveCollator, SourceMixtureSampler, load_sources
+from training.contrastive.trainer import (
+    DEFAULT_LORA_TARGETS, LoopSettings, LossSettings, TrainState, apply_lora, build_optimizer, build_scheduler,
+    resolve_resume, run_loop, trainable_parameters, unwrap_conan,
+)
+from training.common.io_utils import atomic_output_dir, write_json_atomic
+
+logger = logging.getLogger("training.specialist")
+MODALITIES = ("text", "image", "video", "document", "audio")
+
+
+# ------------------------------------------------------------------------------------------------------ config
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)  # JSONL files (relative paths resolve against the config file)
+    weights: dict[str, float] = field(default_factory=dict)  # per source; missing sources weigh 1.0
+    batch_mode: str = "global"  # "global": one source per step; "device": one source per rank per step
+    on_error: str = "fatal"  # bad rows: "skip" (logged with file:line) or "fatal"
+    check_media: bool = True  # open every media file's header when loading
+    num_workers: int = 0
+    query_instruction: str | None = None  # default when a row has no "instruction"
+    target_instruction: str | None = None
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+
+
+@dataclass
+class TrainConfig:
+    per_device_batch_size: int = 8
+    chunk_size: int = 0  # GradCache chunk (rows); 0 = no GradCache
+    max_steps: int = 100
+    lr: float = 5e-5
+    lr_projector: float | None = None
+    weight_decay: float = 0.0
+    schedule: str = "linear"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or "no" / "bf16" / "fp16"
+    log_every: int = 10
+    save_every: int = 0
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class SpecialistConfig:
+    name: str
+    modality: str
+    base: str
+    output: str
+    data: DataConfig
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: dict[str, Any] = field(default_factory=dict)  # temperature, symmetric, num_negatives
+    train_audio_projector: bool | None = None  # default: True for the audio specialist only
+    checkpoint_dir: str | None = None  # default: <output>.checkpoints
+    save_dtype: str = "float32"
+    audio_cache_dir: str | None = None  # share cached frozen-Whisper frames across stages (training/common/audio_cache.py)
+    seed: int = 0
+    notes: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
+    """`cls(**values)` with an error naming `where` and the allowed keys (YAML typos fail loudly)."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; expected keys among {sorted(names)}")
+    return cls(**values)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SpecialistConfig:
+    """YAML -> SpecialistConfig; relative paths (base, output, data files, checkpoint_dir) resolve against the CWD
+    first and then the repo root, so configs work from any working directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for key in ("name", "modality", "base", "output", "data"):
+        if key not in raw:
+            raise ValueError(f"{path}: missing required key {key!r}")
+    cfg = build_dataclass(SpecialistConfig, {
+        **raw,
+        "data": build_dataclass(DataConfig, raw["data"], f"{path}: data"),
+        "lora": build_dataclass(LoraSettings, raw.get("lora", {}), f"{path}: lora"),
+        "train": build_dataclass(TrainConfig, raw.get("train", {}), f"{path}: train"),
+    }, str(path))
+    if cfg.modality not in MODALITIES:
+        raise ValueError(f"{path}: modality {cfg.modality!r}; expected one of {MODALITIES}")
+    unknown_loss = sorted(set(cfg.loss) - {"temperature", "symmetric", "num_negatives"})
+    if unknown_loss:
+        raise ValueError(f"{path}: loss has unknown key(s) {unknown_loss}; expected temperature/symmetric/num_negatives")
+    if not cfg.data.train:
+        raise ValueError(f"{path}: data.train lists no JSONL file")
+    if cfg.train_audio_projector is None:
+        cfg.train_audio_projector = cfg.modality == "audio"
+    cfg.base, cfg.output = _resolve(cfg.base), _resolve(cfg.output)
+    cfg.data.train = [_resolve(p) for p in cfg.data.train]
+    cfg.checkpoint_dir = _resolve(cfg.checkpoint_dir) if cfg.checkpoint_dir else cfg.output + ".checkpoints"
+    return cfg
+
+
+def _resolve(p: str) -> str:
+    candidate = Path(p)
+    if candidate.is_absolute() or candidate.exists() or not (hub_code.REPO_ROOT / p).exists():
+        return str(candidate.resolve()) if not candidate.is_absolute() else str(candidate)
+    return str(hub_code.REPO_ROOT / p)
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def base_hash(base_dir: str | Path) -> str:
+    """sha256 over the base's config and weight files: fusion and recovery refuse mismatched bases with it."""
+    base_dir = Path(base_dir)
+    files = sorted(p for p in base_dir.iterdir() if p.name == "config.json" or p.suffix == ".safetensors")
+    if not files:
+        raise FileNotFoundError(f"{base_dir} holds no config.json / *.safetensors; is it a Conan base repo?")
+    digest = hashlib.sha256()
+    for p in files:
+        digest.update(p.name.encode())
+        with p.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def mixed_precision_for(setting: str) -> str:
+    if setting == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if setting not in ("no", "bf16", "fp16"):
+        raise ValueError(f"train.mixed_precision must be auto/no/bf16/fp16, got {setting!r}")
+    return setting
+
+
+def task_vector(merged: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """fp32 delta of every tensor that changed; keys are the plain model names (`backbone.*`, `audio_projector.*`)."""
+    missing = sorted(set(base) ^ set(merged))
+    if missing:
+        raise ValueError(f"merged and base weights differ in names: {missing[:5]}")
+    return {
+        k: (merged[k].float() - base[k].float()).contiguous()
+        for k in merged if not torch.equal(merged[k].float(), base[k].float())
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def build_model(cfg: SpecialistConfig) -> tuple[torch.nn.Module, Any]:
+    model = hub_code.ConanModel.from_pretrained(cfg.base, dtype=torch.float32)
+    processor = hub_code.ConanProcessor.from_pretrained(cfg.base)
+    if cfg.audio_cache_dir:
+        from training.common.audio_cache import AudioFrameCache
+
+        model.audio_frame_cache = AudioFrameCache.for_model(model, cfg.audio_cache_dir)
+    if cfg.train.gradient_checkpointing:
+        # use_reentrant=False: with frozen embeddings reentrant checkpointing silently drops LoRA gradients.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets,
+                       train_audio_projector=bool(cfg.train_audio_projector))
+    return model, processor
+
+
+def train(cfg: SpecialistConfig, resume: str | None = "auto", stop_after: int | None = None,
+          overwrite: bool = False) -> dict[str, Any]:
+    """Run stage S for `cfg`; returns the manifest (None-valued `output` when stopped early by `stop_after`)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, set_seed
+
+    accelerator = Accelerator(mixed_precision=mixed_precision_for(cfg.train.mixed_precision))
+    if Path(cfg.output).exists() and not overwrite:
+        raise FileExistsError(f"output {cfg.output} exists; pass --force to replace it")
+    gradcache = cfg.train.chunk_size > 0 and cfg.train.chunk_size < cfg.train.per_device_batch_size
+    if gradcache and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        stage = accelerator.state.deepspeed_plugin.zero_stage
+        if stage >= 2:
+            raise ValueError(
+                f"GradCache needs no_sync, which DeepSpeed ZeRO-{stage} lacks (notes/training.md §2.2); set "
+                "train.chunk_size: 0 (large per-device batch) or use the ddp / fsdp2 accelerate configs"
+            )
+    set_seed(cfg.seed)
+    model, processor = build_model(cfg)
+    dataset = load_sources(cfg.data.train, on_error=cfg.data.on_error, check_media=cfg.data.check_media)
+    sampler = SourceMixtureSampler(
+        dataset.by_source(), cfg.data.weights, cfg.train.per_device_batch_size, rank=accelerator.process_index,
+        world_size=accelerator.num_processes, seed=cfg.seed, mode=cfg.data.batch_mode, max_steps=cfg.train.max_steps,
+    )
+    collator = ContrastiveCollator(
+        processor, num_negatives=int(cfg.loss.get("num_negatives", 0)),
+        chunk_size=cfg.train.chunk_size if gradcache else 0, query_instruction=cfg.data.query_instruction,
+        target_instruction=cfg.data.target_instruction, on_error=cfg.data.on_error,
+    )
+    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.lr_projector)
+    scheduler = build_scheduler(optimizer, cfg.train.schedule, cfg.train.warmup_steps, cfg.train.max_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    accelerator.register_for_checkpointing(sampler)
+    checkpoint = resolve_resume(resume, cfg.checkpoint_dir)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        if sampler.step != state.step:
+            raise RuntimeError(f"{checkpoint}: sampler step {sampler.step} != train step {state.step}")
+        logger.info("resumed from %s at step %d", checkpoint, state.step)
+    # A private generator keeps DataLoader start-up from drawing on the global RNG (exact resume under dropout).
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collator, num_workers=cfg.data.num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    touch = []
+    if accelerator.num_processes > 1 and accelerator.distributed_type in (DistributedType.MULTI_GPU,
+                                                                          DistributedType.MULTI_CPU):
+        touch = [p for n, p in model.named_parameters() if p.requires_grad and "audio_projector" in n]
+    history = run_loop(
+        accelerator, model, optimizer, scheduler, loader, state,
+        LossSettings(temperature=float(cfg.loss.get("temperature", 0.02)),
+                     symmetric=bool(cfg.loss.get("symmetric", False))),
+        LoopSettings(max_steps=cfg.train.max_steps, gradcache=gradcache, max_grad_norm=cfg.train.max_grad_norm,
+                     log_every=cfg.train.log_every, save_every=cfg.train.save_every,
+                     keep_checkpoints=cfg.train.keep_checkpoints, checkpoint_dir=cfg.checkpoint_dir,
+                     stop_after=stop_after),
+        sampler=sampler, touch=touch,
+    )
+    manifest = {
+        "format": "conan-specialist-manifest/1",
+        "name": cfg.name,
+        "modality": cfg.modality,
+        "base": cfg.base,
+        "base_hash": base_hash(cfg.base),
+        "config": cfg.to_dict(),
+        "data_mix": {"probabilities": sampler.mixture, "rows": {k: len(v) for k, v in dataset.by_source().items()}},
+        "steps": state.step,
+        "world_size": accelerator.num_processes,
+        "effective_batch": cfg.train.per_device_batch_size * accelerator.num_processes,
+        "gradcache": gradcache,
+        "parameters": trainable_parameters(model),
+        "history": history,
+        "output": None,
+    }
+    if state.step < cfg.train.max_steps:
+        return manifest  # interrupted on purpose (stop_after); resume continues from the checkpoint
+    full_state = accelerator.get_state_dict(model)  # gathers FSDP / DeepSpeed shards onto the main process
+    if accelerator.is_main_process:
+        export_specialist(cfg, full_state, processor, manifest, overwrite=overwrite)
+        manifest["output"] = cfg.output
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------------ export
+def export_specialist(cfg: SpecialistConfig, peft_state: dict[str, torch.Tensor], processor: Any,
+                      manifest: dict[str, Any], overwrite: bool = False) -> Path:
+    """Rebuild the peft model on CPU from the full state, save adapter, merge LoRA, save model + task vector."""
+    from safetensors.torch import save_file
+
+    model = hub_code.ConanModel.from_pretrained(cfg.base, dtype=torch.float32)
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    peft_model = apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets,
+                            train_audio_projector=bool(cfg.train_audio_projector))
+    result = peft_model.load_state_dict({k: v.detach().cpu().float() for k, v in peft_state.items()}, strict=True)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(f"trained state does not fit the model: {result}")
+    with atomic_output_dir(cfg.output, overwrite=overwrite) as tmp:
+        peft_model.save_pretrained(tmp / "adapter")
+        merged = peft_model.merge_and_unload()
+        merged_state = merged.state_dict()
+        bad = [k for k in merged_state if not k.startswith(("backbone.", "audio_encoder.", "audio_projector."))
+               or "lora_" in k or "base_layer" in k or "modules_to_save" in k]
+        if bad:
+            raise RuntimeError(f"merged model has non-Conan weight names, e.g. {bad[:3]}")
+        delta = task_vector(merged_state, base_state)
+        save_file(delta, str(tmp / "task_vector.safetensors"), metadata={"base_hash": manifest["base_hash"]})
+        merged.to(getattr(torch, cfg.save_dtype))
+        merged.config.dtype = cfg.save_dtype
+        if cfg.train_audio_projector:  # the projector is now calibrated on this specialist's backbone
+            merged.config.projector_calibration_hash = hub_code.load("modeling_conan").backbone_fingerprint(merged)
+        unwrap_conan(merged).eval()
+        from training.base.build_base import save_conan_repo
+
+        save_conan_repo(merged, processor, tmp)
+        manifest = {**manifest, "task_vector": {"tensors": len(delta),
+                                                "numel": int(sum(t.numel() for t in delta.values()))}}
+        write_json_atomic(tmp / "specialist_manifest.json", manifest)
+    return Path(cfg.output)
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Run-control flags shared by the accelerate-launched stages (specialist, rehearse)."""
+    parser.add_argument("--max-steps", type=int, help="override train.max_steps")
+    parser.add_argument("--resume", default="auto", help="auto (newest checkpoint, default) | never | FOLDER")
+    parser.add_argument("--stop-after", type=int, help="stop after this step (checkpoint first via save_every)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.specialist", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="training/configs/specialist_*.yaml")
+    parser.add_argument("--base", help="override the base model folder")
+    parser.add_argument("--output", help="override the output folder")
+    add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = load_config(args.config, {"base": args.base, "output": args.output})
+        if args.max_steps is not None:
+            cfg.train.max_steps = args.max_steps
+        manifest = train(cfg, resume=args.resume, stop_after=args.stop_after, overwrite=args.force)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"specialist: error: {error}", file=sys.stderr)
+        return 2
+    last = manifest["history"][-1] if manifest["history"] else {}
+    print(json.dumps({"output": manifest["output"], "steps": manifest["steps"], **last}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
