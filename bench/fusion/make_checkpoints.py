@@ -1,6 +1,6 @@
 """Generate Qwen2-VL-shaped bf16 sharded checkpoints for the fusion benchmark: a base + 4 specialists.
 
-    python bench/fusion/make_checkpoints.py --out /work/bench-data/fusion --size 0.5b
+    .venv/bin/python bench/fusion/make_checkpoints.py --out "$CONAN_BENCH_DATA/fusion" --size 0.5b
 
 Layout per model: `backbone.visual.*` (vision tower + merger), `backbone.language_model.*`, `audio_encoder.*`
 (frozen everywhere), `audio_projector.*` (changed only by the audio specialist). Specialists: image, document
@@ -170,9 +170,15 @@ def generate(out: Path, size: str, seed: int = 0) -> None:
     print(f"wrote {out}: {params / 1e6:.1f}M params per model, {n_sh} shards")
 
 
+def bench_data_root() -> Path:
+    """Where generated benchmark data goes: `$CONAN_BENCH_DATA`, else `~/.cache/conan-bench` (never the repo)."""
+    return Path(os.environ.get("CONAN_BENCH_DATA") or Path.home() / ".cache" / "conan-bench")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("/work/bench-data/fusion"))
+    ap.add_argument("--out", type=Path, default=bench_data_root() / "fusion",
+                    help="output folder outside the repository (default: $CONAN_BENCH_DATA/fusion)")
     ap.add_argument("--size", choices=sorted(SIZES), default="0.5b")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

@@ -1,9 +1,11 @@
 """Fusion benchmark: our streaming tool vs mergekit 0.1.5 on identical inputs and settings, plus the I/O floor.
 
-    python bench/fusion/run_bench.py --data /work/bench-data/fusion/0.5b --repeats 3 --write-readme
+    .venv/bin/python bench/fusion/run_bench.py --data "$CONAN_BENCH_DATA/fusion/0.5b" --repeats 3 --write-readme
 
-Needs checkpoints from `make_checkpoints.py` and mergekit in its own venv (`--setup-mergekit` creates
-/work/mergekit-venv with `pip install torch==2.13.0 mergekit==0.1.5`). Both tools get the key intersection
+Needs checkpoints from `make_checkpoints.py` and mergekit in its own venv (`--setup-mergekit` creates it at
+`--mergekit-venv`, default `$MERGEKIT_VENV` or `<bench data>/mergekit-venv`, with
+`pip install torch==2.13.0 mergekit==0.1.5`). Folders default to `$CONAN_BENCH_DATA` (else `~/.cache/conan-bench`),
+outside the repository. Both tools get the key intersection
 (`mergekit-inputs/`: mergekit cannot take keys the base lacks), `dtype: float32` compute, bf16 output, weight 1,
 lambda 1, seed 0; ours runs with `--semantics mergekit`. Per cell: wall time (perf_counter around the process),
 peak RSS (VmHWM) and peak anonymous RSS (RssAnon), sampled every 50 ms from /proc/PID/status, output size, and the
@@ -31,8 +33,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.fusion.make_checkpoints import bench_data_root  # noqa: E402
 from bench.procfs import status_kb  # noqa: E402
-MK_VENV = Path("/work/mergekit-venv")
+
+MK_VENV = Path(os.environ.get("MERGEKIT_VENV") or bench_data_root() / "mergekit-venv")
 SPECIALISTS = ("image", "video", "document", "audio")
 METHODS = {  # name: (our flags, mergekit parameters)
     "task_arithmetic": (["--method", "task_arithmetic", "--normalize", "false"], {"normalize": False}),
@@ -179,15 +183,18 @@ def mergekit_cmd(inputs: Path, out: Path, method: str, params: dict, work: Path)
 
 
 def main() -> None:
+    global MK_VENV
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True, help="folder made by make_checkpoints.py (…/0.5b)")
-    ap.add_argument("--work", type=Path, default=Path("/work/bench-data/fusion-out"))
+    ap.add_argument("--work", type=Path, default=bench_data_root() / "fusion-out", help="scratch and results folder")
+    ap.add_argument("--mergekit-venv", type=Path, default=None, help=f"mergekit's own venv (default {MK_VENV})")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per tool and method")
     ap.add_argument("--mergekit-repeats", type=int, default=None, help="override repeats for mergekit (slow)")
     ap.add_argument("--setup-mergekit", action="store_true")
     ap.add_argument("--write-readme", action="store_true")
     args = ap.parse_args()
+    MK_VENV = args.mergekit_venv or MK_VENV
     if args.setup_mergekit:
         setup_mergekit()
     if not (MK_VENV / "bin" / "mergekit-yaml").exists():

@@ -3,11 +3,11 @@
 # Why: datasets 5.x decodes audio with torchcodec and mteb's AudioCollator resamples with torchaudio; neither has a
 # CPU-only wheel that loads next to torch 2.13.0+cpu, so mteb's audio tasks only run in this venv (CPU works fine).
 # Idempotent: re-running skips what is already in place.
-# Usage: training/evaluation/install_full_env.sh [VENV_DIR]   (default /work/venv-full; needs ~5.2 GB, ~4 min)
+# Usage: training/evaluation/install_full_env.sh [VENV_DIR]   (default $VENV_FULL or <repo>/.venv-full; ~5.2 GB, ~4 min)
 set -euo pipefail
-VENV="${1:-${VENV_FULL:-/work/venv-full}}"
-PY="${PYTHON:-python3}"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+VENV="${1:-${VENV_FULL:-$REPO/.venv-full}}"
+PY="${PYTHON:-python3}"
 
 # Debian ffmpeg: torchcodec loads the system FFmpeg libraries.
 if ! command -v ffmpeg >/dev/null 2>&1; then
@@ -38,4 +38,4 @@ from torchcodec.decoders import AudioDecoder  # fails here if FFmpeg / CUDA libs
 print("full env ok: torch", torch.__version__, "torchaudio", torchaudio.__version__, "torchvision",
       torchvision.__version__, "torchcodec", torchcodec.__version__, "datasets", datasets.__version__, "mteb", mteb.__version__)
 PY
-echo "run the full-env tests with: cd $REPO && $VENV/bin/python -m pytest tests/test_eval_mteb.py -q"
+echo "run the full-env tests with: cd $REPO && $VENV/bin/python -m pytest tests/evaluation/test_mteb_encoder.py -q"
