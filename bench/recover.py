@@ -30,6 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from training.common.repo import load_conan  # noqa: E402
+from training.data_sources.toy_data import write_fsdd_pairs  # noqa: E402
 from training.recovery import recover as R  # noqa: E402
 
 SHARED_FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd" / "recordings"
@@ -38,8 +40,8 @@ SHARED_FSDD = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd" /
 def make_data(root: Path, train_takes: range, dev_takes: range, speakers: list[str] | None) -> tuple[Path, Path, str]:
     """FSDD pairs where ../shared exists, else labelled synthetic tones (10 classes)."""
     if SHARED_FSDD.is_dir():
-        R.write_fsdd_pairs(SHARED_FSDD, root / "train.jsonl", "train", takes=train_takes, speakers=speakers)
-        R.write_fsdd_pairs(SHARED_FSDD, root / "dev.jsonl", "dev", takes=dev_takes, speakers=speakers)
+        write_fsdd_pairs(SHARED_FSDD, root / "train.jsonl", "train", takes=train_takes, speakers=speakers)
+        write_fsdd_pairs(SHARED_FSDD, root / "dev.jsonl", "dev", takes=dev_takes, speakers=speakers)
         return root / "train.jsonl", root / "dev.jsonl", "FSDD speech (real)"
     import soundfile as sf
 
@@ -59,7 +61,7 @@ def make_data(root: Path, train_takes: range, dev_takes: range, speakers: list[s
 
 def bench_steps(model_dir: Path, train: Path, batch_size: int, steps: int, features: Path, repeats: int = 3
                 ) -> list[dict]:
-    model, processor = R.load_model_and_processor(model_dir)
+    model, processor = load_conan(model_dir)
     names = R.trainable_names(model, model_dir, R.PROJECTOR_PREFIX)
     params = R.freeze_all_but(model, names)
     pad_id = int(processor.tokenizer.pad_token_id)

@@ -70,3 +70,18 @@ def test_candidate_list_ranks_dot_product():
     cands = [np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])]
     # query 2: gold (index 0) scores 0, others 0.8 and 1.0 -> rank 3
     assert candidate_list_ranks(q, cands) == [1.0, 3.0]
+
+
+def test_gold_ranks_and_retrieval_scores_count_ties_against_the_query():
+    from training.evaluation.metrics import gold_ranks, retrieval_scores
+
+    scores = np.array([[0.5, 0.5, 0.1], [0.9, 0.2, 0.3], [0.2, 0.2, 0.2]])
+    assert gold_ranks(scores, [0, 0, 2]).tolist() == [2.0, 1.0, 3.0]
+    assert [gold_rank(row, g) for row, g in zip(scores, [0, 0, 2])] == [2.0, 1.0, 3.0]
+    same = np.ones((4, 3)) / np.sqrt(3)  # a collapsed model: every query ties with every bank row
+    out = retrieval_scores(same, same, [0, 1, 2, 3])
+    assert out["r@1"] == 0.0 and out["r@5"] == 1.0 and out["mrr"] == pytest.approx(0.25) and out["n"] == 4
+    eye = np.eye(3)
+    assert retrieval_scores(eye, eye, [0, 1, 2])["r@1"] == 1.0
+    with pytest.raises(ValueError, match="gold indices"):
+        gold_ranks(scores, [0, 3, 0])

@@ -12,6 +12,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import shared_path
+from training.common.calibration import full_hash
+from training.common.config import ConfigError
+from training.common.repo import load_conan
+from training.data_sources.toy_data import DIGITS, write_fsdd_pairs
 from training.recovery import recover as R
 
 
@@ -41,8 +45,8 @@ def fsdd_data(tmp_path_factory) -> dict[str, Path]:
     """Real FSDD speech: 20 train clips, 10 dev clips; the Whisper frames are cached once for the module."""
     recordings = shared_path("data", "fsdd", "recordings")
     root = tmp_path_factory.mktemp("fsdd")
-    R.write_fsdd_pairs(recordings, root / "train.jsonl", "train", takes=[10], speakers=["george", "jackson"])
-    R.write_fsdd_pairs(recordings, root / "dev.jsonl", "dev", takes=[5], speakers=["george"])
+    write_fsdd_pairs(recordings, root / "train.jsonl", "train", takes=[10], speakers=["george", "jackson"])
+    write_fsdd_pairs(recordings, root / "dev.jsonl", "dev", takes=[5], speakers=["george"])
     return {"train": root / "train.jsonl", "dev": root / "dev.jsonl", "features": root / "features"}
 
 
@@ -58,7 +62,7 @@ def test_fsdd_pairs_follow_the_split_rule(fsdd_data):
     rows = [json.loads(line) for line in fsdd_data["train"].read_text().splitlines()]
     assert len(rows) == 20
     assert all(Path(r["query"]["audio"]).stem.endswith("_10") for r in rows)
-    assert {r["positive"]["text"] for r in rows} == {f"the spoken digit {w}" for w in R.DIGIT_WORDS}
+    assert {r["positive"]["text"] for r in rows} == {f"the spoken digit {w}" for w in DIGITS}
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +89,9 @@ def test_recovery_changes_only_the_projector(fused_repo, recovered):
     record = json.loads((out / R.CALIBRATION_FILE).read_text())
     config = json.loads((out / "config.json").read_text())
     assert config["projector_calibration_hash"] == record["backbone_fingerprint"]
-    model, _ = R.load_model_and_processor(out)
+    model, _ = load_conan(out)
     assert R.backbone_fingerprint(model) == record["backbone_fingerprint"]
-    assert R.full_hash(model) == record["backbone_sha256"]
+    assert full_hash(model) == record["backbone_sha256"]
     assert not Path(f"{out}.recover-ckpt").exists(), "the resume checkpoint is removed after success"
     assert (out / "fusion_manifest.json").is_file()
     assert report["steps"] == 6 and report["history"][0]["loss"] > 0
@@ -100,7 +104,7 @@ def test_text_and_image_embeddings_identical_after_recovery(fused_repo, recovere
     audio = {"audio": {"array": torch.randn(8000).numpy(), "sampling_rate": 16000}}
     embeddings = {}
     for name, path in (("fused", fused_repo), ("recovered", out)):
-        model, processor = R.load_model_and_processor(path)
+        model, processor = load_conan(path)
         with torch.no_grad():
             embeddings[name] = model(**processor.prepare(inputs)).embeddings
             embeddings[name + "_audio"] = model(**processor.prepare([audio])).embeddings
@@ -123,7 +127,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(fused_repo, fsdd_data,
     with pytest.raises(_Killed):
         R.recover(cfg, on_step=kill_at_4)
     assert not (tmp_path / "resumed").exists(), "a killed run leaves no output folder"
-    assert (tmp_path / "resumed.recover-ckpt" / R.STATE_FILE).is_file()
+    assert (tmp_path / "resumed.recover-ckpt" / R.STATE_DIR / "state.safetensors").is_file()
     resumed = R.recover(cfg)
     assert resumed["steps_this_run"] == 2 and resumed["steps"] == 6
     a, b = load_file(straight_dir / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
@@ -146,7 +150,7 @@ def test_relational_distillation_runs_against_the_specialist(tiny_repo, fused_re
 
 
 def test_manifest_decides_what_trains(fused_repo, tiny_repo, tmp_path):
-    model, _ = R.load_model_and_processor(fused_repo)
+    model, _ = load_conan(fused_repo)
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "fusion_manifest.json").write_text(json.dumps({"summary": {"needs_recovery": ["backbone.visual.merger.mlp.0.weight"]}}))
@@ -174,13 +178,38 @@ def test_loss_masks_duplicate_partners_and_kd_is_zero_for_equal_matrices():
     assert R.relational_kd(sims, torch.randn(3, 6), 0.05) > 0
 
 
+def _bank_infonce_reference(audio, bank, positives, candidates, temperature, symmetric):
+    """Recovery's former hand-written loss: audio -> unique candidates (+ partner -> audio, same partner masked)."""
+    logits = audio @ bank[candidates].T / temperature
+    where = {int(c): i for i, c in enumerate(candidates.tolist())}
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor([where[int(p)] for p in positives.tolist()]))
+    if symmetric:
+        t2a = bank[positives] @ audio.T / temperature
+        same = positives.unsqueeze(0) == positives.unsqueeze(1)
+        same.fill_diagonal_(False)
+        back = torch.nn.functional.cross_entropy(t2a.masked_fill(same, float("-inf")), torch.arange(len(positives)))
+        loss = 0.5 * (loss + back)
+    return loss
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_recovery_loss_is_the_bank_infonce(symmetric):
+    gen = torch.Generator().manual_seed(0)
+    bank = torch.nn.functional.normalize(torch.randn(9, 8, generator=gen), dim=-1)
+    audio = torch.nn.functional.normalize(torch.randn(5, 8, generator=gen), dim=-1)
+    positives, candidates = torch.tensor([1, 1, 3, 4, 7]), torch.tensor([0, 1, 2, 3, 4, 6, 7])
+    expected = _bank_infonce_reference(audio, bank, positives, candidates, 0.05, symmetric)
+    got = R.recovery_loss(audio, bank, positives, candidates, 0.05, symmetric)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
 def test_config_errors_are_clear(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("model: a\noutput: b\ntrain_data: c\nbatchsize: 3\n")
-    with pytest.raises(R.RecoverError, match="unknown key"):
+    with pytest.raises(ConfigError, match="unknown key"):
         R.load_config(cfg_file)
-    with pytest.raises(R.RecoverError, match="kd_weight > 0 needs"):
-        R.load_config(None, model="a", output="b", train_data="c", kd_weight=1.0)
+    with pytest.raises(ConfigError, match="kd_weight > 0 needs"):
+        R.load_config(None, dict(model="a", output="b", train_data="c", kd_weight=1.0))
     with pytest.raises(R.RecoverError, match="does not exist"):
         R.read_pairs(tmp_path / "missing.jsonl")
 
@@ -191,12 +220,12 @@ def test_shipped_recovery_configs_parse():
     paths = sorted((hub_code.REPO_ROOT / "training" / "configs").glob("recover_*.yaml"))
     assert paths
     for path in paths:
-        cfg = R.load_config(path, model="runs/fused")
+        cfg = R.load_config(path, {"model": "runs/fused"})
         assert cfg.output and cfg.train_data and cfg.dev_data, path
 
 
 def test_frozen_backbone_checkpointing_gives_the_same_projector_gradient(fused_repo):
-    model, processor = R.load_model_and_processor(fused_repo)
+    model, processor = load_conan(fused_repo)
     params = R.freeze_all_but(model, R.trainable_names(model, fused_repo))
     gen = torch.Generator().manual_seed(0)
     inputs = {f"clip{i}": ({"audio": {"array": torch.randn(4000 + 800 * i, generator=gen).numpy(),

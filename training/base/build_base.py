@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,12 +30,9 @@ from transformers.utils import logging as transformers_logging
 
 from training.common import hub_code
 from training.common.io_utils import atomic_output_dir, write_json_atomic
+from training.common.repo import save_conan_repo
 
 AUDIO_TOKEN = "<|audio_pad|>"
-DEFAULT_PROMPTS = {
-    "query": "Represent the query for retrieving relevant documents, images, videos or audio.",
-    "document": "Represent the user's input.",
-}
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
@@ -65,44 +61,6 @@ def add_audio_token(tokenizer: PreTrainedTokenizerBase) -> int:
         {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "audio_token": AUDIO_TOKEN}
     )
     return int(tokenizer.convert_tokens_to_ids(AUDIO_TOKEN))
-
-
-def write_sentence_transformers_files(out: Path, prompts: dict[str, str] | None = None) -> None:
-    """modules.json + config_sentence_transformers.json pointing sentence-transformers at `ConanEmbedder`."""
-    import sentence_transformers
-
-    write_json_atomic(out / "modules.json", [{"idx": 0, "name": "0", "path": "", "type": "sentence_conan.ConanEmbedder"}])
-    write_json_atomic(out / "sentence_conan_config.json", {"padding_side": "right"})
-    write_json_atomic(
-        out / "config_sentence_transformers.json",
-        {
-            "__version__": {"sentence_transformers": sentence_transformers.__version__, "pytorch": torch.__version__},
-            "model_type": "SentenceTransformer",
-            "prompts": dict(prompts or DEFAULT_PROMPTS),
-            "default_prompt_name": None,
-            "similarity_fn_name": "cosine",
-        },
-    )
-
-
-def copy_remote_code(out: Path) -> None:
-    """The root .py files the Hub runs with trust_remote_code (auto_map names some; their imports need the rest)."""
-    for name in hub_code.REMOTE_CODE_FILES:
-        shutil.copy2(hub_code.REPO_ROOT / name, out / name)
-
-
-def save_conan_repo(model: torch.nn.Module, processor: Any, out: Path, prompts: dict[str, str] | None = None) -> None:
-    """Write a complete, loadable Conan repo into `out` (which must be a fresh/temporary folder)."""
-    type(model.config).register_for_auto_class()
-    type(model).register_for_auto_class("AutoModel")
-    type(processor).register_for_auto_class("AutoProcessor")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    copy_remote_code(out)
-    write_sentence_transformers_files(out, prompts)
-    readme = hub_code.REPO_ROOT / "README.md"
-    if readme.exists():
-        shutil.copy2(readme, out / "README.md")
 
 
 def assemble_base(
@@ -281,7 +239,7 @@ def build_tiny_repo(out: str | Path, overwrite: bool = False, seed: int = 0) -> 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="output folder (the Conan base repo)")
+    parser.add_argument("--output", "--out", dest="out", required=True, help="output folder (the Conan base repo)")
     parser.add_argument("--tiny", action="store_true", help="build from tiny random upstream checkpoints")
     parser.add_argument("--backbone", help="Qwen2-VL checkpoint: local folder or Hub id")
     parser.add_argument("--audio-encoder", help="Whisper checkpoint: local folder or Hub id")

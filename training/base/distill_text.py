@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from training.common import hub_code
-from training.base.build_base import save_conan_repo
+from training.common.repo import save_conan_repo
 from training.common.io_utils import atomic_output_dir, write_json_atomic
 
 
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--texts", required=True, help="a text file, one sentence per line")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--output", "--out", dest="out", required=True)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)

@@ -228,11 +228,6 @@ class ContrastiveBatch:
         )
 
 
-def prepare_rows(processor: Any, items: Sequence[Any], instructions: Sequence[str | None]) -> dict[str, torch.Tensor]:
-    """`ConanProcessor.prepare` with one instruction per input (rows of one batch may carry different ones)."""
-    return process_parsed(processor, [processor.parse_input(raw, i) for i, raw in enumerate(items)], instructions)
-
-
 def process_parsed(processor: Any, parsed: Sequence[tuple[Any, list[bool]]], instructions: Sequence[str | None]
                    ) -> dict[str, torch.Tensor]:
     """Already-parsed inputs (`processor.parse_input` results) -> model inputs, rendered with per-row instructions."""
@@ -452,12 +447,7 @@ def load_sources(
     return ExampleDataset(examples)
 
 
-def collate_examples(batch: list[Example]) -> list[Example]:
-    """Identity collate for DataLoaders whose collator runs later."""
-    return batch
-
-
 __all__ = [
     "ContrastiveBatch", "ContrastiveCollator", "DataError", "Example", "ExampleDataset", "SourceMixtureSampler",
-    "load_jsonl", "load_sources", "normalise_item", "parse_row", "prepare_rows", "process_parsed",
+    "load_jsonl", "load_sources", "normalise_item", "parse_row", "process_parsed",
 ]

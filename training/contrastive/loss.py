@@ -72,12 +72,15 @@ def info_nce(
     temperature: float = 0.02,
     symmetric: bool = False,
     cross_device: bool = True,
+    unique_candidates: bool = False,
 ) -> LossOutput:
     """InfoNCE of L2-normalised `queries` (B, H) against all positives and hard negatives of the (gathered) batch.
 
     Logits of query i: [q_i . t_j / tau for every positive j] + [q_i . h / tau for every hard negative h]. Columns
     whose content key equals row i's positive key (other than i itself) are masked out (duplicate targets, e.g. a
     repeated class label). `symmetric` adds the target -> query direction over positives (for pure cross-modal pairs).
+    `unique_candidates` (needs the keys) scores every distinct key once: a key repeated among the columns counts as
+    one negative, not one per repeat (Projector Recovery's cached partner bank, where the candidates are a set).
     """
     if queries.shape != positives.shape:
         raise ValueError(f"queries {tuple(queries.shape)} and positives {tuple(positives.shape)} must match")
@@ -100,6 +103,13 @@ def info_nce(
             mask = torch.cat([mask, _duplicate_mask(pk, nk, diagonal=False)], dim=1)
         else:
             mask = torch.cat([mask, mask.new_zeros((n, h.shape[0]))], dim=1)
+        if unique_candidates:
+            keys = torch.cat([pk, nk]) if negative_keys is not None and h.shape[0] else pk
+            same = keys[:, None] == keys[None, :]
+            repeat = torch.tril(same, diagonal=-1).any(dim=1)  # column j repeats an earlier column's key
+            own = torch.zeros_like(mask)
+            own[labels, labels] = True
+            mask = mask | (repeat[None, :] & ~own)
         logits = logits.masked_fill(mask, torch.finfo(logits.dtype).min)
     value = F.cross_entropy(logits, labels)
     if symmetric:

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from training.common.modalities import MODALITY_GROUPS
 from training.contrastive.data import StepResumableSampler
 
-MODALITY_GROUPS = ("image", "video", "document", "audio", "text")
 
 
 def modality_of_item(item: Any) -> str:

@@ -16,13 +16,15 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from training.common.config import ConfigError
+from training.contrastive.checkpoint import load_training_state, save_training_state
 from training.contrastive.data import ContrastiveBatch
 from training.contrastive.gradcache import cached_step, plain_step
 from training.contrastive.loss import LossOutput, info_nce
@@ -32,6 +34,7 @@ logger = logging.getLogger(__name__)
 LLM_PREFIX = "backbone.language_model"
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CHECKPOINT_PREFIX = "step_"
+LOOP_STATE_DIR = "loop_state"  # inside each checkpoint: step + sampler position (checkpoint.py format)
 
 
 # ---------------------------------------------------------------------------------------------- model set-up
@@ -127,6 +130,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_steps: i
 
 
 # ------------------------------------------------------------------------------------------------- one step
+LOSS_KEYS = ("temperature", "symmetric", "num_negatives")  # a stage config's `loss:` mapping
+
+
 @dataclass
 class LossSettings:
     temperature: float = 0.02
@@ -183,7 +189,7 @@ def train_step(
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 class TrainState:
-    """Step counter saved with `accelerator.save_state` (register_for_checkpointing needs state_dict)."""
+    """The loop's step counter; saved as JSON in every checkpoint (`save_checkpoint`), never pickled."""
 
     def __init__(self) -> None:
         self.step = 0
@@ -204,8 +210,10 @@ def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
-def save_checkpoint(accelerator: Any, root: str | os.PathLike, step: int, keep: int = 0) -> Path:
-    """`save_state` into a temp folder, then one rename by the main process; prune to the newest `keep`."""
+def save_checkpoint(accelerator: Any, root: str | os.PathLike, step: int, keep: int = 0,
+                    loop_state: dict[str, Any] | None = None) -> Path:
+    """`save_state` + `loop_state` (JSON/safetensors, `LOOP_STATE_DIR`) into a temp folder, then one rename by the
+    main process; prune to the newest `keep`. Every file loads without unpickling (see checkpoint.py)."""
     root = Path(root)
     final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
     tmp = root / f".{final.name}.tmp"
@@ -216,6 +224,7 @@ def save_checkpoint(accelerator: Any, root: str | os.PathLike, step: int, keep: 
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        save_training_state(tmp / LOOP_STATE_DIR, loop_state or {"train_state": {"step": step}})
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -224,6 +233,18 @@ def save_checkpoint(accelerator: Any, root: str | os.PathLike, step: int, keep: 
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_checkpoint(accelerator: Any, folder: str | os.PathLike, state: TrainState, sampler: Any = None) -> None:
+    """Restore model, optimizer, scheduler and RNG (`accelerator.load_state`, weights_only loads) and the loop's
+    step and sampler position (JSON). Raises RuntimeError when the two disagree."""
+    accelerator.load_state(str(folder))
+    loop_state = load_training_state(Path(folder) / LOOP_STATE_DIR)
+    state.load_state_dict(loop_state["train_state"])
+    if sampler is not None:
+        sampler.load_state_dict(loop_state["sampler"])
+        if sampler.step != state.step:
+            raise RuntimeError(f"{folder}: sampler step {sampler.step} != train step {state.step}")
 
 
 def resolve_resume(resume: str | None, root: str | os.PathLike) -> Path | None:
@@ -240,6 +261,39 @@ def resolve_resume(resume: str | None, root: str | os.PathLike) -> Path | None:
 
 
 # ------------------------------------------------------------------------------------------------- the loop
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+
+
+@dataclass
+class TrainConfig:
+    per_device_batch_size: int = 8
+    chunk_size: int = 0  # GradCache chunk (rows); 0 = no GradCache
+    max_steps: int = 100
+    lr: float = 5e-5
+    lr_projector: float | None = None
+    weight_decay: float = 0.0
+    schedule: str = "linear"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or "no" / "bf16" / "fp16"
+    log_every: int = 10
+    save_every: int = 0
+    keep_checkpoints: int = 2
+
+
+def mixed_precision_for(setting: str) -> str:
+    if setting == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if setting not in ("no", "bf16", "fp16"):
+        raise ConfigError(f"train.mixed_precision must be auto/no/bf16/fp16, got {setting!r}")
+    return setting
+
 @dataclass
 class LoopSettings:
     max_steps: int
@@ -313,7 +367,9 @@ def run_loop(
                     handle.write(json.dumps(record) + "\n")
             window, t0, samples = [], time.perf_counter(), 0
         if loop.checkpoint_dir and loop.save_every and state.step % loop.save_every == 0:
-            save_checkpoint(accelerator, loop.checkpoint_dir, state.step, loop.keep_checkpoints)
+            loop_state = {"train_state": state.state_dict(),
+                          "sampler": sampler.state_dict() if sampler is not None else None}
+            save_checkpoint(accelerator, loop.checkpoint_dir, state.step, loop.keep_checkpoints, loop_state)
         if loop.stop_after is not None and state.step >= loop.stop_after:
             break
     bar.close()
@@ -321,7 +377,7 @@ def run_loop(
 
 
 __all__ = [
-    "DEFAULT_LORA_TARGETS", "LossSettings", "LoopSettings", "TrainState", "apply_lora", "build_optimizer",
-    "build_scheduler", "checkpoint_dirs", "encoder_of", "lora_target_regex", "resolve_resume", "run_loop",
+    "DEFAULT_LORA_TARGETS", "LOSS_KEYS", "LoraSettings", "LossSettings", "LoopSettings", "TrainConfig", "TrainState", "apply_lora", "build_optimizer",
+    "build_scheduler", "checkpoint_dirs", "encoder_of", "load_checkpoint", "lora_target_regex", "mixed_precision_for", "resolve_resume", "run_loop",
     "save_checkpoint", "set_frozen_modules_eval", "train_step", "trainable_parameters", "unwrap_conan",
 ]

@@ -203,7 +203,7 @@ def summary(result: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="output folder (replaced if it is an earlier output)")
+    ap.add_argument("--output", "--out", dest="out", required=True, help="output folder (replaced if it is an earlier output)")
     ap.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
     ap.add_argument("--modalities", default=",".join(MODALITIES), help=f"comma list out of {','.join(MODALITIES)}")
     ap.add_argument("--seed", type=int, default=0)

@@ -1,14 +1,14 @@
 """CIFAR-10 real photos: image -> "a photo of a cat" (class-balanced; the only real photo set available offline).
 
 Split: ``training.common.splits.cifar_split(index)`` on the JPEG's per-class index (0-699 train, 700-799 dev, 800-999
-test). Lists the files with the proxy suite's loader (``training.evaluation.proxy_data.cifar10_images``).
+test). Lists the files with the shared raw-data loader (``training.common.shared_data.cifar10_images``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from training.evaluation.proxy_data import CIFAR10_CLASSES, cifar10_images
+from training.common.shared_data import CIFAR10_CLASSES, cifar10_images
 from training.common.splits import cifar_split
 
 from .common import BuildContext, SourceInfo, balanced_take, make_pair, pick_negatives

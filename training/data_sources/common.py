@@ -16,7 +16,7 @@ from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
-from training.evaluation.proxy_data import SourceMissing, default_shared_root
+from training.common.shared_data import SourceMissing, default_shared_root
 from training.common.splits import Split
 
 __all__ = ["SourceMissing", "SourceInfo", "BuildContext", "MediaWriter", "stable_int", "balanced_take",

@@ -1,12 +1,12 @@
 """Emoji artwork (Noto Color Emoji) with CLDR English names: name -> rendered emoji image.
 
-Uses the proxy suite's loaders (``proxy_data.emoji_names`` for the unique single-codepoint names,
-``proxy_data.render_emoji`` for the PIL rendering). Split: ``split_of("emoji:<name>")``.
+Uses the shared raw-data loaders (``shared_data.emoji_names`` for the unique single-codepoint names,
+``shared_data.render_emoji`` for the PIL rendering). Split: ``split_of("emoji:<name>")``.
 """
 
 from __future__ import annotations
 
-from training.evaluation.proxy_data import emoji_names, render_emoji
+from training.common.shared_data import emoji_names, render_emoji
 from training.common.splits import split_of
 
 from .common import BuildContext, SourceInfo, make_pair, pick_negatives, take_with_pool

@@ -1,7 +1,7 @@
 """FSDD spoken digits (real speech): recording -> "the spoken digit seven", with speaker metadata for clustering.
 
 Split: ``training.common.splits.fsdd_split(take)`` (official test = takes 0-4), the rule the proxy evaluation uses.
-Reads the recordings with the proxy suite's loader (``training.evaluation.proxy_data.fsdd_clips``).
+Reads the recordings with the shared raw-data loader (``training.common.shared_data.fsdd_clips``).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from training.evaluation.proxy_data import DIGIT_NAMES, fsdd_clips
+from training.common.shared_data import DIGIT_NAMES, fsdd_clips
 from training.common.splits import fsdd_split
 
 from .common import BuildContext, SourceInfo, balanced_take, make_pair, pick_negatives

@@ -43,8 +43,3 @@ INSTALL: dict[str, str] = {
     "video": "pip install av==18.1.0 (frames come from CIFAR-10 / emoji, see their entries)",
     "all": "training/data_sources/install_sources.sh",
 }
-
-
-def install_commands() -> list[str]:
-    """The commands ``install_sources.sh`` runs, in order (root needed for apt)."""
-    return ["apt-get update", APT_COMMAND, PIP_COMMAND]

@@ -1,7 +1,7 @@
 """Real PDF manual pages (R and GNU Octave manuals): a sentence or section heading from the page's own text layer
 -> the rendered page (``{"document": "<page>.png"}``).
 
-Why not ``proxy_data.pdf_pages``: it scans one whole manual and renders every usable page; here pages are scanned
+Why not ``shared_data.pdf_pages``: it scans one whole manual and renders every usable page; here pages are scanned
 from several manuals under a ``--max-pages`` cap, split by page identity, and only the chosen pages are rendered.
 The query rule is the same idea (text that occurs on no other page of the manual, so one page is relevant).
 Split: ``split_of("pdf:<file name>:<0-based page>")``.

@@ -17,6 +17,7 @@ import argparse
 import inspect
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,34 @@ def fsdd_rows(out_dir: Path, split: str = "train", limit: int | None = None, see
                      "instruction": "Represent the spoken digit for retrieving its name."})
     rng.shuffle(rows)
     return rows[:limit] if limit else rows
+
+
+def write_fsdd_pairs(recordings: str | os.PathLike, out: str | os.PathLike, split: str,
+                     takes: Iterable[int] | None = None, speakers: Iterable[str] | None = None) -> int:
+    """JSONL audio->text pairs from the Free Spoken Digit Dataset for Projector Recovery's tests and bench.
+
+    Each line: {"query": {"audio": ABS_PATH}, "positive": {"text": "the spoken digit seven"}, "source": "fsdd"},
+    split by `training.common.splits.fsdd_split`. `takes` restricts the take index (e.g. range(10, 14)), `speakers`
+    the speaker names; returns the number of lines written (atomically). Raises FileNotFoundError when
+    `recordings` is not a folder.
+    """
+    recordings = Path(recordings)
+    if not recordings.is_dir():
+        raise FileNotFoundError(f"{recordings} is not a folder of FSDD recordings ({{digit}}_{{speaker}}_{{index}}.wav).")
+    wanted_takes = None if takes is None else set(takes)
+    wanted_speakers = None if speakers is None else set(speakers)
+    rows = []
+    for wav in sorted(recordings.glob("*.wav")):
+        digit, speaker, take = wav.stem.split("_")
+        if fsdd_split(int(take)) != split:
+            continue
+        if (wanted_takes is not None and int(take) not in wanted_takes) or (
+                wanted_speakers is not None and speaker not in wanted_speakers):
+            continue
+        rows.append({"query": {"audio": str(wav.resolve())},
+                     "positive": {"text": f"the spoken digit {DIGITS[int(digit)]}"}, "source": "fsdd"})
+    _write(rows, Path(out))
+    return len(rows)
 
 
 def _cifar(split: str, per_class: int) -> list[tuple[str, Path]]:
@@ -162,7 +191,7 @@ def build(modality: str, out_dir: str | Path, split: str = "train") -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modality", required=True, choices=(*MODALITIES, "all"))
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--output", "--out", dest="out", required=True)
     parser.add_argument("--split", default="train", choices=("train", "dev", "test"))
     args = parser.parse_args(argv)
     for modality in MODALITIES if args.modality == "all" else (args.modality,):

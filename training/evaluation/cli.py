@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--model", required=True, help="model folder loadable by SentenceTransformer")
         s.add_argument("--device", default=None)
         s.add_argument("--batch-size", type=int, default=8)
-        s.add_argument("--out", default=None, help="folder for results")
+        s.add_argument("--output", "--out", dest="out", default=None, help="folder for results")
         if name == "mteb":
             s.add_argument("--benchmark", default=None, help='e.g. "MAEB(v1)"')
             s.add_argument("--tasks", nargs="*", default=None)

@@ -130,3 +130,32 @@ def candidate_list_ranks(query_emb: np.ndarray, cand_embs: Sequence[np.ndarray],
             raise ValueError(f"candidate_list_ranks: query {i}: dim {q.shape[1]} vs candidate dim {c.shape[1]}")
         ranks.append(gold_rank(c @ q[i], gold, ties=ties))
     return ranks
+
+
+def gold_ranks(scores: np.ndarray, gold: Sequence[int]) -> np.ndarray:
+    """Pessimistic 1-based rank of candidate ``gold[i]`` in row i of ``scores`` (Q, C): 1 + #(others >= gold score).
+
+    The vectorised :func:`gold_rank` with ``ties="pessimistic"``, the one tie rule of training-side model selection
+    and reporting: a tie is counted against the query, so a model that embeds everything alike scores rank C.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    g = np.asarray(gold, dtype=np.int64)
+    if s.ndim != 2 or g.shape != (s.shape[0],):
+        raise ValueError(f"gold_ranks: expected scores [Q, C] and Q gold indices, got {s.shape} and {g.shape}")
+    if s.shape[0] and (g.min() < 0 or g.max() >= s.shape[1]):
+        raise ValueError(f"gold_ranks: gold indices must lie in [0, {s.shape[1]}), got {g.min()}..{g.max()}")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("gold_ranks: scores contain NaN or inf")
+    gold_scores = s[np.arange(s.shape[0]), g]
+    return (s >= gold_scores[:, None]).sum(axis=1).astype(np.float64)
+
+
+def retrieval_scores(queries: Any, bank: Any, positives: Sequence[int]) -> dict[str, float]:
+    """R@1, R@5 and MRR of each query's positive row of ``bank`` (cosine: rows are unit-norm), ties against the
+    query (:func:`gold_ranks`). ``queries`` (Q, H) and ``bank`` (C, H) are tensors or arrays; ``n`` = Q."""
+    if len(positives) == 0:
+        return {"r@1": float("nan"), "r@5": float("nan"), "mrr": float("nan"), "n": 0}
+    q, b = (np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=np.float64) for x in (queries, bank))
+    ranks = gold_ranks(q @ b.T, positives)
+    metrics = rank_metrics(ranks, ks=(1, 5))
+    return {"r@1": metrics["hit@1"], "r@5": metrics["hit@5"], "mrr": metrics["mrr"], "n": int(len(ranks))}

@@ -120,7 +120,3 @@ class ConanMtebEncoder(AbsEncoder):
             raise ValueError(f"mteb gave an empty dataloader for {task_metadata.name} ({hf_subset}/{hf_split})")
         return l2_normalise(np.concatenate(rows))
 
-
-def make_encoder(embedder: Embedder, **kwargs: Any) -> ConanMtebEncoder:
-    """Factory so callers need not import this module at their top level."""
-    return ConanMtebEncoder(embedder, **kwargs)

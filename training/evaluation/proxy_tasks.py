@@ -17,7 +17,7 @@ from typing import Any
 
 from .embedder import Embedder
 from .mmeb import MMEBRow, score_rows
-from .proxy_data import (CIFAR10_CLASSES, DIGIT_NAMES, FSDD_SPEAKERS, SourceMissing, cifar10_images, emoji_names,
+from training.common.shared_data import (CIFAR10_CLASSES, DIGIT_NAMES, FSDD_SPEAKERS, SourceMissing, cifar10_images, emoji_names,
                          espeak_clips, fsdd_clips, fsdd_split, pdf_pages, read_audio, render_emoji)
 
 

@@ -11,26 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from training.common import hub_code
 from training.common.audio_cache import AudioFrameCache
+from training.common.repo import load_conan
 from training.contrastive.data import load_jsonl
-from training.evaluation.metrics import gold_rank, rank_metrics
-
-
-@torch.no_grad()
-def embed(model, processor, items: list[dict], instructions: list[str | None], batch_size: int, desc: str) -> np.ndarray:
-    """Embeddings of `items`, each under its own instruction (rows of one modality mix sources and instructions)."""
-    vectors = []
-    for start in tqdm(range(0, len(items), batch_size), desc=desc, leave=False):
-        chunk = slice(start, start + batch_size)
-        parsed = [processor.parse_input(item, i) for i, item in enumerate(items[chunk], start)]
-        batch = processor.prepare_parsed(parsed, instructions[chunk])
-        vectors.append(model(**batch).embeddings.float().numpy())
-    return np.concatenate(vectors)
+from training.evaluation.embed import embed_items
+from training.evaluation.metrics import gold_ranks, rank_metrics
 
 
 def evaluate_model(
@@ -43,8 +30,7 @@ def evaluate_model(
 ) -> dict[str, dict[str, float]]:
     """{modality: {"hit@1", "mrr", "n_queries", "n_candidates"}} on `data_dir/<modality>/test.jsonl`."""
     data_dir = Path(data_dir)
-    model = hub_code.ConanModel.from_pretrained(model_dir, dtype=torch.float32).eval()
-    processor = hub_code.ConanProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    model, processor = load_conan(model_dir, dtype=torch.float32)
     model.audio_frame_cache = AudioFrameCache.for_model(model, audio_cache_dir)
     results = {}
     for modality in modalities or sorted(p.name for p in data_dir.iterdir() if (p / "test.jsonl").exists()):
@@ -58,10 +44,9 @@ def evaluate_model(
         unique = sorted(set(positives))
         candidates = [json.loads(p) for p in unique]
         gold = [unique.index(p) for p in positives]
-        q = embed(model, processor, queries, [r.instruction for r in rows], batch_size, f"eval {modality} queries")
-        c = embed(model, processor, candidates, [None] * len(candidates), batch_size, f"eval {modality} candidates")
-        scores = q @ c.T
-        ranks = [gold_rank(row, g) for row, g in zip(scores, gold)]
+        q = embed_items(model, processor, queries, [r.instruction for r in rows], batch_size, desc=f"eval {modality}")
+        c = embed_items(model, processor, candidates, None, batch_size, desc=f"eval {modality} candidates")
+        ranks = gold_ranks((q @ c.T).numpy(), gold)
         metrics = rank_metrics(ranks, ks=(1, 5))
         results[modality] = {
             "hit@1": metrics["hit@1"], "mrr": metrics["mrr"], "n_queries": len(rows), "n_candidates": len(unique),

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from .cache import CachedEmbedder, EmbeddingCache, model_hash
 from .embedder import Embedder, SentenceTransformerEmbedder
-from .proxy_data import SourceMissing
+from training.common.shared_data import SourceMissing
 from .proxy_tasks import TASKS, Context
 from .report import LABEL
 

@@ -2,7 +2,8 @@
 
 Modules, one job each: `config` (all knobs), `st_io` (safetensors headers, reads, streaming writer), `lora` (peft
 adapters → exact ΔW), `plan` (key policies and validation from headers), `tensor_ctx` (per-tensor row access),
-`methods` (merge operators with paper/mergekit semantics), `engine` (thread pool, atomic output, manifest).
+`methods/` (merge operators with paper/mergekit semantics: one module per operator family and a name registry),
+`engine` (thread pool, atomic output, manifest), `cli` (`python -m training.fuse`).
 """
 
 from .config import ConfigError, FusionConfig, ModelSpec, load_config

@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-limit-gb", type=float)
     p.add_argument("--chunk-elems", type=int)
     p.add_argument("--files-from")
-    p.add_argument("--overwrite", action="store_true", default=None)
+    p.add_argument("--force", "--overwrite", dest="overwrite", action="store_true", default=None,
+                   help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true")
     return p
 

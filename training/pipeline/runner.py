@@ -283,7 +283,7 @@ def summary_line(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
-    parser.add_argument("--out", default=None, help="output folder (default runs/pipeline-<preset>)")
+    parser.add_argument("--output", "--out", dest="out", default=None, help="output folder (default runs/pipeline-<preset>)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="run only these stages")
     parser.add_argument("--force", nargs="*", default=None, choices=[*STAGES, "all"],

@@ -25,20 +25,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from training.common.calibration import backbone_fingerprint
 from training.common.io_utils import write_json_atomic
-from training.recovery.recover import (
-    AudioPairs,
-    ClipCache,
-    RecoverError,
-    audio_pairs,
-    backbone_fingerprint,
-    cache_audio,
-    collate_clips,
-    embed_inputs,
-    load_model_and_processor,
-    read_pairs,
-    retrieval_scores,
-)
+from training.common.repo import load_conan
+from training.evaluation.embed import embed_keyed as embed_inputs
+from training.evaluation.metrics import retrieval_scores
+from training.recovery.clips import AudioPairs, ClipCache, audio_pairs, cache_audio, collate_clips, read_pairs
+from training.recovery.config import RecoverError
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -137,8 +130,8 @@ def drift_report(
     progress: bool = True, device: str | None = None,
 ) -> dict[str, Any]:
     """All drift measures between `specialist` and `fused` on the audio of `data` (plus retrieval where labelled)."""
-    spec_model, processor = load_model_and_processor(specialist)
-    fused_model, fused_processor = load_model_and_processor(fused)
+    spec_model, processor = load_conan(specialist)
+    fused_model, fused_processor = load_conan(fused)
     if spec_model.config.audio_token_id != fused_model.config.audio_token_id or len(processor.tokenizer) != len(
             fused_processor.tokenizer):
         raise RecoverError(f"{specialist} and {fused} do not share a tokenizer; drift is only defined for one base.")
@@ -148,7 +141,7 @@ def drift_report(
     pad_id, audio_id = int(processor.tokenizer.pad_token_id), int(fused_model.config.audio_token_id)
     models = {"specialist": (spec_model, processor), "fused": (fused_model, fused_processor)}
     if recovered is not None:
-        models["recovered"] = load_model_and_processor(recovered)
+        models["recovered"] = load_conan(recovered)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     for model, _ in models.values():
         model.to(device)
@@ -225,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fused", required=True, help="fused model folder")
     p.add_argument("--data", required=True, help="JSONL pairs with audio (labels used for retrieval)")
     p.add_argument("--recovered", help="optional recovered/realigned model folder, reported next to the others")
-    p.add_argument("--out", type=Path, help="write the JSON report here (default: drift_report.json next to --fused)")
+    p.add_argument("--output", "--out", dest="out", type=Path, help="write the JSON report here (default: drift_report.json next to --fused)")
     p.add_argument("--max-pairs", type=int)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--feature-cache-dir", help="reuse cached Whisper frames across runs")
@@ -234,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = drift_report(args.specialist, args.fused, args.data, args.recovered, args.max_pairs,
                               args.batch_size, args.feature_cache_dir, device=args.device)
-    except RecoverError as error:
+    except (RecoverError, FileNotFoundError) as error:
         print(f"diagnose_drift: error: {error}", file=sys.stderr)
         return 2
     out = args.out or Path(args.fused) / "drift_report.json"

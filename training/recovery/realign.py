@@ -34,22 +34,13 @@ import torch
 
 import torch.nn.functional as F
 
-from training.base.build_base import save_conan_repo
+from training.common.calibration import CALIBRATION_FILE, calibrate
 from training.common.io_utils import atomic_output_dir, write_json_atomic
-from training.recovery.recover import (
-    CALIBRATION_FILE,
-    ClipCache,
-    RecoverError,
-    audio_pairs,
-    backbone_fingerprint,
-    cache_audio,
-    embed_clips,
-    embed_inputs,
-    full_hash,
-    load_model_and_processor,
-    read_pairs,
-    retrieval_scores,
-)
+from training.common.repo import load_conan, save_conan_repo
+from training.evaluation.embed import embed_keyed as embed_inputs
+from training.evaluation.metrics import retrieval_scores
+from training.recovery.clips import ClipCache, audio_pairs, cache_audio, embed_clips, read_pairs
+from training.recovery.config import RecoverError
 
 
 def _principal_directions(x: torch.Tensor, rank: int) -> torch.Tensor:
@@ -183,8 +174,8 @@ def run(
 ) -> dict[str, Any]:
     """Realign `fused`'s projector to reproduce `specialist` on the audio of `data`; optionally write the model."""
     t0 = time.perf_counter()
-    spec_model, processor = load_model_and_processor(specialist)
-    fused_model, fused_processor = load_model_and_processor(fused)
+    spec_model, processor = load_conan(specialist)
+    fused_model, fused_processor = load_conan(fused)
     for p in fused_model.parameters():
         p.requires_grad_(False)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -232,12 +223,7 @@ def run(
               "dev_before": dev_before, "dev_after": dev_r1(fused_model), "dev_specialist": dev_r1(spec_model)}
     if output is not None:
         fused_model.to("cpu")
-        fingerprint = backbone_fingerprint(fused_model)
-        fused_model.config.projector_calibration_hash = fingerprint
-        record = {"format": "conan-projector-calibration/1", "backbone_fingerprint": fingerprint,
-                  "backbone_sha256": full_hash(fused_model), "projector_sha256": full_hash(fused_model,
-                                                                                            "audio_projector."),
-                  "calibrated_on": str(fused), "method": "realign (training-free Gauss-Newton on fc2)"}
+        record = calibrate(fused_model, fused, "realign (training-free Gauss-Newton on fc2)")
         with atomic_output_dir(output, overwrite=overwrite) as tmp:
             save_conan_repo(fused_model, fused_processor, tmp)
             write_json_atomic(tmp / CALIBRATION_FILE, record)
@@ -266,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run(args.specialist, args.fused, args.data, args.output, args.dev_data, args.rank, args.iterations,
                      args.max_pairs, args.feature_cache_dir, args.force, target=args.target)
-    except (RecoverError, FileExistsError) as error:
+    except (RecoverError, FileNotFoundError, FileExistsError) as error:
         print(f"realign: error: {error}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=1))

@@ -21,185 +21,41 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from tqdm.auto import tqdm
 
-from training.common import hub_code
-from training.base.build_base import save_conan_repo
+from training.common.calibration import CALIBRATION_FILE, PROJECTOR_PREFIX, backbone_fingerprint, calibrate
+from training.common.config import ConfigError
 from training.common.io_utils import atomic_output_dir, write_json_atomic
+from training.common.repo import NotAConanRepo, load_conan, save_conan_repo
+from training.contrastive.checkpoint import load_training_state, save_training_state
+from training.contrastive.loss import info_nce
+from training.contrastive.trainer import build_scheduler
+from training.evaluation.embed import embed_keyed as embed_inputs
+from training.evaluation.metrics import retrieval_scores
+from training.recovery.clips import (
+    AudioPairs, ClipCache, audio_pairs, cache_audio, collate_clips, embed_clips, read_pairs, to_device,
+)
+from training.recovery.config import RecoverConfig, RecoverError, load_config
 
 logger = logging.getLogger("training.recover")
 
-PROJECTOR_PREFIX = "audio_projector."
-CALIBRATION_FILE = "projector_calibration.json"
-STATE_FILE = "recover_state.pt"
-
-
-class RecoverError(ValueError):
-    """Bad recovery input; the message names the input and what was expected."""
-
-
-# ============================================================================================== configuration
-@dataclass
-class RecoverConfig:
-    """Every knob of Projector Recovery (defaults: notes/training.md §0 row R)."""
-
-    model: str = ""  # the fused model folder
-    output: str = ""  # recovered model folder (written atomically)
-    train_data: str = ""  # JSONL pairs (docs/ARCHITECTURE.md format); pairs with audio on exactly one side are used
-    dev_data: str | None = None  # JSONL pairs for early stopping (audio->partner R@1)
-    specialist: str | None = None  # audio specialist folder: teacher for relational distillation
-    trainable_prefix: str | None = None  # override the manifest (default: manifest, else "audio_projector.")
-    query_instruction: str | None = None  # when a pair has no "instruction"; None = processor default
-    document_instruction: str | None = None  # instruction of the positive side; None = processor default
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    max_steps: int = 500
-    batch_size: int = 64  # audio clips per optimizer step (global)
-    queue_size: int = 4096  # cached partner negatives per step (the whole cache when smaller)
-    temperature: float = 0.02
-    symmetric: bool = True  # add the partner->audio direction over the batch
-    kd_weight: float = 0.0  # relational distillation weight (needs `specialist`)
-    kd_temperature: float = 0.05
-    eval_every: int = 50
-    patience: int = 5  # evaluations without dev improvement before stopping
-    checkpoint_every: int = 50
-    checkpoint_dir: str | None = None  # default: "<output>.recover-ckpt"
-    resume: bool = True
-    keep_checkpoint: bool = False
-    dtype: str = "auto"  # backbone dtype on load (auto = as saved); the projector always trains in fp32
-    mixed_precision: str = "no"  # accelerate: no | bf16 | fp16
-    cpu: bool = False
-    gradient_checkpointing: bool = False
-    cache_batch_size: int = 16
-    feature_cache_dir: str | None = None  # keep cached Whisper frames on disk here (reused across runs/resumes)
-    max_train_pairs: int | None = None
-    max_dev_pairs: int | None = None
-    seed: int = 0
-    overwrite: bool = False
-    progress: bool = True
-
-    def validate(self) -> None:
-        if not self.model:
-            raise RecoverError("config: `model` (the fused model folder) is required.")
-        if not self.output:
-            raise RecoverError("config: `output` (the recovered model folder) is required.")
-        if not self.train_data:
-            raise RecoverError("config: `train_data` (a JSONL file of audio<->text pairs) is required.")
-        for name in ("max_steps", "batch_size", "queue_size", "eval_every", "checkpoint_every", "cache_batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise RecoverError(f"config: {name} must be >= 1, got {getattr(self, name)!r}.")
-        if not 0 < self.temperature <= 1 or not 0 < self.kd_temperature <= 1:
-            raise RecoverError("config: temperature and kd_temperature must be in (0, 1].")
-        if self.kd_weight > 0 and not self.specialist:
-            raise RecoverError("config: kd_weight > 0 needs `specialist` (the audio specialist folder).")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise RecoverError(f"config: mixed_precision must be no|bf16|fp16, got {self.mixed_precision!r}.")
-
-
-def load_config(path: str | os.PathLike | None, **overrides: Any) -> RecoverConfig:
-    """YAML file (every key a RecoverConfig field) + overrides that are not None."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        with open(path) as handle:
-            raw = yaml.safe_load(handle) or {}
-        if not isinstance(raw, dict):
-            raise RecoverError(f"{path}: expected a YAML mapping of RecoverConfig fields, got {type(raw).__name__}.")
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(RecoverConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise RecoverError(f"{path or 'overrides'}: unknown key(s) {unknown}; expected keys among {sorted(known)}.")
-    cfg = RecoverConfig(**raw)
-    cfg.validate()
-    return cfg
-
-
-# ============================================================================================== data
-def read_pairs(path: str | os.PathLike, limit: int | None = None, on_error: str = "fatal") -> list[dict[str, Any]]:
-    """JSONL pairs (training.data format, media paths resolved and probed) as plain dicts for the caches."""
-    from training.contrastive.data import DataError, load_jsonl
-
-    try:
-        examples = load_jsonl(path, on_error=on_error)
-    except (DataError, FileNotFoundError) as error:
-        raise RecoverError(str(error)) from error
-    rows = [{"query": e.query, "positive": e.positive, "source": e.source, "instruction": e.instruction}
-            for e in examples]
-    return rows[:limit] if limit is not None else rows
-
-
-def has_audio(item: Any) -> bool:
-    return isinstance(item, dict) and item.get("audio") is not None
-
-
-@dataclass
-class AudioPairs:
-    """Pairs with audio on exactly one side, as (audio input, partner input) keyed for caching."""
-
-    audio_keys: list[str]  # per pair
-    partner_keys: list[str]  # per pair
-    audio_inputs: dict[str, tuple[Any, str | None]]  # key -> (input, instruction)
-    partner_inputs: dict[str, tuple[Any, str | None]]
-    skipped: int = 0
-
-    def __len__(self) -> int:
-        return len(self.audio_keys)
-
-
-def _key(item: Any, instruction: str | None) -> str:
-    return json.dumps([instruction, item], sort_keys=True, default=str)
-
-
-def audio_pairs(
-    pairs: list[dict[str, Any]], query_instruction: str | None = None, document_instruction: str | None = None
-) -> AudioPairs:
-    """Keep pairs whose audio sits on exactly one side; the other side (text/image/...) is the constant partner."""
-    out = AudioPairs([], [], {}, {})
-    for row in pairs:
-        q_inst = row.get("instruction") or query_instruction
-        sides = [(row["query"], q_inst), (row["positive"], document_instruction)]
-        flags = [has_audio(item) for item, _ in sides]
-        if flags.count(True) != 1:
-            out.skipped += 1
-            continue
-        (audio_item, audio_inst), (partner_item, partner_inst) = sides if flags[0] else sides[::-1]
-        a_key, p_key = _key(audio_item, audio_inst), _key(partner_item, partner_inst)
-        out.audio_inputs.setdefault(a_key, (audio_item, audio_inst))
-        out.partner_inputs.setdefault(p_key, (partner_item, partner_inst))
-        out.audio_keys.append(a_key)
-        out.partner_keys.append(p_key)
-    return out
+STATE_DIR = "state"  # inside the checkpoint folder: training.contrastive.checkpoint format (no pickle)
 
 
 # ============================================================================================== model loading
-def load_model_and_processor(path: str | os.PathLike, dtype: str = "auto") -> tuple[torch.nn.Module, Any]:
-    """A Conan folder -> (model in eval mode, processor), through the repo's own classes (no remote-code prompt)."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise RecoverError(f"{path} is not a Conan model folder (no config.json).")
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    model = hub_code.ConanModel.from_pretrained(path, dtype=torch_dtype).eval()
-    processor = hub_code.ConanProcessor.from_pretrained(path, trust_remote_code=True)
-    return model, processor
-
-
 def trainable_names(model: torch.nn.Module, model_dir: str | os.PathLike, prefix: str | None = None) -> list[str]:
     """Tensors to recover: `--trainable-prefix` if given, else the manifest's `needs_recovery`, else the projector."""
     params = dict(model.named_parameters())
@@ -246,166 +102,22 @@ def freeze_all_but(model: torch.nn.Module, names: Iterable[str]) -> list[torch.n
     return trainable
 
 
-# ============================================================================================== fingerprints
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes()
-
-
-backbone_fingerprint = hub_code.load("modeling_conan").backbone_fingerprint
-
-
-def full_hash(model: torch.nn.Module, prefix: str = "backbone.") -> str:
-    """sha256 over every byte of the tensors under `prefix` (the exact record; slower than the fingerprint)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if name.startswith(prefix):
-            digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-            digest.update(_tensor_bytes(tensor))
-    return digest.hexdigest()
-
-
-# ============================================================================================== caches
-@dataclass
-class ClipCache:
-    """Per clip: prompt ids with audio placeholders, the frozen encoder's pooled frames (real tokens only)."""
-
-    input_ids: list[torch.Tensor]
-    frames: list[torch.Tensor]  # (windows, tokens_max_of_clip, d_audio)
-    lengths: list[torch.Tensor]  # (windows,) mel frames per window
-    index: dict[str, int] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def cache_audio(
-    model: torch.nn.Module, processor: Any, inputs: dict[str, tuple[Any, str | None]], batch_size: int = 16,
-    progress: bool = True, cache_dir: str | os.PathLike | None = None,
-) -> ClipCache:
-    """Run the frozen Whisper encoder once per clip and keep only the frames the projector turns into tokens.
-
-    With `cache_dir` the encoder's frames go through the shared per-window cache (training/common/audio_cache.py, keyed by
-    the encoder's fingerprint and the window's features), so every stage and every run encodes each clip once.
-    """
-    from training.common.audio_cache import AudioFrameCache
-
-    tokens_for = hub_code.load("configuration_conan").audio_tokens_for_frames
-    k = model.config.audio_downsample
-    cache = ClipCache([], [], [])
-    keys = list(inputs)
-    device = _model_device(model)
-    previous = model.audio_frame_cache
-    if cache_dir is not None:
-        model.audio_frame_cache = AudioFrameCache.for_model(model, cache_dir)
-    try:
-        for start in tqdm(range(0, len(keys), batch_size), desc="cache audio", disable=not progress, leave=False):
-            chunk = keys[start : start + batch_size]
-            prepared = [processor.prepare([inputs[key][0]], instruction=inputs[key][1]) for key in chunk]
-            features = torch.cat([p["input_features"] for p in prepared]).to(device)
-            lengths_all = torch.cat([p["audio_feature_lengths"] for p in prepared])
-            frames = model.encode_audio_frames(features, lengths_all).float().cpu()
-            row = 0
-            for key, p in zip(chunk, prepared):
-                lengths = p["audio_feature_lengths"].cpu()
-                windows = lengths.shape[0]
-                keep = max(tokens_for(int(n), k) for n in lengths.tolist())
-                cache.index[key] = len(cache.input_ids)
-                cache.input_ids.append(p["input_ids"][0].cpu())
-                cache.frames.append(frames[row : row + windows, :keep].clone())
-                cache.lengths.append(lengths)
-                row += windows
-    finally:
-        model.audio_frame_cache = previous
-    return cache
-
-
-def collate_clips(cache: ClipCache, rows: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Model inputs (right padded) for cached clips: forward(input_ids, attention_mask, audio_frames, lengths)."""
-    ids = [cache.input_ids[i] for i in rows]
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for r, x in enumerate(ids):
-        input_ids[r, : len(x)] = x
-        attention_mask[r, : len(x)] = 1
-    frames = [cache.frames[i] for i in rows]
-    t_max = max(f.shape[1] for f in frames)
-    frames = torch.cat([F.pad(f, (0, 0, 0, t_max - f.shape[1])) for f in frames])
-    lengths = torch.cat([cache.lengths[i] for i in rows])
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "audio_frames": frames,
-            "audio_feature_lengths": lengths}
-
-
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def embed_inputs(
-    model: torch.nn.Module, processor: Any, inputs: dict[str, tuple[Any, str | None]], batch_size: int = 16,
-    progress: bool = True, desc: str = "embed",
-) -> tuple[torch.Tensor, dict[str, int]]:
-    """Embeddings (fp32, CPU) of `inputs` grouped by instruction; returns (matrix, key -> row)."""
-    keys = list(inputs)
-    out = torch.empty(0)
-    rows: list[torch.Tensor] = []
-    device = _model_device(model)
-    order: list[str] = []
-    by_inst: dict[str | None, list[str]] = {}
-    for key in keys:
-        by_inst.setdefault(inputs[key][1], []).append(key)
-    for inst, group in by_inst.items():
-        for start in tqdm(range(0, len(group), batch_size), desc=desc, disable=not progress, leave=False):
-            chunk = group[start : start + batch_size]
-            batch = processor.prepare([inputs[key][0] for key in chunk], instruction=inst)
-            rows.append(model(**_to(dict(batch), device)).embeddings.float().cpu())
-            order.extend(chunk)
-    if rows:
-        out = torch.cat(rows)
-    return out, {key: i for i, key in enumerate(order)}
-
-
-def embed_clips(model: torch.nn.Module, cache: ClipCache, rows: list[int], pad_id: int, batch_size: int = 32,
-                grad: bool = False) -> torch.Tensor:
-    """Embeddings of cached clips (through projector + backbone); with grad only where the projector trains."""
-    device = _model_device(model)
-    outs = []
-    for start in range(0, len(rows), batch_size):
-        batch = _to(collate_clips(cache, rows[start : start + batch_size], pad_id), device)
-        with torch.set_grad_enabled(grad):
-            outs.append(model(**batch).embeddings.float())
-    return torch.cat(outs)
-
-
 # ============================================================================================== losses / metrics
 def recovery_loss(
     audio: torch.Tensor, partner_bank: torch.Tensor, positives: torch.Tensor, candidates: torch.Tensor,
     temperature: float, symmetric: bool = True,
 ) -> torch.Tensor:
-    """InfoNCE audio->partner over `candidates` (bank rows incl. every positive) + partner->audio over the batch.
+    """The one InfoNCE (`training.contrastive.loss.info_nce`) of audio (B, H) against the cached partner bank.
 
-    Duplicate partners (e.g. ten FSDD clips of "seven") are one bank row, so they are never each other's negatives;
-    in the partner->audio direction the other clips sharing the partner are masked out.
+    `positives` (B,) are bank rows, `candidates` the bank rows scored (every positive plus the queue of cached
+    negatives). Bank row ids are the duplicate keys, so clips sharing a partner (ten FSDD clips of "seven") never
+    count that partner as a negative, and in the symmetric partner->audio direction the other clips of the same
+    partner are masked out. Computed on this process's rows only (no cross-device gather: the bank is global).
     """
-    cand = partner_bank[candidates]
-    logits = audio @ cand.T / temperature
-    where = {int(c): i for i, c in enumerate(candidates.tolist())}
-    target = torch.tensor([where[int(p)] for p in positives.tolist()], device=audio.device)
-    loss = F.cross_entropy(logits, target)
-    if symmetric:
-        pos = partner_bank[positives]
-        t2a = pos @ audio.T / temperature
-        same = positives.unsqueeze(0) == positives.unsqueeze(1)
-        same.fill_diagonal_(False)
-        t2a = t2a.masked_fill(same, float("-inf"))
-        loss = 0.5 * (loss + F.cross_entropy(t2a, torch.arange(len(positives), device=audio.device)))
-    return loss
+    queue = candidates[~torch.isin(candidates, positives)]
+    return info_nce(audio, partner_bank[positives], partner_bank[queue], positive_keys=positives,
+                    negative_keys=queue, query_keys=positives, temperature=temperature, symmetric=symmetric,
+                    cross_device=False, unique_candidates=True).loss
 
 
 def relational_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -414,18 +126,6 @@ def relational_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
         F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher / temperature, dim=-1),
         log_target=True, reduction="batchmean",
     )
-
-
-def retrieval_scores(queries: torch.Tensor, bank: torch.Tensor, positives: list[int]) -> dict[str, float]:
-    """R@1, R@5 and MRR of each query's positive bank row (cosine; inputs are unit-norm)."""
-    if len(positives) == 0:
-        return {"r@1": float("nan"), "r@5": float("nan"), "mrr": float("nan"), "n": 0}
-    sims = queries @ bank.T
-    pos = torch.tensor(positives)
-    pos_sim = sims[torch.arange(len(pos)), pos]
-    rank = (sims > pos_sim.unsqueeze(1)).sum(1)  # 0 = top (ties count in the query's favour)
-    return {"r@1": float((rank < 1).float().mean()), "r@5": float((rank < 5).float().mean()),
-            "mrr": float((1.0 / (rank + 1).float()).mean()), "n": int(len(pos))}
 
 
 # ============================================================================================== the trainer
@@ -479,15 +179,6 @@ def queue_candidates(positives: torch.Tensor, bank_size: int, queue_size: int, s
     return merged
 
 
-def _lr_lambda(max_steps: int, warmup: int) -> Callable[[int], float]:
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        progress = (step - warmup) / max(1, max_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return fn
-
-
 def recover(cfg: RecoverConfig, on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Run Projector Recovery end to end; returns the report (also written to `<output>/recovery_report.json`)."""
     from accelerate import Accelerator
@@ -496,7 +187,7 @@ def recover(cfg: RecoverConfig, on_step: Callable[[int, dict[str, float]], None]
     t_start = time.perf_counter()
     accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
     torch.manual_seed(cfg.seed)
-    model, processor = load_model_and_processor(cfg.model, cfg.dtype)
+    model, processor = load_conan(cfg.model, cfg.dtype)
     names = trainable_names(model, cfg.model, cfg.trainable_prefix)
     saved_dtype = {n: p.dtype for n, p in model.named_parameters() if n in set(names)}
     params = freeze_all_but(model, names)
@@ -520,7 +211,7 @@ def recover(cfg: RecoverConfig, on_step: Callable[[int, dict[str, float]], None]
         logger.warning("No dev_data: no early stopping; the last step's projector is kept.")
     teacher_audio = teacher_bank = None
     if cfg.kd_weight > 0:
-        teacher, _ = load_model_and_processor(cfg.specialist, cfg.dtype)
+        teacher, _ = load_conan(cfg.specialist, cfg.dtype)
         teacher.to(accelerator.device)
         teacher_audio = embed_clips(teacher, _recache(teacher, processor, train, cfg), list(range(len(train.clips))),
                                     pad_id, cfg.cache_batch_size)
@@ -531,16 +222,15 @@ def recover(cfg: RecoverConfig, on_step: Callable[[int, dict[str, float]], None]
     cache_seconds = time.perf_counter() - t_start
 
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(cfg.max_steps, int(round(cfg.warmup_ratio * cfg.max_steps))))
+    scheduler = build_scheduler(optimizer, "cosine", int(round(cfg.warmup_ratio * cfg.max_steps)), cfg.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
     projector = raw_model.audio_projector
 
     ckpt_dir = Path(cfg.checkpoint_dir or f"{cfg.output}.recover-ckpt")
     state = {"step": 0, "best": None, "best_state": None, "bad_evals": 0, "history": [], "stopped_early": False}
-    if cfg.resume and (ckpt_dir / STATE_FILE).is_file():
-        saved = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False)
+    if cfg.resume and (ckpt_dir / STATE_DIR).is_dir():
+        saved = load_training_state(ckpt_dir / STATE_DIR)
         if saved.get("fingerprint") != fingerprint:
             raise RecoverError(f"{ckpt_dir}: checkpoint was made on a different backbone; delete it or set resume: false.")
         projector.load_state_dict(saved["projector"])
@@ -577,7 +267,7 @@ def recover(cfg: RecoverConfig, on_step: Callable[[int, dict[str, float]], None]
         a_rows = [train.audio_rows[i] for i in pairs]
         positives = torch.tensor([train.partner_rows[i] for i in pairs])
         candidates = queue_candidates(positives, len(bank), cfg.queue_size, step, cfg.seed)
-        batch = _to(collate_clips(train.clips, a_rows, pad_id), accelerator.device)
+        batch = to_device(collate_clips(train.clips, a_rows, pad_id), accelerator.device)
         with accelerator.autocast():
             audio = model(**batch).embeddings.float()
         pos_dev, cand_dev = positives.to(accelerator.device), candidates.to(accelerator.device)
@@ -664,28 +354,18 @@ def _enable_frozen_checkpointing(model: torch.nn.Module) -> None:
 
 def _save_state(ckpt_dir: Path, projector: torch.nn.Module, optimizer: Any, scheduler: Any, state: dict,
                 fingerprint: str) -> None:
-    """Projector + optimizer + scheduler + trainer counters; small (no frozen weights), written atomically."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt_dir / f".{STATE_FILE}.tmp"
-    torch.save({"projector": projector.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "trainer": state, "fingerprint": fingerprint}, tmp)
-    os.replace(tmp, ckpt_dir / STATE_FILE)
+    """Projector + optimizer + scheduler + trainer counters; small (no frozen weights), pickle-free, atomic."""
+    save_training_state(ckpt_dir / STATE_DIR, {
+        "projector": projector.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "trainer": state, "fingerprint": fingerprint})
 
 
 def write_recovered(model: torch.nn.Module, processor: Any, cfg: RecoverConfig, fingerprint: str,
                     report: dict[str, Any]) -> Path:
     """The fused model with the recovered projector + the calibration record, written atomically."""
-    record = {
-        "format": "conan-projector-calibration/1",
-        "backbone_fingerprint": fingerprint,
-        "backbone_sha256": full_hash(model),
-        "projector_sha256": full_hash(model, PROJECTOR_PREFIX),
-        "calibrated_on": str(cfg.model),
-        "method": "projector_recovery",
-        "fingerprint_rule": "training.recovery.recover.backbone_fingerprint (sha256 of name|shape|dtype + 4096 strided "
-                            "elements per backbone.* tensor)",
-    }
-    model.config.projector_calibration_hash = fingerprint
+    record = calibrate(model, cfg.model, "projector_recovery")
+    if record["backbone_fingerprint"] != fingerprint:
+        raise RecoverError("internal: the backbone changed during Projector Recovery (it must stay frozen).")
     with atomic_output_dir(cfg.output, overwrite=cfg.overwrite) as tmp:
         save_conan_repo(model, processor, tmp)
         write_json_atomic(tmp / CALIBRATION_FILE, record)
@@ -694,41 +374,6 @@ def write_recovered(model: torch.nn.Module, processor: Any, cfg: RecoverConfig, 
             if (Path(cfg.model) / side).is_file():
                 shutil.copy2(Path(cfg.model) / side, tmp / side)
     return Path(cfg.output)
-
-
-# ============================================================================================== demo data
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-
-
-def write_fsdd_pairs(recordings: str | os.PathLike, out: str | os.PathLike, split: str,
-                     takes: Iterable[int] | None = None, speakers: Iterable[str] | None = None) -> int:
-    """JSONL audio->text pairs from the Free Spoken Digit Dataset (real speech), split by `training.splits`.
-
-    Each line: {"query": {"audio": ABS_PATH}, "positive": {"text": "the spoken digit seven"}, "source": "fsdd"}.
-    `takes` restricts the take index (e.g. range(10, 14)); returns the number of lines written.
-    """
-    from training.common.splits import fsdd_split
-
-    recordings = Path(recordings)
-    if not recordings.is_dir():
-        raise RecoverError(f"{recordings} is not a folder of FSDD recordings ({{digit}}_{{speaker}}_{{index}}.wav).")
-    wanted_takes = None if takes is None else set(takes)
-    wanted_speakers = None if speakers is None else set(speakers)
-    rows = []
-    for wav in sorted(recordings.glob("*.wav")):
-        digit, speaker, take = wav.stem.split("_")
-        if fsdd_split(int(take)) != split:
-            continue
-        if (wanted_takes is not None and int(take) not in wanted_takes) or (
-                wanted_speakers is not None and speaker not in wanted_speakers):
-            continue
-        rows.append({"query": {"audio": str(wav.resolve())},
-                     "positive": {"text": f"the spoken digit {DIGIT_WORDS[int(digit)]}"}, "source": "fsdd"})
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-    return len(rows)
 
 
 # ============================================================================================== CLI
@@ -757,14 +402,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(
-            args.config, model=args.model, output=args.output, train_data=args.train_data, dev_data=args.dev_data,
+        cfg = load_config(args.config, dict(
+            model=args.model, output=args.output, train_data=args.train_data, dev_data=args.dev_data,
             specialist=args.specialist, trainable_prefix=args.trainable_prefix, max_steps=args.max_steps,
             batch_size=args.batch_size, lr=args.lr, kd_weight=args.kd_weight, seed=args.seed, cpu=args.cpu,
             overwrite=args.force, progress=False if args.no_progress else None,
-        )
+        ))
         report = recover(cfg)
-    except (RecoverError, FileExistsError) as error:
+    except (ConfigError, NotAConanRepo, FileExistsError) as error:
         print(f"recover: error: {error}", file=sys.stderr)
         return 2
     summary = {k: report[k] for k in ("steps", "best_step", "stopped_early", "initial_dev", "best_dev",

@@ -31,21 +31,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from training.common import hub_code
-from training.base.build_base import save_conan_repo
-from training.contrastive.data import ContrastiveCollator, ExampleDataset, load_jsonl, load_sources
-from training.contrastive.trainer import (
-    LoopSettings, LossSettings, TrainState, apply_lora, build_optimizer, build_scheduler, resolve_resume, run_loop,
-    trainable_parameters, unwrap_conan,
-)
+from training.common.calibration import CALIBRATION_FILE, calibrate
+from training.common.cli import add_run_arguments
+from training.common.config import ConfigError, build_dataclass, check_keys, merged, require, resolve_path
 from training.common.io_utils import atomic_output_dir, write_json_atomic
-from training.recovery.recover import CALIBRATION_FILE, backbone_fingerprint, embed_inputs, full_hash, retrieval_scores
-from training.contrastive.sampling import MODALITY_GROUPS, BalancedModalitySampler, modality_of_pair
-from training.specialist.decouple import (
-    LoraSettings, TrainConfig, _resolve, add_run_arguments, build_dataclass, mixed_precision_for,
+from training.common.modalities import MODALITY_GROUPS
+from training.common.repo import save_conan_repo
+from training.contrastive.data import ContrastiveCollator, ExampleDataset, load_jsonl, load_sources
+from training.contrastive.sampling import BalancedModalitySampler, modality_of_pair
+from training.contrastive.trainer import (
+    LOSS_KEYS, LoopSettings, LoraSettings, LossSettings, TrainConfig, TrainState, apply_lora, build_optimizer,
+    build_scheduler, load_checkpoint, mixed_precision_for, resolve_resume, run_loop, trainable_parameters, unwrap_conan,
 )
+from training.evaluation.embed import embed_keyed as embed_inputs
+from training.evaluation.metrics import retrieval_scores
 
 logger = logging.getLogger("training.rehearse")
 SELECTION_FILE = "selection.json"
@@ -91,19 +92,10 @@ class RehearsalConfig:
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None,
                 raw: dict[str, Any] | None = None) -> RehearsalConfig:
-    """YAML (or a dict) -> RehearsalConfig; relative paths resolve against the CWD first, then the repo root
-    (`training.specialist` does the same, so configs work from any working directory)."""
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
-    raw = dict(raw or {})
-    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    where = str(path or "config")
-    for key in ("model", "output", "data"):
-        if key not in raw:
-            raise ValueError(f"{where}: missing required key {key!r}")
+    """YAML at `path` (or the mapping `raw`) + `overrides` -> RehearsalConfig (training.common.config rules:
+    ConfigError on bad keys, relative paths against the CWD first and then the repo root)."""
+    raw, where = merged(path, overrides, raw)
+    require(raw, ("model", "output", "data"), where)
     train = {"lr": 2e-5, "schedule": "cosine", **raw.get("train", {})}
     cfg = build_dataclass(RehearsalConfig, {
         **raw, "data": build_dataclass(RehearsalData, raw["data"], f"{where}: data"),
@@ -111,17 +103,15 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         "train": build_dataclass(TrainConfig, train, f"{where}: train"),
     }, where)
     if not cfg.data.train:
-        raise ValueError(f"{where}: data.train lists no JSONL file")
+        raise ConfigError(f"{where}: data.train lists no JSONL file")
     bad = sorted({g for g in [*cfg.data.groups.values(), *cfg.data.dev, *cfg.specialists, *cfg.specialist_scores]}
                  - set(MODALITY_GROUPS))
     if bad:
-        raise ValueError(f"{where}: unknown modality group(s) {bad}; expected among {MODALITY_GROUPS}")
-    unknown_loss = sorted(set(cfg.loss) - {"temperature", "symmetric", "num_negatives"})
-    if unknown_loss:
-        raise ValueError(f"{where}: loss has unknown key(s) {unknown_loss}; expected temperature/symmetric/num_negatives")
+        raise ConfigError(f"{where}: unknown modality group(s) {bad}; expected among {MODALITY_GROUPS}")
+    check_keys(cfg.loss, LOSS_KEYS, f"{where}: loss")
     if cfg.train.lr_projector is None:
         cfg.train.lr_projector = cfg.projector_lr_scale * cfg.train.lr
-    fix = _resolve
+    fix = resolve_path
     cfg.model, cfg.output = fix(cfg.model), fix(cfg.output)
     cfg.data.train = [fix(p) for p in cfg.data.train]
     cfg.data.dev = {g: fix(p) for g, p in cfg.data.dev.items()}
@@ -244,12 +234,10 @@ def rehearse(cfg: RehearsalConfig, resume: str | None = "auto", stop_after: int 
     scheduler = build_scheduler(optimizer, cfg.train.schedule, warmup, cfg.train.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    accelerator.register_for_checkpointing(sampler)
     ckpt_root = Path(cfg.checkpoint_dir)
     checkpoint = resolve_resume(resume, ckpt_root)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
+        load_checkpoint(accelerator, checkpoint, state, sampler)
         logger.info("resumed from %s at step %d", checkpoint, state.step)
     selection_path = ckpt_root / SELECTION_FILE
     selection: dict[str, Any] = {"evals": {}, "best": None}
@@ -333,11 +321,7 @@ def export_rehearsed(cfg: RehearsalConfig, peft_model: torch.nn.Module, processo
     """Fold LoRA into the backbone (and the trained projector copy into place); write the model atomically."""
     merged = peft_model.merge_and_unload().to("cpu", getattr(torch, cfg.save_dtype))
     merged.eval()
-    fingerprint = backbone_fingerprint(merged)
-    merged.config.projector_calibration_hash = fingerprint
-    record = {"format": "conan-projector-calibration/1", "backbone_fingerprint": fingerprint,
-              "backbone_sha256": full_hash(merged), "projector_sha256": full_hash(merged, "audio_projector."),
-              "calibrated_on": "rehearsal (projector trained jointly with the backbone LoRA)", "method": "rehearsal"}
+    record = calibrate(merged, "rehearsal (projector trained jointly with the backbone LoRA)", "rehearsal")
     with atomic_output_dir(cfg.output, overwrite=overwrite) as tmp:
         save_conan_repo(merged, processor, tmp)
         write_json_atomic(tmp / CALIBRATION_FILE, record)

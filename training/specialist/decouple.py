@@ -28,18 +28,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from training.common import hub_code
+from training.common.cli import add_run_arguments
+from training.common.config import ConfigError, build_dataclass, check_keys, merged, require, resolve_path
+from training.common.io_utils import atomic_output_dir, write_json_atomic
+from training.common.modalities import MODALITIES
 from training.contrastive.data import ContrastiveCollator, SourceMixtureSampler, load_sources
 from training.contrastive.trainer import (
-    DEFAULT_LORA_TARGETS, LoopSettings, LossSettings, TrainState, apply_lora, build_optimizer, build_scheduler,
-    resolve_resume, run_loop, trainable_parameters, unwrap_conan,
+    LOSS_KEYS, LoopSettings, LoraSettings, LossSettings, TrainConfig, TrainState, apply_lora, build_optimizer,
+    build_scheduler, load_checkpoint, mixed_precision_for, resolve_resume, run_loop, trainable_parameters, unwrap_conan,
 )
-from training.common.io_utils import atomic_output_dir, write_json_atomic
 
 logger = logging.getLogger("training.specialist")
-MODALITIES = ("text", "image", "video", "document", "audio")
 
 
 # ------------------------------------------------------------------------------------------------------ config
@@ -53,32 +54,6 @@ class DataConfig:
     num_workers: int = 0
     query_instruction: str | None = None  # default when a row has no "instruction"
     target_instruction: str | None = None
-
-
-@dataclass
-class LoraSettings:
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-
-
-@dataclass
-class TrainConfig:
-    per_device_batch_size: int = 8
-    chunk_size: int = 0  # GradCache chunk (rows); 0 = no GradCache
-    max_steps: int = 100
-    lr: float = 5e-5
-    lr_projector: float | None = None
-    weight_decay: float = 0.0
-    schedule: str = "linear"
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or "no" / "bf16" / "fp16"
-    log_every: int = 10
-    save_every: int = 0
-    keep_checkpoints: int = 2
 
 
 @dataclass
@@ -102,54 +77,29 @@ class SpecialistConfig:
         return dataclasses.asdict(self)
 
 
-def build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
-    """`cls(**values)` with an error naming `where` and the allowed keys (YAML typos fail loudly)."""
-    if not isinstance(values, dict):
-        raise ValueError(f"{where} must be a mapping, got {type(values).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; expected keys among {sorted(names)}")
-    return cls(**values)
-
-
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SpecialistConfig:
-    """YAML -> SpecialistConfig; relative paths (base, output, data files, checkpoint_dir) resolve against the CWD
-    first and then the repo root, so configs work from any working directory."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
-    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    for key in ("name", "modality", "base", "output", "data"):
-        if key not in raw:
-            raise ValueError(f"{path}: missing required key {key!r}")
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None,
+                raw: dict[str, Any] | None = None) -> SpecialistConfig:
+    """YAML at `path` (or the mapping `raw`) + `overrides` -> SpecialistConfig (training.common.config rules:
+    ConfigError on bad keys, relative paths against the CWD first and then the repo root)."""
+    raw, where = merged(path, overrides, raw)
+    require(raw, ("name", "modality", "base", "output", "data"), where)
     cfg = build_dataclass(SpecialistConfig, {
         **raw,
-        "data": build_dataclass(DataConfig, raw["data"], f"{path}: data"),
-        "lora": build_dataclass(LoraSettings, raw.get("lora", {}), f"{path}: lora"),
-        "train": build_dataclass(TrainConfig, raw.get("train", {}), f"{path}: train"),
-    }, str(path))
+        "data": build_dataclass(DataConfig, raw["data"], f"{where}: data"),
+        "lora": build_dataclass(LoraSettings, raw.get("lora", {}), f"{where}: lora"),
+        "train": build_dataclass(TrainConfig, raw.get("train", {}), f"{where}: train"),
+    }, where)
     if cfg.modality not in MODALITIES:
-        raise ValueError(f"{path}: modality {cfg.modality!r}; expected one of {MODALITIES}")
-    unknown_loss = sorted(set(cfg.loss) - {"temperature", "symmetric", "num_negatives"})
-    if unknown_loss:
-        raise ValueError(f"{path}: loss has unknown key(s) {unknown_loss}; expected temperature/symmetric/num_negatives")
+        raise ConfigError(f"{where}: modality {cfg.modality!r}; expected one of {MODALITIES}")
+    check_keys(cfg.loss, LOSS_KEYS, f"{where}: loss")
     if not cfg.data.train:
-        raise ValueError(f"{path}: data.train lists no JSONL file")
+        raise ConfigError(f"{where}: data.train lists no JSONL file")
     if cfg.train_audio_projector is None:
         cfg.train_audio_projector = cfg.modality == "audio"
-    cfg.base, cfg.output = _resolve(cfg.base), _resolve(cfg.output)
-    cfg.data.train = [_resolve(p) for p in cfg.data.train]
-    cfg.checkpoint_dir = _resolve(cfg.checkpoint_dir) if cfg.checkpoint_dir else cfg.output + ".checkpoints"
+    cfg.base, cfg.output = resolve_path(cfg.base), resolve_path(cfg.output)
+    cfg.data.train = [resolve_path(p) for p in cfg.data.train]
+    cfg.checkpoint_dir = resolve_path(cfg.checkpoint_dir) if cfg.checkpoint_dir else cfg.output + ".checkpoints"
     return cfg
-
-
-def _resolve(p: str) -> str:
-    candidate = Path(p)
-    if candidate.is_absolute() or candidate.exists() or not (hub_code.REPO_ROOT / p).exists():
-        return str(candidate.resolve()) if not candidate.is_absolute() else str(candidate)
-    return str(hub_code.REPO_ROOT / p)
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -166,14 +116,6 @@ def base_hash(base_dir: str | Path) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
-
-
-def mixed_precision_for(setting: str) -> str:
-    if setting == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    if setting not in ("no", "bf16", "fp16"):
-        raise ValueError(f"train.mixed_precision must be auto/no/bf16/fp16, got {setting!r}")
-    return setting
 
 
 def task_vector(merged: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -236,13 +178,9 @@ def train(cfg: SpecialistConfig, resume: str | None = "auto", stop_after: int | 
     scheduler = build_scheduler(optimizer, cfg.train.schedule, cfg.train.warmup_steps, cfg.train.max_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    accelerator.register_for_checkpointing(sampler)
     checkpoint = resolve_resume(resume, cfg.checkpoint_dir)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        if sampler.step != state.step:
-            raise RuntimeError(f"{checkpoint}: sampler step {sampler.step} != train step {state.step}")
+        load_checkpoint(accelerator, checkpoint, state, sampler)
         logger.info("resumed from %s at step %d", checkpoint, state.step)
     # A private generator keeps DataLoader start-up from drawing on the global RNG (exact resume under dropout).
     loader = torch.utils.data.DataLoader(
@@ -318,7 +256,7 @@ def export_specialist(cfg: SpecialistConfig, peft_state: dict[str, torch.Tensor]
         if cfg.train_audio_projector:  # the projector is now calibrated on this specialist's backbone
             merged.config.projector_calibration_hash = hub_code.load("modeling_conan").backbone_fingerprint(merged)
         unwrap_conan(merged).eval()
-        from training.base.build_base import save_conan_repo
+        from training.common.repo import save_conan_repo
 
         save_conan_repo(merged, processor, tmp)
         manifest = {**manifest, "task_vector": {"tensors": len(delta),
@@ -328,19 +266,11 @@ def export_specialist(cfg: SpecialistConfig, peft_state: dict[str, torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """Run-control flags shared by the accelerate-launched stages (specialist, rehearse)."""
-    parser.add_argument("--max-steps", type=int, help="override train.max_steps")
-    parser.add_argument("--resume", default="auto", help="auto (newest checkpoint, default) | never | FOLDER")
-    parser.add_argument("--stop-after", type=int, help="stop after this step (checkpoint first via save_every)")
-    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.specialist", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="training/configs/specialist_*.yaml")
-    parser.add_argument("--base", help="override the base model folder")
+    parser.add_argument("--model", "--base", dest="base", help="override the base model folder (`base:`)")
     parser.add_argument("--output", help="override the output folder")
     add_run_arguments(parser)
     args = parser.parse_args(argv)

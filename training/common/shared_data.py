@@ -1,4 +1,4 @@
-"""Loaders for the real offline data behind the proxy suite (see ../shared/notes/eval.md §4, §6).
+"""Loaders for the real offline data in ../shared: the proxy evaluation suite and the data builders both read it.
 
 Each loader returns plain Python data or raises :class:`SourceMissing` with the install command, so the suite can
 skip a task with a clear reason on a machine that lacks that source. Nothing here downloads anything.

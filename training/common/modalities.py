@@ -1,0 +1,7 @@
+"""The modality names every stage, data file and report uses (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+MODALITIES = ("text", "image", "video", "document", "audio")
+# Rehearsal's sampling groups, in the order its sampler draws them (text last: the anchor every specialist kept).
+MODALITY_GROUPS = ("image", "video", "document", "audio", "text")
