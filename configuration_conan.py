@@ -31,6 +31,11 @@ def check_backbone_model_type(model_type: str) -> None:
     raise ValueError(f"Unknown backbone model_type {model_type!r}; expected one of {SUPPORTED_BACKBONES}.")
 
 
+# mm_token_type_ids, one table for processor and model. The Qwen2-VL backbone's M-RoPE knows text/image/video only;
+# audio placeholders are text positions for it (ConanModel.forward maps "audio" to "text" before the backbone).
+MM_TOKEN_TYPES = {"text": 0, "image": 1, "video": 2, "audio": 3}
+
+
 def audio_tokens_for_frames(mel_frames: int, downsample: int) -> int:
     """Number of `<|audio_pad|>` tokens for one 30 s window holding `mel_frames` real log-mel frames.
 
@@ -81,4 +86,4 @@ class ConanConfig(Qwen2VLConfig):
         super().__post_init__(**kwargs)
 
 
-__all__ = ["ConanConfig", "audio_tokens_for_frames", "check_backbone_model_type"]
+__all__ = ["MM_TOKEN_TYPES", "ConanConfig", "audio_tokens_for_frames", "check_backbone_model_type"]

@@ -20,10 +20,9 @@ from transformers.activations import ACT2FN
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.utils import ModelOutput
 
-from .configuration_conan import WHISPER_WINDOW_FRAMES, ConanConfig, audio_tokens_for_frames
+from .configuration_conan import MM_TOKEN_TYPES, WHISPER_WINDOW_FRAMES, ConanConfig, audio_tokens_for_frames
 
 logger = logging.getLogger(__name__)
-AUDIO_TOKEN_TYPE = 3  # what ProcessorMixin-style processors mark audio placeholders with
 
 
 @dataclass
@@ -110,7 +109,7 @@ class ConanModel(ConanPreTrainedModel):
         self.audio_projector = ConanAudioProjector(
             audio_config.d_model, config.text_config.hidden_size, config.projector_hidden_act
         )
-        self.audio_frame_cache = None  # optional, set by training code: see encode_audio_frames
+        self.audio_frames_hook = None  # optional, set by training code: see encode_audio_frames
         self.post_init()
 
     @classmethod
@@ -146,37 +145,20 @@ class ConanModel(ConanPreTrainedModel):
         """Whisper encoder + average pooling: `(windows, mel, 3000)` -> `(windows, ceil(1500/k), d_audio)`.
 
         This is the frozen part of the audio path. Training code may precompute it (`forward(audio_frames=...)`) or
-        attach `self.audio_frame_cache` (an object with `get(features_row) -> Tensor | None` and
-        `put(features_row, frames)`, keyed by the window's features) so every stage encodes each clip once. With a
-        cache, only each window's real frames are stored; frames past them are returned as zeros, which `forward`
-        never reads (it keeps the first `audio_tokens_for_frames(length)` tokens of each window).
+        set `self.audio_frames_hook`, a callable `(model, input_features, audio_feature_lengths) -> frames` used
+        instead of `run_audio_encoder` when lengths are known (the training side's on-disk frame cache).
         """
         if input_features.shape[-1] != WHISPER_WINDOW_FRAMES:
             raise ValueError(
                 f"input_features must hold {WHISPER_WINDOW_FRAMES} mel frames per window (30 s), got shape "
                 f"{tuple(input_features.shape)}; use ConanProcessor to pad audio."
             )
-        cache = self.audio_frame_cache
-        if cache is None or audio_feature_lengths is None:
-            return self._run_audio_encoder(input_features)
-        n_pooled = -(-(WHISPER_WINDOW_FRAMES // 2) // self.config.audio_downsample)
-        out = torch.zeros(
-            input_features.shape[0], n_pooled, self.config.audio_config.d_model,
-            dtype=self.audio_encoder.conv1.weight.dtype, device=input_features.device,
-        )
-        cached = [cache.get(row) for row in input_features]
-        todo = [i for i, frames in enumerate(cached) if frames is None]
-        if todo:
-            fresh = self._run_audio_encoder(input_features[todo])
-            for j, i in enumerate(todo):
-                n_tokens = audio_tokens_for_frames(int(audio_feature_lengths[i]), self.config.audio_downsample)
-                cached[i] = fresh[j, :n_tokens]
-                cache.put(input_features[i], cached[i])
-        for i, frames in enumerate(cached):
-            out[i, : frames.shape[0]] = frames.to(out.device, out.dtype)
-        return out
+        if self.audio_frames_hook is not None and audio_feature_lengths is not None:
+            return self.audio_frames_hook(self, input_features, audio_feature_lengths)
+        return self.run_audio_encoder(input_features)
 
-    def _run_audio_encoder(self, input_features: torch.Tensor) -> torch.Tensor:
+    def run_audio_encoder(self, input_features: torch.Tensor) -> torch.Tensor:
+        """The frozen Whisper encoder on `(windows, mel, 3000)`, average-pooled by `config.audio_downsample`."""
         encoder_dtype = self.audio_encoder.conv1.weight.dtype
         frames = self.audio_encoder(input_features.to(encoder_dtype)).last_hidden_state
         k = self.config.audio_downsample
@@ -249,7 +231,8 @@ class ConanModel(ConanPreTrainedModel):
         if mm_token_type_ids is None:
             mm_token_type_ids = self._token_types_from_ids(input_ids)
         # Audio placeholders are text positions for M-RoPE (the backbone knows only 0/1/2).
-        mm_token_type_ids = mm_token_type_ids.masked_fill(mm_token_type_ids == AUDIO_TOKEN_TYPE, 0)
+        mm_token_type_ids = mm_token_type_ids.masked_fill(
+            mm_token_type_ids == MM_TOKEN_TYPES["audio"], MM_TOKEN_TYPES["text"])
         # Explicit position ids make left and right padding give the same result and avoid the backbone's
         # cached `rope_deltas` state.
         position_ids, _ = self.backbone.get_rope_index(
@@ -277,9 +260,9 @@ class ConanModel(ConanPreTrainedModel):
         return ConanModelOutput(embeddings=embeddings, last_hidden_state=hidden, pooler_output=embeddings)
 
     def _token_types_from_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        types = torch.zeros_like(input_ids)
-        types[input_ids == self.config.image_token_id] = 1
-        types[input_ids == self.config.video_token_id] = 2
+        types = torch.full_like(input_ids, MM_TOKEN_TYPES["text"])
+        types[input_ids == self.config.image_token_id] = MM_TOKEN_TYPES["image"]
+        types[input_ids == self.config.video_token_id] = MM_TOKEN_TYPES["video"]
         return types
 
 

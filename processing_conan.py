@@ -26,7 +26,7 @@ from transformers import BatchFeature
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 from transformers.processing_utils import ProcessorMixin
 
-from .configuration_conan import SAMPLING_RATE, WHISPER_WINDOW_FRAMES, audio_tokens_for_frames
+from .configuration_conan import MM_TOKEN_TYPES, SAMPLING_RATE, WHISPER_WINDOW_FRAMES, audio_tokens_for_frames
 from .media_conan import (
     count_pdf_pages,
     load_audio_file,
@@ -258,10 +258,10 @@ class ConanProcessor(ProcessorMixin):
             kwargs["padding_side"] = padding_side
         encoded = self.tokenizer(texts, padding=padding, return_tensors="np", add_special_tokens=False, **kwargs)
         input_ids = encoded["input_ids"]
-        mm_types = np.zeros_like(input_ids)
-        mm_types[input_ids == self.image_token_id] = 1
-        mm_types[input_ids == self.video_token_id] = 2
-        mm_types[input_ids == self.audio_token_id] = 3
+        mm_types = np.full_like(input_ids, MM_TOKEN_TYPES["text"])
+        mm_types[input_ids == self.image_token_id] = MM_TOKEN_TYPES["image"]
+        mm_types[input_ids == self.video_token_id] = MM_TOKEN_TYPES["video"]
+        mm_types[input_ids == self.audio_token_id] = MM_TOKEN_TYPES["audio"]
         data.update(input_ids=input_ids, attention_mask=encoded["attention_mask"], mm_token_type_ids=mm_types)
         return BatchFeature(data=data, tensor_type=return_tensors)
 

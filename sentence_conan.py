@@ -22,7 +22,6 @@ class ConanEmbedder(InputModule):
     config_keys: list[str] = ["padding_side"]
     config_file_name: str = "sentence_conan_config.json"
     save_in_root: bool = True
-    forward_kwargs: set[str] = {"task"}
 
     def __init__(self, model: torch.nn.Module, processor: Any, padding_side: str = "right"):
         super().__init__()
@@ -77,7 +76,7 @@ class ConanEmbedder(InputModule):
     ) -> "ConanEmbedder":
         hub_kwargs = {
             "subfolder": subfolder, "token": token, "cache_dir": cache_folder, "revision": revision,
-            "local_files_only": local_files_only, "trust_remote_code": True,
+            "local_files_only": local_files_only, "trust_remote_code": trust_remote_code,
         }
         config = cls.load_config(
             model_name_or_path, subfolder=subfolder, token=token, cache_folder=cache_folder, revision=revision,

@@ -307,17 +307,17 @@ def test_audio_frame_cache_gives_identical_embeddings(tiny_model_and_processor, 
     model, processor = tiny_model_and_processor
     inputs = [{"audio": AUDIO}, {"video": VIDEO, "audio": AUDIO}, "text only"]
     reference = _embed(model, processor, inputs)
-    model.audio_frame_cache = AudioFrameCache.for_model(model, tmp_path)
+    model.audio_frames_hook = AudioFrameCache.for_model(model, tmp_path)
     try:
         first = _embed(model, processor, inputs)
         second = _embed(model, processor, inputs)
-        assert model.audio_frame_cache.misses == 2 and model.audio_frame_cache.hits == 2  # same clip twice in a batch
+        assert model.audio_frames_hook.misses == 2 and model.audio_frames_hook.hits == 2  # same clip twice in a batch
         fresh = AudioFrameCache.for_model(model, tmp_path)  # a later stage: reads the persisted frames
-        model.audio_frame_cache = fresh
+        model.audio_frames_hook = fresh
         third = _embed(model, processor, inputs)
         assert fresh.hits == 2 and fresh.misses == 0
     finally:
-        model.audio_frame_cache = None
+        model.audio_frames_hook = None
     for other in (first, second, third):
         torch.testing.assert_close(other, reference, atol=1e-6, rtol=0)
 

@@ -1,8 +1,11 @@
 """A cache of the frozen Whisper encoder's pooled frames, shared by every stage and evaluation.
 
-The audio encoder never changes across stages, so each 30 s window is encoded once: attach
-`AudioFrameCache.for_model(model, cache_dir)` as `model.audio_frame_cache`. Keys are a hash of the window's log-mel
-features plus a fingerprint of the encoder weights (a different encoder never reads stale frames).
+The audio encoder never changes across stages, so each 30 s window is encoded once: set
+`model.audio_frames_hook = AudioFrameCache.for_model(model, cache_dir)` (`ConanModel.encode_audio_frames` calls the
+hook instead of the encoder). Keys are a hash of the window's log-mel features plus a fingerprint of the encoder
+weights (a different encoder never reads stale frames). Only each window's real frames are stored; frames past them
+come back as zeros, which `ConanModel.forward` never reads (it keeps the first `audio_tokens_for_frames(length)`
+tokens of each window).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from training.common import hub_code
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:
@@ -66,3 +71,24 @@ class AudioFrameCache:
             os.close(fd)
             torch.save(frames, tmp)
             os.replace(tmp, self.cache_dir / f"{key}.pt")
+
+    def __call__(self, model: torch.nn.Module, input_features: torch.Tensor,
+                 audio_feature_lengths: torch.Tensor) -> torch.Tensor:
+        """`ConanModel.audio_frames_hook`: pooled frames `(windows, ceil(1500/k), d_audio)`, encoding only misses."""
+        config = hub_code.load("configuration_conan")
+        k = model.config.audio_downsample
+        n_pooled = -(-(config.WHISPER_WINDOW_FRAMES // 2) // k)
+        out = torch.zeros(
+            input_features.shape[0], n_pooled, model.config.audio_config.d_model,
+            dtype=model.audio_encoder.conv1.weight.dtype, device=input_features.device,
+        )
+        cached = [self.get(row) for row in input_features]
+        todo = [i for i, frames in enumerate(cached) if frames is None]
+        if todo:
+            fresh = model.run_audio_encoder(input_features[todo])
+            for j, i in enumerate(todo):
+                cached[i] = fresh[j, : config.audio_tokens_for_frames(int(audio_feature_lengths[i]), k)]
+                self.put(input_features[i], cached[i])
+        for i, frames in enumerate(cached):
+            out[i, : frames.shape[0]] = frames.to(out.device, out.dtype)
+        return out

@@ -31,7 +31,7 @@ def evaluate_model(
     """{modality: {"hit@1", "mrr", "n_queries", "n_candidates"}} on `data_dir/<modality>/test.jsonl`."""
     data_dir = Path(data_dir)
     model, processor = load_conan(model_dir, dtype=torch.float32)
-    model.audio_frame_cache = AudioFrameCache.for_model(model, audio_cache_dir)
+    model.audio_frames_hook = AudioFrameCache.for_model(model, audio_cache_dir)
     results = {}
     for modality in modalities or sorted(p.name for p in data_dir.iterdir() if (p / "test.jsonl").exists()):
         path = data_dir / modality / "test.jsonl"

@@ -106,9 +106,9 @@ def cache_audio(
     cache = ClipCache([], [], [])
     keys = list(inputs)
     device = model_device(model)
-    previous = model.audio_frame_cache
+    previous = model.audio_frames_hook
     if cache_dir is not None:
-        model.audio_frame_cache = AudioFrameCache.for_model(model, cache_dir)
+        model.audio_frames_hook = AudioFrameCache.for_model(model, cache_dir)
     try:
         for start in tqdm(range(0, len(keys), batch_size), desc="cache audio", disable=not progress, leave=False):
             chunk = keys[start : start + batch_size]
@@ -127,7 +127,7 @@ def cache_audio(
                 cache.lengths.append(lengths)
                 row += windows
     finally:
-        model.audio_frame_cache = previous
+        model.audio_frames_hook = previous
     return cache
 
 

@@ -136,7 +136,7 @@ def build_model(cfg: SpecialistConfig) -> tuple[torch.nn.Module, Any]:
     if cfg.audio_cache_dir:
         from training.common.audio_cache import AudioFrameCache
 
-        model.audio_frame_cache = AudioFrameCache.for_model(model, cfg.audio_cache_dir)
+        model.audio_frames_hook = AudioFrameCache.for_model(model, cfg.audio_cache_dir)
     if cfg.train.gradient_checkpointing:
         # use_reentrant=False: with frozen embeddings reentrant checkpointing silently drops LoRA gradients.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
