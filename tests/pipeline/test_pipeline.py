@@ -18,8 +18,8 @@ def smoke_run(tmp_path_factory):
     from training.pipeline.runner import PRESETS, STAGES, Pipeline
 
     out = tmp_path_factory.mktemp("pipeline") / "smoke"
-    pipeline = Pipeline(out, PRESETS["smoke"], seed=0)
-    pipeline.preset_name, pipeline.command = "smoke", "python -m training.pipeline --preset smoke"
+    pipeline = Pipeline(out, PRESETS["smoke"], seed=0, preset_name="smoke",
+                        command="python -m training.pipeline --preset smoke")
     pipeline.run(list(STAGES))
     return out
 
@@ -55,8 +55,7 @@ def test_recovery_changed_only_the_projector(smoke_run):
 def test_rerun_skips_finished_stages(smoke_run, capsys):
     from training.pipeline.runner import PRESETS, STAGES, Pipeline
 
-    pipeline = Pipeline(smoke_run, PRESETS["smoke"], seed=0)
-    pipeline.preset_name, pipeline.command = "smoke", "rerun"
+    pipeline = Pipeline(smoke_run, PRESETS["smoke"], seed=0, preset_name="smoke", command="rerun")
     pipeline.run(list(STAGES[:-1]))
     assert capsys.readouterr().out.count("skipped") == len(STAGES) - 1
 

@@ -8,6 +8,11 @@ alias). A user error prints one line, "<prog>: error: <message>", and exits with
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,3 +22,31 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-after", type=int, help="stop after this step (checkpoint first via save_every)")
     parser.add_argument("--force", "--overwrite", dest="force", action="store_true",
                         help="replace an existing output folder")
+
+
+def run_training_stage(
+    argv: list[str] | None, prog: str, description: str, config_help: str, model_flags: tuple[str, ...],
+    model_key: str, load_config: Callable[[str, dict[str, Any]], Any], run: Callable[..., dict[str, Any]],
+    summary: Callable[[dict[str, Any]], dict[str, Any]],
+) -> int:
+    """The CLI of a config-driven, resumable training stage (specialist, rehearse): parse the flags, load the config
+    (`model_flags` override the config key `model_key`), `run(cfg, resume=, stop_after=, overwrite=)`, print
+    `summary(result)` as JSON; a user error prints "<prog>: error: <message>" and returns 2."""
+    parser = argparse.ArgumentParser(prog=f"python -m training.{prog}", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument(*model_flags, dest="model", help=f"override the config's `{model_key}:` model folder")
+    parser.add_argument("--output", "--out", dest="output", help="override the output folder")
+    add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = load_config(args.config, {model_key: args.model, "output": args.output})
+        if args.max_steps is not None:
+            cfg.train.max_steps = args.max_steps
+        result = run(cfg, resume=args.resume, stop_after=args.stop_after, overwrite=args.force)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary(result), indent=1))
+    return 0

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from training.common.modalities import MODALITIES
 from training.common.splits import cifar_split, fsdd_split, split_of
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-MODALITIES = ("audio", "image", "video", "document", "text")
 
 
 def _rel(path: Path, out_dir: Path) -> str:

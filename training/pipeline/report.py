@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-MODALITIES = ("text", "image", "video", "document", "audio")
+from training.common.modalities import MODALITIES
 
 
 def score_table(stages: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:

@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from training.common.io_utils import write_json_atomic
+from training.common.modalities import MODALITIES
 
 logger = logging.getLogger("training.pipeline")
-MODALITIES = ("text", "image", "video", "document", "audio")
 STAGES = ("data", "base", "specialists", "fuse", "drift", "recover", "rehearse", "report")
 
 
@@ -63,8 +63,10 @@ PRESETS = {
 class Pipeline:
     """Runs the stages in order; each stage's result is `OUT/<stage>/stage.json` (present = finished)."""
 
-    def __init__(self, out: Path, preset: Preset, seed: int = 0, force: set[str] | None = None):
+    def __init__(self, out: Path, preset: Preset, seed: int = 0, force: set[str] | None = None,
+                 preset_name: str = "custom", command: str = ""):
         self.out, self.preset, self.seed, self.force = out, preset, seed, force or set()
+        self.preset_name, self.command = preset_name, command
         self.audio_cache = out / "cache" / "audio_frames"
 
     # ---------------------------------------------------------------------------------------------- plumbing
@@ -293,9 +295,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     force = set(STAGES) if args.force == [] else set(args.force or [])
     out = Path(args.out or f"runs/pipeline-{args.preset}")
-    pipeline = Pipeline(out, PRESETS[args.preset], seed=args.seed, force=force)
-    pipeline.preset_name = args.preset
-    pipeline.command = "python -m training.pipeline " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m training.pipeline " + " ".join(argv if argv is not None else sys.argv[1:])
+    pipeline = Pipeline(out, PRESETS[args.preset], seed=args.seed, force=force, preset_name=args.preset,
+                        command=command)
     pipeline.run(args.stages)
 
 

@@ -19,7 +19,6 @@ Output: the merged model (LoRA folded in), `rehearsal_report.json`, and a new pr
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -34,7 +33,7 @@ import torch
 
 from training.common import hub_code
 from training.common.calibration import CALIBRATION_FILE, calibrate
-from training.common.cli import add_run_arguments
+from training.common.cli import run_training_stage
 from training.common.config import ConfigError, build_dataclass, check_keys, merged, require, resolve_path
 from training.common.io_utils import atomic_output_dir, write_json_atomic
 from training.common.modalities import MODALITY_GROUPS
@@ -330,26 +329,12 @@ def export_rehearsed(cfg: RehearsalConfig, peft_model: torch.nn.Module, processo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.rehearse", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="rehearsal YAML (training/configs/rehearse_*.yaml)")
-    parser.add_argument("--model", help="override the fused/recovered model folder")
-    parser.add_argument("--output", help="override the output folder")
-    add_run_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        cfg = load_config(args.config, {"model": args.model, "output": args.output})
-        if args.max_steps is not None:
-            cfg.train.max_steps = args.max_steps
-        report = rehearse(cfg, resume=args.resume, stop_after=args.stop_after, overwrite=args.force)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"rehearse: error: {error}", file=sys.stderr)
-        return 2
-    best = report["selection"].get("best")
-    print(json.dumps({"output": report["output"], "steps": report["steps"], "selected": best,
-                      "mixture": report["mixture"]}, indent=1))
-    return 0
+    def summary(report: dict[str, Any]) -> dict[str, Any]:
+        return {"output": report["output"], "steps": report["steps"], "selected": report["selection"].get("best"),
+                "mixture": report["mixture"]}
+
+    return run_training_stage(argv, "rehearse", __doc__, "rehearsal YAML (training/configs/rehearse_*.yaml)",
+                              ("--model",), "model", load_config, rehearse, summary)
 
 
 if __name__ == "__main__":

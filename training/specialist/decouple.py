@@ -17,10 +17,8 @@ from the newest one exactly (model, optimizer, scheduler, RNG, sampler position)
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
-import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -30,7 +28,7 @@ from typing import Any
 import torch
 
 from training.common import hub_code
-from training.common.cli import add_run_arguments
+from training.common.cli import run_training_stage
 from training.common.config import ConfigError, build_dataclass, check_keys, merged, require, resolve_path
 from training.common.io_utils import atomic_output_dir, write_json_atomic
 from training.common.modalities import MODALITIES
@@ -267,25 +265,12 @@ def export_specialist(cfg: SpecialistConfig, peft_state: dict[str, torch.Tensor]
 
 # ---------------------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.specialist", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="training/configs/specialist_*.yaml")
-    parser.add_argument("--model", "--base", dest="base", help="override the base model folder (`base:`)")
-    parser.add_argument("--output", help="override the output folder")
-    add_run_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        cfg = load_config(args.config, {"base": args.base, "output": args.output})
-        if args.max_steps is not None:
-            cfg.train.max_steps = args.max_steps
-        manifest = train(cfg, resume=args.resume, stop_after=args.stop_after, overwrite=args.force)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"specialist: error: {error}", file=sys.stderr)
-        return 2
-    last = manifest["history"][-1] if manifest["history"] else {}
-    print(json.dumps({"output": manifest["output"], "steps": manifest["steps"], **last}, indent=1))
-    return 0
+    def summary(manifest: dict[str, Any]) -> dict[str, Any]:
+        last = manifest["history"][-1] if manifest["history"] else {}
+        return {"output": manifest["output"], "steps": manifest["steps"], **last}
+
+    return run_training_stage(argv, "specialist", __doc__, "training/configs/specialist_*.yaml",
+                              ("--model", "--base"), "base", load_config, train, summary)
 
 
 if __name__ == "__main__":
