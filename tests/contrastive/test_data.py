@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.contrastive.data import (
-    ContrastiveCollator, DataError, SourceMixtureSampler, load_jsonl, load_sources,
-)
+from training.contrastive.data import ContrastiveCollator, DataError, load_jsonl, load_sources
+from training.contrastive.sampling import SourceMixtureSampler
 
 
 def _write(path: Path, rows: list) -> Path:

@@ -1,4 +1,5 @@
-"""Training-free re-alignment (training/recovery/realign.py): moves the fused model toward the specialist, touches only fc2."""
+"""Training-free re-alignment (training/recovery/realign.py): moves the fused model toward the specialist, touches
+only fc2."""
 
 from __future__ import annotations
 

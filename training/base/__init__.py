@@ -1,1 +1,2 @@
-"""Stage 0: assemble a Conan base repo from real parts (`build_base`), the pipeline's small base and text distillation."""
+"""Stage 0: assemble a Conan base repo from real parts (`build_base`); the pipeline's small base (`small_base`) and
+its text distillation (`distill_text`)."""

@@ -1,4 +1,7 @@
-"""Balanced multi-modal sampling for rehearsal (stage B; notes/training.md §3).
+"""Batch samplers of the training loop, each a pure function of (seed, step) so a checkpoint stores the step alone.
+
+`SourceMixtureSampler` (specialists): per-step homogeneous batches from weighted sources. `BalancedModalitySampler`
+(rehearsal, stage B):
 
 Mass is split equally across modality groups (image / video / document / audio / text), then inside a group each
 source gets p ∝ n^alpha (alpha = 0.5 by default), so large image sets cannot starve audio. Every device micro-batch
@@ -10,8 +13,8 @@ holds one source (homogeneous batches). Group assignment is stratified over the 
   steps: every ceil(G/W) steps cover every group.
 
 Each group's marginal frequency is exactly 1/G per slot position, so proportions converge fast. The sampler is a
-pure function of (seed, step): resuming needs only `step` (`state_dict`), like `training.data.SourceMixtureSampler`,
-whose interface it shares (usable as a DataLoader `batch_sampler` and by `training.engine.run_loop`).
+pure function of (seed, step): resuming needs only `step` (`state_dict`), like `SourceMixtureSampler`, whose interface it
+shares (usable as a DataLoader `batch_sampler` and by `training.contrastive.trainer.run_loop`).
 """
 
 from __future__ import annotations
@@ -22,8 +25,121 @@ from typing import Any
 import numpy as np
 
 from training.common.modalities import MODALITY_GROUPS
-from training.contrastive.data import StepResumableSampler
 
+
+# ------------------------------------------------------------------------------------------------------- sampler
+class StepResumableSampler:
+    """Batch samplers that are a pure function of (seed, step): a checkpoint stores the step alone.
+
+    Subclasses set `names`, `seed`, `max_steps`, `step` and implement `iter_from(start_step)`.
+    """
+
+    names: list[str]
+    seed: int
+    max_steps: int | None
+    step: int
+
+    def iter_from(self, start_step: int) -> Iterator[list[int]]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self.iter_from(self.step)
+
+    def __len__(self) -> int:
+        if self.max_steps is None:
+            raise TypeError(f"an unbounded {type(self).__name__} has no length")
+        return max(self.max_steps - self.step, 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "seed": self.seed, "names": self.names}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("names") != self.names or state.get("seed") != self.seed:
+            raise ValueError(
+                f"checkpoint sampler was built for sources {state.get('names')} seed {state.get('seed')}, but the "
+                f"current data has {self.names} seed {self.seed}; resume with the same data and seed"
+            )
+        self.step = int(state["step"])
+
+
+class SourceMixtureSampler(StepResumableSampler):
+    """Per-step homogeneous batches drawn from weighted sources; a pure function of (seed, step).
+
+    mode "global": one source per step for all ranks (each rank takes its slice of `batch_size * world_size`
+    consecutive rows); mode "device": each rank draws its own source each step (Conan CBB-style mixing).
+    Each source is walked in a fresh permutation per epoch; an epoch's incomplete tail is dropped so every rank
+    always gets exactly `batch_size` rows (all-gather needs equal shapes). Use as a DataLoader `batch_sampler`.
+    """
+
+    def __init__(
+        self,
+        sources: dict[str, Sequence[int]],
+        weights: dict[str, float] | None,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        mode: Literal["global", "device"] = "global",
+        max_steps: int | None = None,
+    ):
+        if not sources:
+            raise ValueError("SourceMixtureSampler needs at least one source")
+        if mode not in ("global", "device"):
+            raise ValueError(f"mode must be 'global' or 'device', got {mode!r}")
+        weights = dict(weights or {})
+        unknown = sorted(set(weights) - set(sources))
+        if unknown:
+            raise ValueError(f"weights name source(s) {unknown} that the data lacks; sources are {sorted(sources)}")
+        self.names = sorted(sources)
+        self.indices = [np.asarray(sources[n], dtype=np.int64) for n in self.names]
+        w = np.array([float(weights.get(n, 1.0)) for n in self.names])
+        if (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"source weights must be >= 0 with a positive sum, got {dict(zip(self.names, w))}")
+        self.probs = w / w.sum()
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.mode, self.max_steps = seed, mode, max_steps
+        need = batch_size * (world_size if mode == "global" else 1)
+        for name, idx, p in zip(self.names, self.indices, self.probs):
+            if p > 0 and len(idx) < need:
+                raise ValueError(
+                    f"source {name!r} has {len(idx)} rows but one draw takes {need} (batch_size {batch_size} x "
+                    f"{'world_size ' + str(world_size) if mode == 'global' else '1'}); lower the batch or drop the source"
+                )
+        self.step = 0  # steps consumed by training; what a checkpoint stores
+
+    @property
+    def mixture(self) -> dict[str, float]:
+        return {n: float(p) for n, p in zip(self.names, self.probs)}
+
+    def _draws(self, step: int) -> list[int]:
+        rng = np.random.default_rng([self.seed, step])
+        n = 1 if self.mode == "global" else self.world_size
+        return [int(s) for s in rng.choice(len(self.names), size=n, p=self.probs)]
+
+    def _take(self, cursors: list[list[int]], source: int, count: int) -> np.ndarray:
+        epoch, cursor = cursors[source]
+        n = len(self.indices[source])
+        if cursor + count > n:
+            epoch, cursor = epoch + 1, 0
+        order = np.random.default_rng([self.seed, 1 + source, epoch]).permutation(n)
+        cursors[source] = [epoch, cursor + count]
+        return self.indices[source][order[cursor : cursor + count]]
+
+    def iter_from(self, start_step: int) -> Iterator[list[int]]:
+        """This rank's batches from `start_step` on (earlier steps are replayed as bookkeeping only)."""
+        cursors = [[0, 0] for _ in self.names]
+        step = 0
+        while self.max_steps is None or step < self.max_steps:
+            draws = self._draws(step)
+            if self.mode == "global":
+                rows = self._take(cursors, draws[0], self.batch_size * self.world_size)
+                mine = rows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+            else:
+                per_rank = [self._take(cursors, s, self.batch_size) for s in draws]
+                mine = per_rank[self.rank]
+            if step >= start_step:
+                yield [int(i) for i in mine]
+            step += 1
 
 
 def modality_of_item(item: Any) -> str:
@@ -147,4 +263,4 @@ class BalancedModalitySampler(StepResumableSampler):
         return {**super().state_dict(), "groups": self.groups}
 
 
-__all__ = ["BalancedModalitySampler", "MODALITY_GROUPS", "modality_of_item", "modality_of_pair", "target_proportions"]
+__all__ = ["BalancedModalitySampler", "MODALITY_GROUPS", "SourceMixtureSampler", "StepResumableSampler", "modality_of_item", "modality_of_pair", "target_proportions"]

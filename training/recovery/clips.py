@@ -24,7 +24,7 @@ from training.recovery.config import RecoverError
 
 
 def read_pairs(path: str | os.PathLike, limit: int | None = None, on_error: str = "fatal") -> list[dict[str, Any]]:
-    """JSONL pairs (training.data format, media paths resolved and probed) as plain dicts for the caches."""
+    """JSONL pairs (training.contrastive.data format, media paths resolved and probed) as plain dicts for the caches."""
     try:
         examples = load_jsonl(path, on_error=on_error)
     except (DataError, FileNotFoundError) as error:

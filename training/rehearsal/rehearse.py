@@ -5,15 +5,16 @@
 
 LoRA (peft) on the fused backbone's LLM plus the audio projector in full at a lower LR (default 0.1x), the vision
 tower and the Whisper encoder frozen in eval mode (notes/training.md §0 row B, §3):
-- `training.sampling.BalancedModalitySampler`: equal mass per modality group, p ∝ n^0.5 inside a group, one source
-  per device micro-batch, every step covering all groups when the world size allows (shuffled round-robin otherwise);
+- `training.contrastive.sampling.BalancedModalitySampler`: equal mass per modality group, p ∝ n^0.5 inside a group,
+  one source per device micro-batch, every step covering all groups when the world size allows (shuffled
+  round-robin otherwise);
 - a zero-weighted touch of the projector in every step's loss, so DDP never errors on a rank whose batch has no
-  audio (`training.engine.zero_touch`);
+  audio (`training.contrastive.trainer.zero_touch`);
 - every `eval_every` steps each modality's dev R@1 is divided by its specialist's score (retention) and the step with
   the best *worst-modality* retention is kept (min_m score_m / specialist_m, not the mean);
-- `accelerator.save_state` checkpoints with exact resume (model, optimizer, scheduler, RNG, sampler step); the
+- `trainer.save_checkpoint` checkpoints with exact resume (model, optimizer, scheduler, RNG, sampler step); the
   selection record and the best trainable weights live next to them.
-The shared pieces (data, loss, GradCache step, loop, checkpoints) come from training.data / training.engine.
+The shared pieces (data, loss, GradCache step, loop, checkpoints) come from training/contrastive/ (data, trainer).
 Output: the merged model (LoRA folded in), `rehearsal_report.json`, and a new projector calibration record.
 """
 

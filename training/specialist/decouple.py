@@ -32,7 +32,8 @@ from training.common.cli import run_training_stage
 from training.common.config import ConfigError, build_dataclass, check_keys, merged, require, resolve_path
 from training.common.io_utils import atomic_output_dir, write_json_atomic
 from training.common.modalities import MODALITIES
-from training.contrastive.data import ContrastiveCollator, SourceMixtureSampler, load_sources
+from training.contrastive.data import ContrastiveCollator, load_sources
+from training.contrastive.sampling import SourceMixtureSampler
 from training.contrastive.trainer import (
     LOSS_KEYS, LoopSettings, LoraSettings, LossSettings, TrainConfig, TrainState, apply_lora, build_optimizer,
     build_scheduler, load_checkpoint, mixed_precision_for, resolve_resume, run_loop, trainable_parameters, unwrap_conan,
