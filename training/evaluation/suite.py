@@ -1,4 +1,5 @@
-"""Run the offline proxy suite for one model (the function the training pipeline calls after each stage)."""
+"""Run the offline proxy suite for one saved model (`python -m training.evaluate proxy`). The pipeline scores its
+stages with `stage_eval.evaluate_model` instead (held-out pairs of its own data)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,14 @@ mode, and the flagged tensors train in fp32 master weights with a symmetric audi
   cache serves as a zero-staleness queue of negatives;
 - the Whisper encoder is frozen, so its pooled frames are cached once per clip (only the frames that become tokens);
 - optional relational distillation from the audio specialist's audio x partner similarity matrix (KL, tau_t);
-- early stopping on audio->partner R@1 of a dev split; small resumable checkpoints (projector + optimizer only).
+- the one InfoNCE (`training.contrastive.loss.info_nce`, each distinct partner scored once) and the shared cosine
+  schedule (`training.contrastive.trainer.build_scheduler`);
+- early stopping on audio->partner R@1 of a dev split (ties count against the clip, `evaluation.metrics`); small
+  resumable checkpoints (projector + optimizer + counters) in the pickle-free `training.contrastive.checkpoint` format.
+
+The knobs live in `config.py`, the pairs and frozen-encoder caches in `clips.py`. This file stays a little over 400
+lines because `recover` is one function on purpose: every piece of resumable state is created, saved and restored in
+one place (the stages' shared `run_loop` does not fit: no DataLoader, a cached bank, dev early stopping).
 
 The output folder is the fused model with the recovered projector, plus `projector_calibration.json` recording the
 fingerprint of the backbone the projector was calibrated on (and `projector_calibration_hash` in config.json).
