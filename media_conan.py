@@ -59,8 +59,38 @@ def resample_audio(samples: np.ndarray, orig_rate: int, target_rate: int) -> np.
     return signal.resample_poly(samples, ratio.numerator, ratio.denominator).astype(np.float32)
 
 
+# Integer PCM -> float32 in [-1, 1]: divide by the format's full scale (unsigned 8-bit is offset by 128), the same
+# convention as libsndfile/soundfile and FFmpeg's libswresample, so every decoder and array path agrees.
+PCM_FULL_SCALE = {np.dtype(np.uint8): 128.0, np.dtype(np.int8): 128.0, np.dtype(np.int16): 32768.0,
+                  np.dtype(np.int32): 2147483648.0}
+AUDIO_DOWNMIX = "mono = arithmetic mean of all channels (every channel weighted 1/C, LFE included)"
+
+
+def pcm_to_float32(samples: np.ndarray, where: str = "audio") -> np.ndarray:
+    """Samples of any accepted dtype as float32 on the [-1, 1] scale, same shape.
+
+    Floating point (float16/32/64) is taken as already on that scale; integer PCM (uint8, int8, int16, int32, what
+    `scipy.io.wavfile.read` returns) is divided by its full scale, uint8 after removing its 128 offset. Other dtypes
+    (int64, unsigned 16/32-bit, bool, complex) raise a ValueError naming `where`.
+    """
+    samples = np.asarray(samples)
+    if samples.dtype.kind == "f":
+        return samples.astype(np.float32, copy=False)
+    scale = PCM_FULL_SCALE.get(samples.dtype)
+    if scale is None:
+        accepted = ", ".join(["float16", "float32", "float64"] + [str(d) for d in PCM_FULL_SCALE])
+        raise ValueError(f"{where} has dtype {samples.dtype}; expected one of {accepted}.")
+    offset = 128.0 if samples.dtype == np.uint8 else 0.0
+    return ((samples.astype(np.float32) - offset) / np.float32(scale)).astype(np.float32)
+
+
 def load_audio_file(path: str) -> tuple[np.ndarray, int]:
-    """Read an audio file as mono float32 in [-1, 1] and its sampling rate (soundfile first, PyAV as fallback)."""
+    """Read an audio file as mono float32 in [-1, 1] at its true duration, and its sampling rate.
+
+    soundfile (libsndfile) first; formats it cannot read (AAC, ALAC, audio tracks of .mov/.mp4) go through PyAV
+    (FFmpeg). Both return float samples on the [-1, 1] scale for every sample format (u8, s16, s32, flt, dbl,
+    planar or packed); channels are downmixed by `AUDIO_DOWNMIX`.
+    """
     _require_file(path, "Audio")
     soundfile = _optional_import("soundfile", "soundfile", "Reading audio files")
     try:
@@ -76,18 +106,26 @@ def load_audio_file(path: str) -> tuple[np.ndarray, int]:
 
 
 def _load_audio_with_av(path: str) -> tuple[np.ndarray, int]:
+    """First audio stream of any FFmpeg-readable file, as mono float32 in [-1, 1].
+
+    Every decoded frame is converted by libswresample to planar float at the stream's own layout and rate (so
+    s16/s32/u8/s64, packed or planar, come out as (channels, samples) on one scale, with no resampling or channel
+    remixing), then downmixed by `AUDIO_DOWNMIX` like the soundfile path.
+    """
     av = _optional_import("av", "av", "Decoding this audio format")
     with av.open(path) as container:
         if not container.streams.audio:
             raise ValueError("no audio stream")
         stream = container.streams.audio[0]
         rate = stream.rate
-        chunks = [frame.to_ndarray().astype(np.float32).reshape(frame.layout.nb_channels if frame.format.is_planar else 1, -1)
-                  for frame in container.decode(stream)]
+        converter = av.AudioResampler(format="fltp", layout=stream.layout, rate=rate)
+        chunks = []
+        for frame in container.decode(stream):
+            chunks.extend(converted.to_ndarray().mean(axis=0) for converted in converter.resample(frame))
+        chunks.extend(converted.to_ndarray().mean(axis=0) for converted in converter.resample(None))
     if not chunks:
         raise ValueError("no audio frames")
-    samples = np.concatenate([chunk.mean(axis=0) for chunk in chunks])
-    return samples, int(rate)
+    return np.concatenate(chunks).astype(np.float32), int(rate)
 
 
 def load_video_file(path: str, fps: float, max_frames: int) -> list[np.ndarray]:
@@ -113,6 +151,72 @@ def load_video_file(path: str, fps: float, max_frames: int) -> list[np.ndarray]:
     if len(picks) > max_frames:
         picks = [picks[i] for i in np.linspace(0, len(picks) - 1, max_frames).round().astype(int)]
     return [decoded[i][1] for i in picks]
+
+
+# ------------------------------------------------------------------------------------------------ images and frames
+# PIL modes whose pixels have a defined range, and how they become 8-bit RGB. 16-bit grayscale (16-bit PNG/TIFF open
+# as "I;16") is scaled by 255/65535; PIL's own convert("RGB") would clip it at 255. Transparent modes are composited
+# over white. 32-bit "I" and float "F" images have no defined range and are refused.
+IMAGE_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "LA", "PA", "RGBA", "RGBa",
+               "I;16", "I;16L", "I;16B", "I;16N")
+ALPHA_MODES = ("LA", "PA", "RGBA", "RGBa")
+FRAME_DTYPES = ("uint8 (0..255)", "uint16 (0..65535)", "float16/float32/float64 (0..1)")
+
+
+def image_to_rgb(image: Any, where: str = "image") -> Any:
+    """A PIL image of any mode in `IMAGE_MODES` as 8-bit RGB; other modes raise a ValueError naming `where`."""
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16"):
+        wide = np.asarray(image, dtype=np.float32)  # PIL reads every I;16 byte order to native uint16 values
+        return Image.fromarray(np.round(wide * (255.0 / 65535.0)).astype(np.uint8)).convert("RGB")
+    if image.mode not in IMAGE_MODES:
+        raise ValueError(
+            f"{where} is a PIL image of mode {image.mode!r}; accepted modes are {IMAGE_MODES} (mode 'I' and 'F' pixels "
+            "have no defined range: convert to 'L', 'I;16' or 'RGB' first)."
+        )
+    if image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def open_image_file(path: str, where: str = "image") -> Any:
+    """Open an image file as upright 8-bit RGB: EXIF Orientation applied (`ImageOps.exif_transpose`, as camera apps
+    and browsers display it), then `image_to_rgb`. Raises ValueError naming `where` for unreadable files."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            upright = ImageOps.exif_transpose(opened)
+    except Exception as error:
+        raise ValueError(f"{where}: image file {path!r} could not be read: {error}") from error
+    return image_to_rgb(upright, where)
+
+
+def frame_to_uint8(frame: np.ndarray, where: str = "frame") -> np.ndarray:
+    """One (H, W, 3) video frame as uint8 RGB: uint8 as is, uint16 scaled by 255/65535, floats read as 0..1.
+
+    Float frames outside [0, 1] (e.g. 0..255 floats) and other dtypes raise a ValueError naming `where`; a silent
+    clip would turn 0..1 floats black and 0..255 floats white.
+    """
+    if frame.dtype == np.uint8:
+        return frame
+    if frame.dtype == np.uint16:
+        return np.round(frame.astype(np.float32) * (255.0 / 65535.0)).astype(np.uint8)
+    if frame.dtype.kind == "f":
+        lo, hi = (float(frame.min()), float(frame.max())) if frame.size else (0.0, 0.0)
+        if not (np.isfinite(lo) and np.isfinite(hi) and lo >= 0.0 and hi <= 1.0):
+            raise ValueError(
+                f"{where} is {frame.dtype} with values in [{lo:g}, {hi:g}]; float frames must lie in [0, 1] "
+                "(pass 0..255 pixels as uint8)."
+            )
+        return np.round(frame.astype(np.float32) * 255.0).astype(np.uint8)
+    raise ValueError(f"{where} has dtype {frame.dtype}; accepted frame dtypes are {FRAME_DTYPES}.")
 
 
 @contextlib.contextmanager

@@ -29,9 +29,13 @@ from transformers.processing_utils import ProcessorMixin
 from .configuration_conan import SAMPLING_RATE, WHISPER_WINDOW_FRAMES, audio_tokens_for_frames
 from .media_conan import (
     count_pdf_pages,
+    frame_to_uint8,
+    image_to_rgb,
     load_audio_file,
     load_video_file,
     media_kind_of_path,
+    open_image_file,
+    pcm_to_float32,
     render_pdf_page,
     resample_audio,
 )
@@ -244,8 +248,9 @@ class ConanProcessor(ProcessorMixin):
             data.update(self.process_videos([[np.asarray(f) for f in v] for v in videos]))
             expansions[self.video_token] = [int(g.prod()) // self._patch[1] ** 2 for g in data["video_grid_thw"]]
         if audio:
-            arrays = [a if isinstance(a, np.ndarray) else resample_audio(
-                np.asarray(a["array"], dtype=np.float32), int(a["sampling_rate"]), SAMPLING_RATE) for a in audio]
+            arrays = [pcm_to_float32(a, f"audio[{i}]") if isinstance(a, np.ndarray) else resample_audio(
+                pcm_to_float32(a["array"], f"audio[{i}]['array']"), int(a["sampling_rate"]), SAMPLING_RATE)
+                for i, a in enumerate(audio)]
             audio_data, expansions[self.audio_token] = self.process_audio(arrays)
             data.update(audio_data)
         texts = [self._expand_placeholders(t, expansions) for t in texts]
@@ -397,16 +402,12 @@ class ConanProcessor(ProcessorMixin):
             path = os.fspath(image)
             if not os.path.isfile(path):
                 raise ValueError(f"{where}: image file {path!r} does not exist.")
-            try:
-                with Image.open(path) as opened:
-                    image = opened.convert("RGB")
-            except Exception as error:
-                raise ValueError(f"{where}: image file {path!r} could not be read: {error}") from error
+            image = open_image_file(path, where)  # EXIF orientation applied; PIL images passed in are kept as given
         if not isinstance(image, Image.Image):
             raise TypeError(f"{where} has type {type(image).__name__}; expected a PIL image or an image path.")
         if image.width == 0 or image.height == 0:
             raise ValueError(f"{where} is an image of {image.width}x{image.height} pixels; expected a non-empty image.")
-        return to_rgb(image)
+        return image_to_rgb(image, where)
 
     def _load_document(self, document: Any, page: Any, where: str) -> Image.Image:
         if isinstance(document, (str, os.PathLike)) and media_kind_of_path(os.fspath(document)) == "pdf":
@@ -442,7 +443,7 @@ class ConanProcessor(ProcessorMixin):
         if len(frames) > self.video_max_frames:
             picks = np.linspace(0, len(frames) - 1, self.video_max_frames).round().astype(int)
             frames = [frames[i] for i in picks]
-        return [np.clip(f, 0, 255).astype(np.uint8) if f.dtype != np.uint8 else f for f in frames]
+        return [frame_to_uint8(f, f"{where} frame {i}") for i, f in enumerate(frames)]
 
     @staticmethod
     def _load_audio(audio: Any, where: str) -> np.ndarray:
@@ -458,7 +459,7 @@ class ConanProcessor(ProcessorMixin):
             samples, rate = audio["array"], audio["sampling_rate"]
             if hasattr(samples, "detach"):
                 samples = samples.detach().cpu().numpy()
-            samples = np.asarray(samples, dtype=np.float32)
+            samples = pcm_to_float32(samples, f"{where}['array']")
             if samples.ndim == 2 and 1 in samples.shape:
                 samples = samples.reshape(-1)
             if samples.ndim != 1:
@@ -490,7 +491,7 @@ class ConanProcessor(ProcessorMixin):
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return image_to_rgb(image)  # media_conan: accepted PIL modes and their conversion
 
 
 __all__ = ["ConanProcessor"]

@@ -32,7 +32,9 @@ def resample(wave: np.ndarray, sr: int, target_sr: int = TARGET_SR) -> np.ndarra
 
 
 def _mono(arr: np.ndarray) -> np.ndarray:
-    arr = np.asarray(arr, dtype=np.float32)
+    from training import hub_code  # integer PCM (scipy.io.wavfile) -> [-1, 1] by the package's own rule
+
+    arr = hub_code.load("media_conan").pcm_to_float32(arr, "audio array")
     if arr.ndim == 1:
         return arr
     if arr.ndim == 2:  # (channels, samples) as torchcodec/mteb give it, or (samples, channels) from soundfile
