@@ -226,10 +226,13 @@ class ConanProcessor(ProcessorMixin):
 
         `images`: PIL images; `videos`: lists of RGB frames or (T,H,W,C) uint8 arrays; `audio`: 16 kHz 1-D float
         arrays or `{"array", "sampling_rate"}` dicts. `document_images[i]` selects the document resolution preset.
+        A row of `text` may also be a list of `(text, literal)` segments (what `prepare` builds): placeholders are
+        expanded only in non-literal segments, and literal segments are tokenised with special-token strings as
+        plain text.
         """
         if text is None:
             raise ValueError("ConanProcessor needs `text` holding the placeholders; use `prepare` for raw inputs.")
-        texts = [text] if isinstance(text, str) else list(text)
+        rows = [[(t, False)] if isinstance(t, str) else list(t) for t in ([text] if isinstance(text, str) else text)]
         data: dict[str, Any] = {}
         expansions: dict[str, list[int]] = {}
         if images:
@@ -253,7 +256,8 @@ class ConanProcessor(ProcessorMixin):
                 for i, a in enumerate(audio)]
             audio_data, expansions[self.audio_token] = self.process_audio(arrays)
             data.update(audio_data)
-        texts = [self._expand_placeholders(t, expansions) for t in texts]
+        rows = [[(seg if literal else self._expand_placeholders(seg, expansions), literal) for seg, literal in row]
+                for row in rows]
         if any(counts for counts in expansions.values()):
             raise ValueError(
                 "More media items than placeholders in the text: "
@@ -261,7 +265,9 @@ class ConanProcessor(ProcessorMixin):
             )
         if padding_side is not None:
             kwargs["padding_side"] = padding_side
-        encoded = self.tokenizer(texts, padding=padding, return_tensors="np", add_special_tokens=False, **kwargs)
+        encoded = self.tokenizer.pad(
+            {"input_ids": self._tokenize_segments(rows)}, padding=padding, return_tensors="np", **kwargs
+        )
         input_ids = encoded["input_ids"]
         mm_types = np.zeros_like(input_ids)
         mm_types[input_ids == self.image_token_id] = 1
@@ -269,6 +275,20 @@ class ConanProcessor(ProcessorMixin):
         mm_types[input_ids == self.audio_token_id] = 3
         data.update(input_ids=input_ids, attention_mask=encoded["attention_mask"], mm_token_type_ids=mm_types)
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    # ------------------------------------------------------------------------------------- literal user text
+    def _tokenize_segments(self, rows: list[list[tuple[str, bool]]]) -> list[list[int]]:
+        """Token ids per row: template segments parse special tokens, literal segments (user text, instructions)
+        are tokenised with `split_special_tokens=True`, so `<|image_pad|>` or `<|im_end|>` typed by a user stays text."""
+        pieces: list[list[list[int]]] = [[[] for _ in row] for row in rows]
+        for literal in (False, True):
+            where = [(r, i) for r, row in enumerate(rows) for i, (seg, lit) in enumerate(row) if seg and lit == literal]
+            if where:
+                encoded = self.tokenizer([rows[r][i][0] for r, i in where], add_special_tokens=False,
+                                         split_special_tokens=literal)["input_ids"]
+                for (r, i), seg_ids in zip(where, encoded):
+                    pieces[r][i] = list(seg_ids)
+        return [[t for seg_ids in row for t in seg_ids] for row in pieces]
 
     def _expand_placeholders(self, text: str, expansions: dict[str, list[int]]) -> str:
         for token in (self.image_token, self.video_token, self.audio_token):
@@ -315,7 +335,7 @@ class ConanProcessor(ProcessorMixin):
         """Model inputs for already-validated inputs (`parse_input` results), one instruction per row."""
         texts, images, is_doc, videos, audios = [], [], [], [], []
         for (item, doc_flags), instruction in zip(parsed, instructions):
-            texts.append(self.render(item, instruction))
+            texts.append(self.render_segments(item, instruction))
             images.extend(item.images)
             is_doc.extend(doc_flags)
             if item.video is not None:
@@ -327,18 +347,23 @@ class ConanProcessor(ProcessorMixin):
             document_images=is_doc, padding_side=padding_side, return_tensors=return_tensors,
         )
 
-    def render(self, parsed: ParsedInput, instruction: str | None = None) -> str:
-        """The chat layout (same as `chat_template`): system instruction, user turn with media then text."""
+    def render_segments(self, parsed: ParsedInput, instruction: str | None = None) -> list[tuple[str, bool]]:
+        """The chat layout as (text, literal) segments: the instruction and the user's text are literal (tokenised as
+        plain text, never as special tokens); the template and media placeholders around them are not."""
         media = "".join("<|vision_start|>" + self.image_token + "<|vision_end|>" for _ in parsed.images)
         if parsed.video is not None:
             media += "<|vision_start|>" + self.video_token + "<|vision_end|>"
         if parsed.audio is not None:
             media += self.audio_token
         system = instruction if instruction else self.default_instruction
-        return (
-            f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{media}{parsed.text or ''}<|im_end|>\n"
-            "<|im_start|>assistant\n<|endoftext|>"
-        )
+        return [
+            ("<|im_start|>system\n", False), (system, True), ("<|im_end|>\n<|im_start|>user\n" + media, False),
+            (parsed.text or "", True), ("<|im_end|>\n<|im_start|>assistant\n<|endoftext|>", False),
+        ]
+
+    def render(self, parsed: ParsedInput, instruction: str | None = None) -> str:
+        """The chat layout (same as `chat_template`): system instruction, user turn with media then text."""
+        return "".join(segment for segment, _ in self.render_segments(parsed, instruction))
 
     def parse_input(self, raw: Any, index: int) -> tuple[ParsedInput, list[bool]]:
         """Validate one raw input; errors name `inputs[index]` and what was expected."""

@@ -1,0 +1,51 @@
+"""User inputs through the public APIs (issue 13): literal text, length limits, errors naming the caller's input,
+mteb rows, non-finite fusion inputs and the dtype-independent drift check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+IMAGE = Image.fromarray(np.arange(64 * 48 * 3, dtype=np.uint8).reshape(48, 64, 3))
+
+
+def _embed(model, processor, inputs, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**processor.prepare(inputs, **kwargs)).embeddings
+
+
+# ------------------------------------------------------------------------------------------------ literal user text
+@pytest.mark.parametrize("token", ["<|image_pad|>", "<|video_pad|>", "<|audio_pad|>", "<|im_end|>", "<|endoftext|>",
+                                   "<|vision_start|>"])
+def test_special_token_strings_in_user_text_stay_text(tiny_model_and_processor, token):
+    model, processor = tiny_model_and_processor
+    sentence = f"The tag {token} marks a placeholder."
+    batch = processor.prepare([sentence, {"image": IMAGE, "text": sentence}], return_tensors="np")
+    special_id = processor.tokenizer.convert_tokens_to_ids(token)
+    plain = processor.prepare(["The tag marks a placeholder."], return_tensors="np")
+    n_special = [(row[mask.astype(bool)] == special_id).sum() for row, mask in
+                 zip(batch["input_ids"], batch["attention_mask"])]
+    baseline = (plain["input_ids"][0] == special_id).sum()  # the template's own uses of the token
+    image_tokens = int(batch["image_grid_thw"][0].prod()) // 4 if token == "<|image_pad|>" else 0
+    image_marks = 1 if token == "<|vision_start|>" else 0
+    assert n_special == [baseline, baseline + image_tokens + image_marks]
+    decoded = processor.tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0].astype(bool)])
+    assert sentence in decoded
+    assert torch.isfinite(_embed(model, processor, [sentence])).all()
+
+
+def test_instruction_is_literal_too(tiny_model_and_processor):
+    _, processor = tiny_model_and_processor
+    batch = processor.prepare(["hello"], instruction="Ignore <|im_end|> here", return_tensors="np")
+    plain = processor.prepare(["hello"], return_tensors="np")
+    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert (batch["input_ids"][0] == im_end).sum() == (plain["input_ids"][0] == im_end).sum()
+
+
+def test_hf_call_still_expands_caller_placeholders(tiny_model_and_processor):
+    """`processor(text=..., images=...)`: the caller builds the template, so placeholders there are placeholders."""
+    _, processor = tiny_model_and_processor
+    batch = processor(text=["<|vision_start|><|image_pad|><|vision_end|>a cat"], images=[IMAGE], return_tensors="np")
+    assert (batch["input_ids"][0] == processor.image_token_id).sum() == int(batch["image_grid_thw"][0].prod()) // 4
