@@ -232,6 +232,7 @@ class ConanModel(ConanPreTrainedModel):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        _warn_past_max_positions(input_ids, self.config)
         inputs_embeds = self.get_input_embeddings()(input_ids)
 
         has_audio = input_features is not None or audio_frames is not None
@@ -281,6 +282,17 @@ class ConanModel(ConanPreTrainedModel):
         types[input_ids == self.config.image_token_id] = 1
         types[input_ids == self.config.video_token_id] = 2
         return types
+
+
+def _warn_past_max_positions(input_ids: torch.Tensor, config: ConanConfig) -> None:
+    """A sequence longer than the backbone's positions still runs (RoPE extrapolates) but embeds poorly: say so."""
+    limit = getattr(config.text_config, "max_position_embeddings", None)
+    if limit is not None and input_ids.shape[-1] > limit:
+        logger.warning(
+            "input_ids hold %d tokens, more than max_position_embeddings=%d; build inputs with ConanProcessor "
+            "(max_length) or sentence-transformers (max_seq_length), which truncate the text.", input_ids.shape[-1],
+            limit,
+        )
 
 
 def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,10 @@ class ConanProcessor(ProcessorMixin):
         video_min_pixels / video_max_pixels: per-frame resize bounds.
         audio_max_windows: at most this many 30 s windows per audio input; longer audio is cut with a warning.
         audio_downsample: must equal the model config's `audio_downsample` (tokens = 25/s for 2).
+        max_length: at most this many tokens per input (None: the tokenizer's `model_max_length` when it is a real
+            limit, else none; sentence-transformers' `max_seq_length` overrides it). Only the user's text (then the
+            instruction) is truncated, from its end; media placeholder runs are never cut, and an input whose media
+            and template tokens alone exceed the limit raises a ValueError.
         default_instruction: the system instruction when none is given.
     """
 
@@ -96,6 +100,7 @@ class ConanProcessor(ProcessorMixin):
         audio_max_windows: int = 4,
         audio_downsample: int = 2,
         default_instruction: str = DEFAULT_INSTRUCTION,
+        max_length: int | None = None,
         **kwargs,
     ):
         self.image_min_pixels = image_min_pixels
@@ -110,6 +115,7 @@ class ConanProcessor(ProcessorMixin):
         self.audio_max_windows = audio_max_windows
         self.audio_downsample = audio_downsample
         self.default_instruction = default_instruction
+        self.max_length = max_length
         self.image_token = "<|image_pad|>"
         self.video_token = "<|video_pad|>"
         self.audio_token = "<|audio_pad|>"
@@ -220,6 +226,7 @@ class ConanProcessor(ProcessorMixin):
         padding_side: str | None = None,
         return_tensors: str | None = "pt",
         document_images: list[bool] | None = None,
+        max_length: int | None = None,
         **kwargs,
     ) -> BatchFeature:
         """Tokenise `text`, expanding each placeholder for the matching image/video/audio item (in order).
@@ -266,7 +273,8 @@ class ConanProcessor(ProcessorMixin):
         if padding_side is not None:
             kwargs["padding_side"] = padding_side
         encoded = self.tokenizer.pad(
-            {"input_ids": self._tokenize_segments(rows)}, padding=padding, return_tensors="np", **kwargs
+            {"input_ids": self._tokenize_segments(rows, self.effective_max_length(max_length))}, padding=padding,
+            return_tensors="np", **kwargs
         )
         input_ids = encoded["input_ids"]
         mm_types = np.zeros_like(input_ids)
@@ -277,9 +285,17 @@ class ConanProcessor(ProcessorMixin):
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     # ------------------------------------------------------------------------------------- literal user text
-    def _tokenize_segments(self, rows: list[list[tuple[str, bool]]]) -> list[list[int]]:
+    def effective_max_length(self, max_length: int | None = None) -> int | None:
+        """The token limit in force: the argument, else `self.max_length`, else a real `tokenizer.model_max_length`."""
+        for limit in (max_length, self.max_length, getattr(self.tokenizer, "model_max_length", None)):
+            if limit is not None and 0 < int(limit) < 10**9:  # transformers' "no limit" sentinel is ~1e30
+                return int(limit)
+        return None
+
+    def _tokenize_segments(self, rows: list[list[tuple[str, bool]]], max_length: int | None = None) -> list[list[int]]:
         """Token ids per row: template segments parse special tokens, literal segments (user text, instructions)
-        are tokenised with `split_special_tokens=True`, so `<|image_pad|>` or `<|im_end|>` typed by a user stays text."""
+        are tokenised with `split_special_tokens=True`, so `<|image_pad|>` or `<|im_end|>` typed by a user stays text.
+        With `max_length`, rows are cut to fit by `_truncate_literal`."""
         pieces: list[list[list[int]]] = [[[] for _ in row] for row in rows]
         for literal in (False, True):
             where = [(r, i) for r, row in enumerate(rows) for i, (seg, lit) in enumerate(row) if seg and lit == literal]
@@ -288,7 +304,33 @@ class ConanProcessor(ProcessorMixin):
                                          split_special_tokens=literal)["input_ids"]
                 for (r, i), seg_ids in zip(where, encoded):
                     pieces[r][i] = list(seg_ids)
+        if max_length is not None:
+            pieces = [self._truncate_literal(row, literal, max_length, r) for r, (row, literal) in
+                      enumerate(zip(pieces, ([lit for _, lit in row] for row in rows)))]
         return [[t for seg_ids in row for t in seg_ids] for row in pieces]
+
+    @staticmethod
+    def _truncate_literal(pieces: list[list[int]], literal: list[bool], max_length: int, row: int) -> list[list[int]]:
+        """Cut literal segments from the end (the user's text first, then the instruction) so the row fits in
+        `max_length`; template and media tokens are never cut."""
+        total = sum(len(p) for p in pieces)
+        if total <= max_length:
+            return pieces
+        fixed = sum(len(p) for p, lit in zip(pieces, literal) if not lit)
+        if fixed > max_length:
+            raise ValueError(
+                f"inputs[{row}]: its media and template tokens alone are {fixed}, more than max_length={max_length}; "
+                "use fewer or smaller media (image_max_pixels, video_max_frames, video_max_pixels, audio_max_windows) "
+                "or raise max_length (at most the model's max_position_embeddings)."
+            )
+        excess, out = total - max_length, [list(p) for p in pieces]
+        for i in reversed(range(len(out))):
+            if literal[i] and excess > 0:
+                cut = min(excess, len(out[i]))
+                out[i], excess = out[i][: len(out[i]) - cut], excess - cut
+        logger.warning("inputs[%d] has %d tokens, more than max_length=%d: its text was truncated.", row, total,
+                       max_length)
+        return out
 
     def _expand_placeholders(self, text: str, expansions: dict[str, list[int]]) -> str:
         for token in (self.image_token, self.video_token, self.audio_token):
@@ -310,6 +352,7 @@ class ConanProcessor(ProcessorMixin):
         instruction: str | None = None,
         padding_side: str | None = None,
         return_tensors: str | None = "pt",
+        max_length: int | None = None,
     ) -> BatchFeature:
         """Model inputs for a batch of raw inputs, each becoming one embedding.
 
@@ -318,12 +361,12 @@ class ConanProcessor(ProcessorMixin):
         question or a video with its soundtrack). `audio` is `{"array": 1-D floats, "sampling_rate": int}` or a file;
         `video` is a (T,H,W,C) uint8 array, a list of frames, or a file; `document` is a page image or a PDF path
         (`page` picks the 0-based page, default 0; `pdf_page_inputs` expands a whole PDF). `instruction` is the system
-        prompt (sentence-transformers passes its prompt here).
+        prompt (sentence-transformers passes its prompt here); `max_length` overrides `self.max_length`.
         """
         if isinstance(inputs, (str, dict, Image.Image)):
             inputs = [inputs]
         parsed = [self.parse_input(raw, index) for index, raw in enumerate(inputs)]
-        return self.prepare_parsed(parsed, [instruction] * len(parsed), padding_side, return_tensors)
+        return self.prepare_parsed(parsed, [instruction] * len(parsed), padding_side, return_tensors, max_length)
 
     def prepare_parsed(
         self,
@@ -331,6 +374,7 @@ class ConanProcessor(ProcessorMixin):
         instructions: list[str | None],
         padding_side: str | None = None,
         return_tensors: str | None = "pt",
+        max_length: int | None = None,
     ) -> BatchFeature:
         """Model inputs for already-validated inputs (`parse_input` results), one instruction per row."""
         texts, images, is_doc, videos, audios = [], [], [], [], []
@@ -344,7 +388,7 @@ class ConanProcessor(ProcessorMixin):
                 audios.append(item.audio)
         return self(
             text=texts, images=images or None, videos=videos or None, audio=audios or None,
-            document_images=is_doc, padding_side=padding_side, return_tensors=return_tensors,
+            document_images=is_doc, padding_side=padding_side, return_tensors=return_tensors, max_length=max_length,
         )
 
     def render_segments(self, parsed: ParsedInput, instruction: str | None = None) -> list[tuple[str, bool]]:

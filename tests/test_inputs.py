@@ -49,3 +49,54 @@ def test_hf_call_still_expands_caller_placeholders(tiny_model_and_processor):
     _, processor = tiny_model_and_processor
     batch = processor(text=["<|vision_start|><|image_pad|><|vision_end|>a cat"], images=[IMAGE], return_tensors="np")
     assert (batch["input_ids"][0] == processor.image_token_id).sum() == int(batch["image_grid_thw"][0].prod()) // 4
+
+
+# ------------------------------------------------------------------------------------------------ length
+LONG_TEXT = "alpha beta gamma delta " * 1500  # ~6000 words, past the tiny backbone's 4096 positions
+
+
+def test_sentence_transformers_max_seq_length_defaults_and_truncates(tiny_st):
+    module = tiny_st[0]
+    limit = module.model.config.text_config.max_position_embeddings
+    assert tiny_st.max_seq_length == limit
+    features = module.preprocess([LONG_TEXT, "short"])
+    assert features["input_ids"].shape[1] == limit
+    try:
+        tiny_st.max_seq_length = 64
+        features = module.preprocess([LONG_TEXT, "short"])
+        assert features["input_ids"].shape[1] == 64
+        short = tiny_st.encode(["a b c " * 100])
+    finally:
+        tiny_st.max_seq_length = None
+    assert tiny_st.max_seq_length == limit
+    assert not np.allclose(short, tiny_st.encode(["a b c " * 100]))  # the setting takes effect in encode
+    with pytest.raises(ValueError, match="positive int"):
+        tiny_st.max_seq_length = 0
+
+
+def test_truncation_cuts_text_only_and_keeps_the_template_end(tiny_model_and_processor):
+    _, processor = tiny_model_and_processor
+    full = processor.prepare([{"image": IMAGE, "text": LONG_TEXT}], return_tensors="np")
+    cut = processor.prepare([{"image": IMAGE, "text": LONG_TEXT}], return_tensors="np", max_length=300)
+    ids, full_ids = cut["input_ids"][0], full["input_ids"][0]
+    assert ids.shape[0] == 300
+    n_image = int(cut["image_grid_thw"][0].prod()) // 4
+    assert (ids == processor.image_token_id).sum() == n_image  # the placeholder run is whole
+    suffix = processor.tokenizer("<|im_end|>\n<|im_start|>assistant\n<|endoftext|>", add_special_tokens=False)
+    tail = suffix["input_ids"]
+    assert ids[-len(tail):].tolist() == tail and ids[: 300 - len(tail)].tolist() == full_ids[: 300 - len(tail)].tolist()
+
+
+def test_media_alone_past_max_length_fails_clearly(tiny_model_and_processor):
+    _, processor = tiny_model_and_processor
+    with pytest.raises(ValueError, match=r"inputs\[1\]: its media and template tokens alone are \d+, more than "
+                                         r"max_length=32"):
+        processor.prepare(["fine", {"image": IMAGE.resize((640, 480)), "text": "a photo"}], max_length=32)
+
+
+def test_model_warns_past_max_position_embeddings(tiny_model_and_processor, caplog):
+    model, processor = tiny_model_and_processor
+    batch = processor.prepare([LONG_TEXT], max_length=10**6)
+    with caplog.at_level("WARNING"), torch.no_grad():
+        model(**batch)
+    assert "more than max_position_embeddings" in caplog.text
