@@ -163,6 +163,22 @@ ALPHA_MODES = ("LA", "PA", "RGBA", "RGBa")
 FRAME_DTYPES = ("uint8 (0..255)", "uint16 (0..65535)", "float16/float32/float64 (0..1)")
 
 
+MAX_ASPECT_RATIO = 200  # Qwen2-VL's smart_resize refuses longer/shorter side ratios above this
+
+
+def check_image_size(width: int, height: int, where: str = "image") -> None:
+    """Raise a ValueError naming `where` for an empty image or one past `MAX_ASPECT_RATIO` (long side / short side),
+    before the image processor fails on it with no input named."""
+    if width == 0 or height == 0:
+        raise ValueError(f"{where} is an image of {width}x{height} pixels; expected a non-empty image.")
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ValueError(
+            f"{where} is an image of {width}x{height} pixels, aspect ratio {ratio:.1f}; the vision encoder accepts at "
+            f"most {MAX_ASPECT_RATIO}:1 (long side / short side). Crop it, pad it, or split it into tiles."
+        )
+
+
 def image_to_rgb(image: Any, where: str = "image") -> Any:
     """A PIL image of any mode in `IMAGE_MODES` as 8-bit RGB; other modes raise a ValueError naming `where`."""
     from PIL import Image

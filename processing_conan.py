@@ -28,6 +28,7 @@ from transformers.processing_utils import ProcessorMixin
 
 from .configuration_conan import SAMPLING_RATE, WHISPER_WINDOW_FRAMES, audio_tokens_for_frames
 from .media_conan import (
+    check_image_size,
     count_pdf_pages,
     frame_to_uint8,
     image_to_rgb,
@@ -227,6 +228,7 @@ class ConanProcessor(ProcessorMixin):
         return_tensors: str | None = "pt",
         document_images: list[bool] | None = None,
         max_length: int | None = None,
+        input_names: list[str] | None = None,
         **kwargs,
     ) -> BatchFeature:
         """Tokenise `text`, expanding each placeholder for the matching image/video/audio item (in order).
@@ -244,6 +246,8 @@ class ConanProcessor(ProcessorMixin):
         expansions: dict[str, list[int]] = {}
         if images:
             docs = document_images or [False] * len(images)
+            for i, im in enumerate(images):
+                check_image_size(im.width, im.height, f"images[{i}]")
             resized = [
                 self._resize(
                     to_rgb(im),
@@ -273,7 +277,7 @@ class ConanProcessor(ProcessorMixin):
         if padding_side is not None:
             kwargs["padding_side"] = padding_side
         encoded = self.tokenizer.pad(
-            {"input_ids": self._tokenize_segments(rows, self.effective_max_length(max_length))}, padding=padding,
+            {"input_ids": self._tokenize_segments(rows, self.effective_max_length(max_length), input_names)}, padding=padding,
             return_tensors="np", **kwargs
         )
         input_ids = encoded["input_ids"]
@@ -292,7 +296,9 @@ class ConanProcessor(ProcessorMixin):
                 return int(limit)
         return None
 
-    def _tokenize_segments(self, rows: list[list[tuple[str, bool]]], max_length: int | None = None) -> list[list[int]]:
+    def _tokenize_segments(
+        self, rows: list[list[tuple[str, bool]]], max_length: int | None = None, names: list[str] | None = None
+    ) -> list[list[int]]:
         """Token ids per row: template segments parse special tokens, literal segments (user text, instructions)
         are tokenised with `split_special_tokens=True`, so `<|image_pad|>` or `<|im_end|>` typed by a user stays text.
         With `max_length`, rows are cut to fit by `_truncate_literal`."""
@@ -305,12 +311,12 @@ class ConanProcessor(ProcessorMixin):
                 for (r, i), seg_ids in zip(where, encoded):
                     pieces[r][i] = list(seg_ids)
         if max_length is not None:
-            pieces = [self._truncate_literal(row, literal, max_length, r) for r, (row, literal) in
-                      enumerate(zip(pieces, ([lit for _, lit in row] for row in rows)))]
+            pieces = [self._truncate_literal(row, literal, max_length, names[r] if names else f"inputs[{r}]")
+                      for r, (row, literal) in enumerate(zip(pieces, ([lit for _, lit in row] for row in rows)))]
         return [[t for seg_ids in row for t in seg_ids] for row in pieces]
 
     @staticmethod
-    def _truncate_literal(pieces: list[list[int]], literal: list[bool], max_length: int, row: int) -> list[list[int]]:
+    def _truncate_literal(pieces: list[list[int]], literal: list[bool], max_length: int, where: str) -> list[list[int]]:
         """Cut literal segments from the end (the user's text first, then the instruction) so the row fits in
         `max_length`; template and media tokens are never cut."""
         total = sum(len(p) for p in pieces)
@@ -319,7 +325,7 @@ class ConanProcessor(ProcessorMixin):
         fixed = sum(len(p) for p, lit in zip(pieces, literal) if not lit)
         if fixed > max_length:
             raise ValueError(
-                f"inputs[{row}]: its media and template tokens alone are {fixed}, more than max_length={max_length}; "
+                f"{where}: its media and template tokens alone are {fixed}, more than max_length={max_length}; "
                 "use fewer or smaller media (image_max_pixels, video_max_frames, video_max_pixels, audio_max_windows) "
                 "or raise max_length (at most the model's max_position_embeddings)."
             )
@@ -328,8 +334,7 @@ class ConanProcessor(ProcessorMixin):
             if literal[i] and excess > 0:
                 cut = min(excess, len(out[i]))
                 out[i], excess = out[i][: len(out[i]) - cut], excess - cut
-        logger.warning("inputs[%d] has %d tokens, more than max_length=%d: its text was truncated.", row, total,
-                       max_length)
+        logger.warning("%s has %d tokens, more than max_length=%d: its text was truncated.", where, total, max_length)
         return out
 
     def _expand_placeholders(self, text: str, expansions: dict[str, list[int]]) -> str:
@@ -353,6 +358,7 @@ class ConanProcessor(ProcessorMixin):
         padding_side: str | None = None,
         return_tensors: str | None = "pt",
         max_length: int | None = None,
+        input_names: list[str] | None = None,
     ) -> BatchFeature:
         """Model inputs for a batch of raw inputs, each becoming one embedding.
 
@@ -361,12 +367,15 @@ class ConanProcessor(ProcessorMixin):
         question or a video with its soundtrack). `audio` is `{"array": 1-D floats, "sampling_rate": int}` or a file;
         `video` is a (T,H,W,C) uint8 array, a list of frames, or a file; `document` is a page image or a PDF path
         (`page` picks the 0-based page, default 0; `pdf_page_inputs` expands a whole PDF). `instruction` is the system
-        prompt (sentence-transformers passes its prompt here); `max_length` overrides `self.max_length`.
+        prompt (sentence-transformers passes its prompt here); `max_length` overrides `self.max_length`. Errors name
+        `inputs[i]`, or `input_names[i]` where given (sentence-transformers reorders inputs, so it passes quotes).
         """
         if isinstance(inputs, (str, dict, Image.Image)):
             inputs = [inputs]
-        parsed = [self.parse_input(raw, index) for index, raw in enumerate(inputs)]
-        return self.prepare_parsed(parsed, [instruction] * len(parsed), padding_side, return_tensors, max_length)
+        parsed = [self.parse_input(raw, index, input_names[index] if input_names else None)
+                  for index, raw in enumerate(inputs)]
+        return self.prepare_parsed(parsed, [instruction] * len(parsed), padding_side, return_tensors, max_length,
+                                   input_names)
 
     def prepare_parsed(
         self,
@@ -375,6 +384,7 @@ class ConanProcessor(ProcessorMixin):
         padding_side: str | None = None,
         return_tensors: str | None = "pt",
         max_length: int | None = None,
+        input_names: list[str] | None = None,
     ) -> BatchFeature:
         """Model inputs for already-validated inputs (`parse_input` results), one instruction per row."""
         texts, images, is_doc, videos, audios = [], [], [], [], []
@@ -389,6 +399,7 @@ class ConanProcessor(ProcessorMixin):
         return self(
             text=texts, images=images or None, videos=videos or None, audio=audios or None,
             document_images=is_doc, padding_side=padding_side, return_tensors=return_tensors, max_length=max_length,
+            input_names=input_names,
         )
 
     def render_segments(self, parsed: ParsedInput, instruction: str | None = None) -> list[tuple[str, bool]]:
@@ -409,9 +420,9 @@ class ConanProcessor(ProcessorMixin):
         """The chat layout (same as `chat_template`): system instruction, user turn with media then text."""
         return "".join(segment for segment, _ in self.render_segments(parsed, instruction))
 
-    def parse_input(self, raw: Any, index: int) -> tuple[ParsedInput, list[bool]]:
-        """Validate one raw input; errors name `inputs[index]` and what was expected."""
-        where = f"inputs[{index}]"
+    def parse_input(self, raw: Any, index: int, name: str | None = None) -> tuple[ParsedInput, list[bool]]:
+        """Validate one raw input; errors name `inputs[index]` (or `name`) and what was expected."""
+        where = name or f"inputs[{index}]"
         if raw is None:
             raise TypeError(f"{where} is None; expected a str, a PIL image or a dict with keys {INPUT_KEYS}.")
         if isinstance(raw, str):
@@ -474,8 +485,7 @@ class ConanProcessor(ProcessorMixin):
             image = open_image_file(path, where)  # EXIF orientation applied; PIL images passed in are kept as given
         if not isinstance(image, Image.Image):
             raise TypeError(f"{where} has type {type(image).__name__}; expected a PIL image or an image path.")
-        if image.width == 0 or image.height == 0:
-            raise ValueError(f"{where} is an image of {image.width}x{image.height} pixels; expected a non-empty image.")
+        check_image_size(image.width, image.height, where)
         return image_to_rgb(image, where)
 
     def _load_document(self, document: Any, page: Any, where: str) -> Image.Image:
@@ -509,6 +519,7 @@ class ConanProcessor(ProcessorMixin):
         for i, frame in enumerate(frames):
             if frame.ndim != 3 or frame.shape[-1] != 3 or frame.shape[0] == 0 or frame.shape[1] == 0:
                 raise ValueError(f"{where} frame {i} has shape {frame.shape}; expected non-empty (H, W, 3) RGB.")
+        check_image_size(frames[0].shape[1], frames[0].shape[0], f"{where} frame 0")
         if len(frames) > self.video_max_frames:
             picks = np.linspace(0, len(frames) - 1, self.video_max_frames).round().astype(int)
             frames = [frames[i] for i in picks]
@@ -557,6 +568,26 @@ class ConanProcessor(ProcessorMixin):
             "input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw",
             "pixel_values_videos", "video_grid_thw", "input_features", "audio_feature_lengths",
         ]
+
+
+def describe_input(raw: Any) -> str:
+    """A short quote of one caller input for error messages, where a position would mislead (sentence-transformers
+    sorts inputs by length before they reach the processor): `input 'some text'`, `input {'audio': 'a.wav'}`."""
+
+    def short(value: Any) -> str:
+        if isinstance(value, str):
+            return repr(value if len(value) <= 40 else value[:37] + "...")
+        if isinstance(value, Image.Image):
+            return f"<PIL {value.mode} image {value.width}x{value.height}>"
+        if hasattr(value, "shape") and hasattr(value, "dtype"):
+            return f"<{type(value).__name__} {value.dtype} {tuple(value.shape)}>"
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{key!r}: {short(item)}" for key, item in value.items()) + "}"
+        if isinstance(value, (list, tuple)):
+            return f"<{type(value).__name__} of {len(value)}>"
+        return repr(value)[:40]
+
+    return f"input {short(raw)}"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -15,6 +15,8 @@ import torch
 from sentence_transformers.base.modules import InputModule
 from transformers import AutoModel, AutoProcessor
 
+from .processing_conan import describe_input
+
 
 class ConanEmbedder(InputModule):
     """Wraps `ConanModel` + `ConanProcessor`; `prompt` (e.g. from `encode_query`) becomes the system instruction."""
@@ -59,8 +61,13 @@ class ConanEmbedder(InputModule):
         return ["text", "image", "audio", "video", "message"]
 
     def preprocess(self, inputs: list[Any], prompt: str | None = None, **kwargs) -> dict[str, Any]:
+        inputs = list(inputs)
+        # SentenceTransformer.encode sorts inputs by length, so batch positions are not the caller's: errors quote
+        # the offending input instead of naming an index.
+        names = [describe_input(raw) for raw in inputs]
         return dict(self.processor.prepare(
-            list(inputs), instruction=prompt, padding_side=self.padding_side, max_length=self.max_seq_length
+            inputs, instruction=prompt, padding_side=self.padding_side, max_length=self.max_seq_length,
+            input_names=names,
         ))
 
     def forward(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:

@@ -100,3 +100,35 @@ def test_model_warns_past_max_position_embeddings(tiny_model_and_processor, capl
     with caplog.at_level("WARNING"), torch.no_grad():
         model(**batch)
     assert "more than max_position_embeddings" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------ errors name the input
+def test_encode_error_quotes_the_callers_input_not_the_sorted_position(tiny_st):
+    with pytest.raises(ValueError, match=r"input '' is an empty string") as raised:
+        tiny_st.encode(["first", "", "third one is longer"])
+    assert "inputs[" not in str(raised.value)
+    with pytest.raises(ValueError, match=r"input \{'audio': \{'array': <ndarray int64 \(8,\)>, 'sampling_rate': 16000\}"
+                                         r"\}\['audio'\]\['array'\] has dtype int64"):
+        tiny_st.encode(["a much longer first sentence", {"audio": {"array": np.zeros(8, np.int64),
+                                                                   "sampling_rate": 16000}}])
+
+
+@pytest.mark.parametrize("size", [(500, 2), (2, 500)])
+def test_extreme_aspect_ratio_is_named_up_front(tiny_model_and_processor, tiny_st, size):
+    _, processor = tiny_model_and_processor
+    image = Image.new("RGB", size, (10, 20, 30))
+    with pytest.raises(ValueError, match=rf"inputs\[1\]\['image'\] is an image of {size[0]}x{size[1]} pixels, aspect "
+                                         r"ratio 250.0; the vision encoder accepts at most 200:1"):
+        processor.prepare(["fine", {"image": image, "text": "a strip"}])
+    with pytest.raises(ValueError, match=r"input <PIL RGB image .*aspect ratio 250.0"):
+        tiny_st.encode(["fine", image])
+    with pytest.raises(ValueError, match=r"images\[0\] is an image of .*aspect ratio 250.0"):
+        processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[image])
+    ok = Image.new("RGB", (400, 2), (10, 20, 30))  # 200:1 is still accepted
+    assert processor.prepare([ok], return_tensors="np")["image_grid_thw"].shape == (1, 3)
+
+
+def test_video_frame_aspect_ratio_is_named(tiny_model_and_processor):
+    _, processor = tiny_model_and_processor
+    with pytest.raises(ValueError, match=r"inputs\[0\]\['video'\] frame 0 is an image of 300x1 pixels"):
+        processor.prepare([{"video": np.zeros((2, 1, 300, 3), np.uint8)}])
