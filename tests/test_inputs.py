@@ -132,3 +132,41 @@ def test_video_frame_aspect_ratio_is_named(tiny_model_and_processor):
     _, processor = tiny_model_and_processor
     with pytest.raises(ValueError, match=r"inputs\[0\]\['video'\] frame 0 is an image of 300x1 pixels"):
         processor.prepare([{"video": np.zeros((2, 1, 300, 3), np.uint8)}])
+
+
+# ------------------------------------------------------------------------------------------------ mteb rows
+def test_mteb_encoder_keeps_empty_rows_with_a_defined_embedding(tiny_st, caplog):
+    pytest.importorskip("mteb")
+    from types import SimpleNamespace
+
+    from training.evaluation.embedder import SentenceTransformerEmbedder
+    from training.evaluation.mteb_encoder import make_encoder
+
+    encoder = make_encoder(SentenceTransformerEmbedder("unused", model=tiny_st), batch_size=4)
+    task = SimpleNamespace(name="MockEmptyRows", type="Clustering", prompt=None)
+    tone = {"array": (0.3 * np.sin(np.arange(8000) / 5)).astype(np.float32), "sampling_rate": 16000}
+    silence = {"array": np.zeros(0, np.float32), "sampling_rate": 16000}
+    batches = [{"text": ["hello", "", "world"]}, {"text": ["  ", ""]},
+               {"audio": [silence, tone], "text": [None, None]}, {"audio": [silence], "text": ["a caption"]}]
+    with caplog.at_level("WARNING"):
+        out = encoder.encode(batches, task_metadata=task, hf_split="test", hf_subset="default",
+                             show_progress_bar=False)
+    assert out.shape == (8, tiny_st.get_embedding_dimension()) and np.isfinite(out).all()
+    empty = [1, 3, 4, 5]
+    assert np.all(out[empty] == 0)
+    assert np.allclose(np.linalg.norm(np.delete(out, empty, axis=0), axis=1), 1, atol=1e-5)
+    assert "4 of 8 rows have no content" in caplog.text
+    np.testing.assert_allclose(out[0], tiny_st.encode(["hello"], prompt=encoder.prompt_for(task, None, ["x"]))[0],
+                               atol=1e-5)
+    assert np.isfinite(np.asarray(encoder.similarity(out, out))).all()
+    with pytest.raises(ValueError, match="all 2 rows are empty"):
+        encoder.encode([{"text": ["", " "]}], task_metadata=task, hf_split="test", hf_subset="default",
+                       show_progress_bar=False)
+
+
+def test_mteb_adapter_scales_integer_audio():
+    from training.evaluation.media import to_audio_item
+
+    tone = 0.5 * np.sin(np.arange(1600) / 3)
+    item = to_audio_item({"array": np.round(tone * 32767).astype(np.int16), "sampling_rate": 16000})
+    np.testing.assert_allclose(item["array"], tone, atol=1e-4)
