@@ -170,3 +170,70 @@ def test_mteb_adapter_scales_integer_audio():
     tone = 0.5 * np.sin(np.arange(1600) / 3)
     item = to_audio_item({"array": np.round(tone * 32767).astype(np.int16), "sampling_rate": 16000})
     np.testing.assert_allclose(item["array"], tone, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ drift check
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@pytest.fixture(scope="module")
+def calibrated_repos(tiny_repo, tmp_path_factory):
+    """The tiny repo calibrated (its fingerprint in config.json) by fp32/bf16/fp16 loads, plus a fused-like copy:
+    every backbone weight moved by 0.1% of its tensor's spread, below bf16's resolution for most elements."""
+    import shutil
+
+    from training import hub_code
+
+    modeling = hub_code.load("modeling_conan")
+    root = tmp_path_factory.mktemp("drift")
+    repos = {}
+    for dtype in DTYPES:
+        model = hub_code.ConanModel.from_pretrained(tiny_repo, dtype=dtype)
+        repo = root / str(dtype).split(".")[-1]
+        shutil.copytree(tiny_repo, repo)
+        model.config.projector_calibration_hash = modeling.backbone_fingerprint(model)
+        model.config.dtype = torch.float32
+        model.config.to_json_file(repo / "config.json")
+        repos[dtype] = repo
+    fused = hub_code.ConanModel.from_pretrained(repos[torch.float32])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in fused.backbone.named_parameters():
+            if param.numel() > 1:
+                param.add_(torch.randn(param.shape, generator=g) * 1e-3 * param.std())
+    fused.save_pretrained(root / "fused")
+    for name in ("processing_conan.py", "media_conan.py", "configuration_conan.py", "modeling_conan.py"):
+        shutil.copy(tiny_repo / name, root / "fused" / name)
+    repos["fused"] = root / "fused"
+    return repos
+
+
+@pytest.mark.parametrize("calibrated_in", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_drift_verdict_is_the_same_for_every_load_dtype(calibrated_repos, caplog, calibrated_in):
+    from training import hub_code
+
+    with caplog.at_level("WARNING"):
+        verdicts = [hub_code.ConanModel.from_pretrained(calibrated_repos[calibrated_in], dtype=dtype)
+                    .check_projector_calibration() for dtype in DTYPES]
+    assert verdicts == [True, True, True] and "Projector Drift" not in caplog.text
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_drift_still_detected_after_a_backbone_change(calibrated_repos, caplog, dtype):
+    from training import hub_code
+
+    with caplog.at_level("WARNING"):
+        model = hub_code.ConanModel.from_pretrained(calibrated_repos["fused"], dtype=dtype)
+    assert not model.check_projector_calibration() and "Projector Drift" in caplog.text
+
+
+def test_old_format_records_are_still_read(tiny_repo):
+    from training import hub_code
+
+    modeling = hub_code.load("modeling_conan")
+    model = hub_code.ConanModel.from_pretrained(tiny_repo)
+    legacy = modeling._legacy_backbone_fingerprint(model)
+    assert len(legacy) == 64 and modeling.backbone_matches(legacy, model)
+    assert not modeling.backbone_matches("0" * 64, model)
+    record = modeling.backbone_fingerprint(model)
+    assert record.startswith("conan-fp2:") and len(record) < 16_000  # stays small enough for config.json

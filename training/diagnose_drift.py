@@ -32,6 +32,7 @@ from training.recover import (
     RecoverError,
     audio_pairs,
     backbone_fingerprint,
+    backbone_matches,
     cache_audio,
     collate_clips,
     embed_inputs,
@@ -186,7 +187,7 @@ def drift_report(
     return {
         "specialist": str(specialist), "fused": str(fused), "recovered": None if recovered is None else str(recovered),
         "data": str(data), "clips": len(clip_caches["fused"]), "pairs": len(pairs), "skipped_pairs": pairs.skipped,
-        "backbones_identical": backbone_fingerprint(spec_model) == backbone_fingerprint(fused_model),
+        "backbones_identical": backbone_matches(backbone_fingerprint(spec_model), fused_model),
         "layers": layers, "pooled": pooled, "projector": projector, "retrieval": retrieval,
         "drift": {"embedding": 1.0 - pooled["cos_mean"], "final_cka": 1.0 - layers[-1]["audio_token_cka"],
                   "retrieval_r1_drop": retrieval["specialist"]["r@1"] - retrieval["fused"]["r@1"]},

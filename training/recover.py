@@ -253,6 +253,7 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
 
 
 backbone_fingerprint = hub_code.load("modeling_conan").backbone_fingerprint
+backbone_matches = hub_code.load("modeling_conan").backbone_matches
 
 
 def full_hash(model: torch.nn.Module, prefix: str = "backbone.") -> str:
@@ -505,7 +506,7 @@ def recover(cfg: RecoverConfig, on_step: Callable[[int, dict[str, float]], None]
     model.to(accelerator.device)
     fingerprint = backbone_fingerprint(model)
     previous_hash = getattr(model.config, "projector_calibration_hash", None)
-    if previous_hash == fingerprint:
+    if previous_hash and backbone_matches(previous_hash, model):
         logger.warning("%s: the projector is already calibrated on this backbone (projector_calibration_hash "
                        "matches); recovering anyway.", cfg.model)
     pad_id = int(processor.tokenizer.pad_token_id)
@@ -682,8 +683,8 @@ def write_recovered(model: torch.nn.Module, processor: Any, cfg: RecoverConfig, 
         "projector_sha256": full_hash(model, PROJECTOR_PREFIX),
         "calibrated_on": str(cfg.model),
         "method": "projector_recovery",
-        "fingerprint_rule": "training.recover.backbone_fingerprint (sha256 of name|shape|dtype + 4096 strided "
-                            "elements per backbone.* tensor)",
+        "fingerprint_rule": "modeling_conan.backbone_fingerprint (conan-fp2: sha256 of backbone.* names/shapes + "
+                            "~2048 sampled values, compared within dtype rounding by backbone_matches)",
     }
     model.config.projector_calibration_hash = fingerprint
     with atomic_output_dir(cfg.output, overwrite=cfg.overwrite) as tmp:
