@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 from collections.abc import Iterator
 from fractions import Fraction
@@ -129,7 +130,12 @@ def _load_audio_with_av(path: str) -> tuple[np.ndarray, int]:
 
 
 def load_video_file(path: str, fps: float, max_frames: int) -> list[np.ndarray]:
-    """Decode a video file with PyAV, sampling at `fps` frames per second, at most `max_frames` (spread uniformly)."""
+    """Decode a video file with PyAV, sampling at `fps` frames per second, at most `max_frames` (spread uniformly).
+
+    Memory is bounded by the frames kept, not by the video: a first pass reads only packet timestamps (no decoding),
+    the frames to keep are chosen from them (for each `1/fps` step the nearest frame), and a second pass decodes and
+    converts to RGB only those frames. Returns (H, W, 3) uint8 frames in time order.
+    """
     _require_file(path, "Video")
     av = _optional_import("av", "av", "Decoding video files")
     try:
@@ -137,20 +143,38 @@ def load_video_file(path: str, fps: float, max_frames: int) -> list[np.ndarray]:
             if not container.streams.video:
                 raise ValueError("it has no video stream")
             stream = container.streams.video[0]
-            decoded = [(float(frame.time or 0.0), frame.to_ndarray(format="rgb24")) for frame in container.decode(stream)]
-    except ValueError as error:
-        raise ValueError(f"Video file {path!r} could not be decoded: {error}") from error
+            stamps = sorted(packet.pts for packet in container.demux(stream) if packet.pts is not None)
+            if not stamps:  # no packet timestamps (rare raw streams): count frames by decoding instead
+                container.seek(0)
+                stamps = [frame.pts if frame.pts is not None else i for i, frame in enumerate(container.decode(stream))]
+            if not stamps:
+                raise ValueError("it has 0 frames")
+            keep = set(_pick_timestamps(stamps, float(stream.time_base or 1), fps, max_frames))
+            container.seek(0)
+            frames = []
+            for i, frame in enumerate(container.decode(stream)):
+                if (frame.pts if frame.pts is not None else i) in keep:
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                    keep.discard(frame.pts if frame.pts is not None else i)
+                    if not keep:
+                        break
     except Exception as error:  # av raises its own error classes for corrupt containers
         raise ValueError(f"Video file {path!r} could not be decoded: {error}") from error
-    if not decoded:
-        raise ValueError(f"Video file {path!r} has 0 frames.")
-    times = np.array([t for t, _ in decoded])
+    if not frames:
+        raise ValueError(f"Video file {path!r} has 0 decodable frames.")
+    return frames
+
+
+def _pick_timestamps(stamps: list[int], time_base: float, fps: float, max_frames: int) -> list[int]:
+    """Timestamps (in `time_base` units) of the frames to keep: nearest frame to each `1/fps` step from the first
+    frame to the last, at most `max_frames` of them spread uniformly."""
+    times = np.array(stamps, dtype=np.float64) * time_base
     duration = times[-1] - times[0]
     wanted = np.arange(times[0], times[0] + duration + 1e-9, 1.0 / fps) if duration > 0 else np.array([times[0]])
     picks = sorted({int(np.argmin(np.abs(times - t))) for t in wanted})
     if len(picks) > max_frames:
         picks = [picks[i] for i in np.linspace(0, len(picks) - 1, max_frames).round().astype(int)]
-    return [decoded[i][1] for i in picks]
+    return [stamps[i] for i in picks]
 
 
 # ------------------------------------------------------------------------------------------------ images and frames
@@ -250,13 +274,22 @@ def open_pdf(path: str) -> Iterator[Any]:
         document.close()
 
 
-def render_pdf_page(path: str, page: int, scale: float) -> Any:
-    """Rasterise one page (0-based) of a PDF with pypdfium2 and return a PIL image."""
+def render_pdf_page(path: str, page: int, scale: float, max_pixels: int | None = None) -> Any:
+    """Rasterise one page (0-based) of a PDF with pypdfium2 and return an RGB PIL image.
+
+    `scale` is pixels per PDF point (2.0 = 144 dpi); with `max_pixels`, the scale is lowered from the page size so the
+    bitmap holds at most about that many pixels (a 100x100 inch poster page is not rendered at 14400x14400 px only to
+    be shrunk afterwards).
+    """
     with open_pdf(path) as document:
         n_pages = len(document)
         if not 0 <= page < n_pages:
             raise ValueError(f"PDF file {path!r} has {n_pages} pages; page={page} is out of range (0-based).")
-        return document[page].render(scale=scale).to_pil().convert("RGB")
+        pdf_page = document[page]
+        width, height = pdf_page.get_size()
+        if max_pixels is not None and width * height * scale * scale > max_pixels:
+            scale = math.sqrt(max_pixels / (width * height))
+        return pdf_page.render(scale=scale).to_pil().convert("RGB")
 
 
 def count_pdf_pages(path: str) -> int:

@@ -47,6 +47,7 @@ CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 INPUT_KEYS = ("text", "image", "document", "page", "video", "audio")
 DEFAULT_INSTRUCTION = "Represent the user's input."
+PDF_RENDER_HEADROOM = 2  # render PDF pages at up to 2x document_max_pixels, then resize down (A4 at 144 dpi fits)
 
 
 @dataclass
@@ -493,7 +494,8 @@ class ConanProcessor(ProcessorMixin):
             if page is not None and (not isinstance(page, int) or isinstance(page, bool)):
                 raise TypeError(f"{where}: page must be an int (0-based), got {page!r}.")
             try:
-                return render_pdf_page(os.fspath(document), page or 0, self.pdf_render_scale)
+                return render_pdf_page(os.fspath(document), page or 0, self.pdf_render_scale,
+                                       max_pixels=PDF_RENDER_HEADROOM * self.document_max_pixels)
             except ValueError as error:
                 raise ValueError(f"{where}: {error}") from error
         if page is not None:
