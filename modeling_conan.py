@@ -8,8 +8,10 @@ pooling of the backbone's final-norm hidden state, L2-normalised.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -77,13 +79,83 @@ class ConanPreTrainedModel(PreTrainedModel):
             super()._init_weights(module)
 
 
-def backbone_fingerprint(model: nn.Module, prefix: str = "backbone.", sample: int = 4096) -> str:
-    """Cheap identity of a backbone: every tensor's name/shape/dtype plus a strided sample of its bytes.
+# ---------------------------------------------------------------------------------------------- drift fingerprint
+# A fingerprint stores ~2048 sampled backbone values (fp32, with each value's dtype) plus a digest of tensor names and
+# shapes. Two loads of the same weights in fp32, bf16 or fp16 differ only by rounding, which is at most one unit in
+# the last place of the coarser dtype, so `backbone_matches` compares the samples within that tolerance: the same
+# verdict for every load dtype (a hash of rounded values cannot be dtype-free: fp32->bf16 and fp32->fp16->bf16
+# differ on ~6% of values). Fusion changes almost every element, so some samples move by more than that.
+FINGERPRINT_FORMAT = "conan-fp2"
+FINGERPRINT_SAMPLES = 2048
+_SAMPLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-    Fusion changes almost every element of the LLM weights, so a strided sample catches it, in well under a second
-    even for a 2B backbone (which is why loading can afford the Projector Drift check). Values are hashed after
-    rounding to bf16, so loading the same checkpoint in fp32 or bf16 gives the same fingerprint.
+
+def _backbone_samples(
+    model: nn.Module, prefix: str, total: int, per_tensor: int | None = None
+) -> tuple[str, int, torch.Tensor, torch.Tensor]:
+    """(digest of names/shapes, samples per tensor, sampled values as fp32, dtype code of each value) of the tensors
+    under `prefix`: `per_tensor` (default about `total` over all floating tensors) evenly spaced values of each."""
+    items = [(name, t) for name, t in sorted(model.state_dict().items()) if name.startswith(prefix)]
+    digest = hashlib.sha256()
+    for name, tensor in items:
+        digest.update(f"{name}|{tuple(tensor.shape)}|{int(tensor.is_floating_point())}|".encode())
+    floats = [t for _, t in items if t.is_floating_point() and t.numel()]
+    per_tensor = per_tensor or max(1, total // max(1, len(floats)))
+    values, codes = [], []
+    for tensor in floats:
+        flat = tensor.detach().reshape(-1)
+        index = torch.linspace(0, flat.numel() - 1, min(per_tensor, flat.numel())).round().long()
+        values.append(flat[index.to(flat.device)].cpu().float())
+        code = _SAMPLE_DTYPES.index(tensor.dtype) if tensor.dtype in _SAMPLE_DTYPES else 0
+        codes.append(torch.full((index.numel(),), code, dtype=torch.uint8))
+    if not values:
+        return digest.hexdigest()[:32], per_tensor, torch.zeros(0), torch.zeros(0, dtype=torch.uint8)
+    return digest.hexdigest()[:32], per_tensor, torch.cat(values), torch.cat(codes)
+
+
+def backbone_fingerprint(model: nn.Module, prefix: str = "backbone.", sample: int = FINGERPRINT_SAMPLES) -> str:
+    """Identity of a backbone, for the Projector Drift check: `conan-fp2:<names/shapes digest>:<per tensor>:<samples>`.
+
+    The samples (about `sample` values spread over every floating tensor, base64 of zlib-compressed fp32 values and
+    their dtype codes) are compared by `backbone_matches` within the rounding of their dtype, so the record written
+    after calibrating in bf16 matches fp32, bf16 and fp16 loads of the same weights. Deterministic for one dtype.
     """
+    digest, per_tensor, values, codes = _backbone_samples(model, prefix, sample)
+    payload = zlib.compress(values.numpy().astype("<f4").tobytes() + codes.numpy().tobytes(), 9)
+    return f"{FINGERPRINT_FORMAT}:{digest}:{per_tensor}:{base64.b64encode(payload).decode()}"
+
+
+def _spacing(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One unit in the last place of `dtype` at each value (as fp64): the most a rounding to `dtype` moves it."""
+    rounded = values.to(dtype).abs()
+    return (torch.nextafter(rounded, torch.full_like(rounded, float("inf"))) - rounded).double()
+
+
+def backbone_matches(expected: str, model: nn.Module, prefix: str = "backbone.") -> bool:
+    """Whether `model`'s backbone is the one `expected` (a `backbone_fingerprint`) was taken from, whatever dtype
+    either was loaded in. Records of the earlier format (a 64-hex sha256 of bf16-rounded values) are still read:
+    they are compared exactly, which can flag a false drift for fp16 loads (re-run training.recover to upgrade)."""
+    if not expected.startswith(FINGERPRINT_FORMAT + ":"):
+        return _legacy_backbone_fingerprint(model, prefix) == expected
+    _, digest, per_tensor, encoded = expected.split(":", 3)
+    raw = zlib.decompress(base64.b64decode(encoded))
+    n = len(raw) // 5
+    stored = torch.frombuffer(bytearray(raw[: 4 * n]), dtype=torch.float32).double()
+    stored_codes = torch.frombuffer(bytearray(raw[4 * n :]), dtype=torch.uint8)
+    actual_digest, _, values, codes = _backbone_samples(model, prefix, n, int(per_tensor))
+    if actual_digest != digest or values.numel() != n:
+        return False
+    tolerance = torch.zeros(n, dtype=torch.float64)
+    for code, dtype in enumerate(_SAMPLE_DTYPES):
+        for mask, at in ((stored_codes == code, stored), (codes == code, values.double())):
+            if mask.any():
+                tolerance[mask] = torch.maximum(tolerance[mask], _spacing(at[mask], dtype))
+    close = (values.double() - stored).abs() <= tolerance
+    return bool((close | (values.double() == stored)).all())
+
+
+def _legacy_backbone_fingerprint(model: nn.Module, prefix: str = "backbone.", sample: int = 4096) -> str:
+    """The first fingerprint format (kept to read older configs): sha256 of names/shapes and bf16-rounded samples."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         if not name.startswith(prefix):
@@ -123,12 +195,12 @@ class ConanModel(ConanPreTrainedModel):
         expected = self.config.projector_calibration_hash
         if not expected or any(p.device.type == "meta" for p in self.backbone.parameters()):
             return True
-        actual = backbone_fingerprint(self)
-        if actual == expected:
+        if backbone_matches(expected, self):
             return True
         logger.warning(
-            "Projector Drift: audio_projector was calibrated on backbone %s but this backbone is %s; audio embeddings "
-            "will be degraded. Run `python -m training.recover` to recalibrate the projector.", expected[:12], actual[:12],
+            "Projector Drift: audio_projector was calibrated on another backbone than this one (its fingerprint "
+            "differs beyond %s rounding); audio embeddings will be degraded. Run `python -m training.recover` to "
+            "recalibrate the projector.", self.dtype,
         )
         return False
 
@@ -214,6 +286,7 @@ class ConanModel(ConanPreTrainedModel):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        _warn_past_max_positions(input_ids, self.config)
         inputs_embeds = self.get_input_embeddings()(input_ids)
 
         has_audio = input_features is not None or audio_frames is not None
@@ -266,6 +339,17 @@ class ConanModel(ConanPreTrainedModel):
         return types
 
 
+def _warn_past_max_positions(input_ids: torch.Tensor, config: ConanConfig) -> None:
+    """A sequence longer than the backbone's positions still runs (RoPE extrapolates) but embeds poorly: say so."""
+    limit = getattr(config.text_config, "max_position_embeddings", None)
+    if limit is not None and input_ids.shape[-1] > limit:
+        logger.warning(
+            "input_ids hold %d tokens, more than max_position_embeddings=%d; build inputs with ConanProcessor "
+            "(max_length) or sentence-transformers (max_seq_length), which truncate the text.", input_ids.shape[-1],
+            limit,
+        )
+
+
 def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Hidden state of each row's last real token, for left or right padding alike."""
     seq_len = attention_mask.shape[1]
@@ -273,4 +357,7 @@ def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -
     return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last_index]
 
 
-__all__ = ["ConanModel", "ConanPreTrainedModel", "ConanModelOutput", "ConanAudioProjector", "backbone_fingerprint"]
+__all__ = [
+    "ConanModel", "ConanPreTrainedModel", "ConanModelOutput", "ConanAudioProjector", "backbone_fingerprint",
+    "backbone_matches",
+]

@@ -28,10 +28,15 @@ from transformers.processing_utils import ProcessorMixin
 
 from .configuration_conan import MM_TOKEN_TYPES, SAMPLING_RATE, WHISPER_WINDOW_FRAMES, audio_tokens_for_frames
 from .media_conan import (
+    check_image_size,
     count_pdf_pages,
+    frame_to_uint8,
+    image_to_rgb,
     load_audio_file,
     load_video_file,
     media_kind_of_path,
+    open_image_file,
+    pcm_to_float32,
     render_pdf_page,
     resample_audio,
 )
@@ -42,6 +47,7 @@ CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 INPUT_KEYS = ("text", "image", "document", "page", "video", "audio")
 DEFAULT_INSTRUCTION = "Represent the user's input."
+PDF_RENDER_HEADROOM = 2  # render PDF pages at up to 2x document_max_pixels, then resize down (A4 at 144 dpi fits)
 
 
 @dataclass
@@ -69,6 +75,10 @@ class ConanProcessor(ProcessorMixin):
         video_min_pixels / video_max_pixels: per-frame resize bounds.
         audio_max_windows: at most this many 30 s windows per audio input; longer audio is cut with a warning.
         audio_downsample: must equal the model config's `audio_downsample` (tokens = 25/s for 2).
+        max_length: at most this many tokens per input (None: the tokenizer's `model_max_length` when it is a real
+            limit, else none; sentence-transformers' `max_seq_length` overrides it). Only the user's text (then the
+            instruction) is truncated, from its end; media placeholder runs are never cut, and an input whose media
+            and template tokens alone exceed the limit raises a ValueError.
         default_instruction: the system instruction when none is given.
     """
 
@@ -92,6 +102,7 @@ class ConanProcessor(ProcessorMixin):
         audio_max_windows: int = 4,
         audio_downsample: int = 2,
         default_instruction: str = DEFAULT_INSTRUCTION,
+        max_length: int | None = None,
         **kwargs,
     ):
         self.image_min_pixels = image_min_pixels
@@ -106,6 +117,7 @@ class ConanProcessor(ProcessorMixin):
         self.audio_max_windows = audio_max_windows
         self.audio_downsample = audio_downsample
         self.default_instruction = default_instruction
+        self.max_length = max_length
         self.image_token = "<|image_pad|>"
         self.video_token = "<|video_pad|>"
         self.audio_token = "<|audio_pad|>"
@@ -216,20 +228,27 @@ class ConanProcessor(ProcessorMixin):
         padding_side: str | None = None,
         return_tensors: str | None = "pt",
         document_images: list[bool] | None = None,
+        max_length: int | None = None,
+        input_names: list[str] | None = None,
         **kwargs,
     ) -> BatchFeature:
         """Tokenise `text`, expanding each placeholder for the matching image/video/audio item (in order).
 
         `images`: PIL images; `videos`: lists of RGB frames or (T,H,W,C) uint8 arrays; `audio`: 16 kHz 1-D float
         arrays or `{"array", "sampling_rate"}` dicts. `document_images[i]` selects the document resolution preset.
+        A row of `text` may also be a list of `(text, literal)` segments (what `prepare` builds): placeholders are
+        expanded only in non-literal segments, and literal segments are tokenised with special-token strings as
+        plain text.
         """
         if text is None:
             raise ValueError("ConanProcessor needs `text` holding the placeholders; use `prepare` for raw inputs.")
-        texts = [text] if isinstance(text, str) else list(text)
+        rows = [[(t, False)] if isinstance(t, str) else list(t) for t in ([text] if isinstance(text, str) else text)]
         data: dict[str, Any] = {}
         expansions: dict[str, list[int]] = {}
         if images:
             docs = document_images or [False] * len(images)
+            for i, im in enumerate(images):
+                check_image_size(im.width, im.height, f"images[{i}]")
             resized = [
                 self._resize(
                     to_rgb(im),
@@ -244,11 +263,13 @@ class ConanProcessor(ProcessorMixin):
             data.update(self.process_videos([[np.asarray(f) for f in v] for v in videos]))
             expansions[self.video_token] = [int(g.prod()) // self._patch[1] ** 2 for g in data["video_grid_thw"]]
         if audio:
-            arrays = [a if isinstance(a, np.ndarray) else resample_audio(
-                np.asarray(a["array"], dtype=np.float32), int(a["sampling_rate"]), SAMPLING_RATE) for a in audio]
+            arrays = [pcm_to_float32(a, f"audio[{i}]") if isinstance(a, np.ndarray) else resample_audio(
+                pcm_to_float32(a["array"], f"audio[{i}]['array']"), int(a["sampling_rate"]), SAMPLING_RATE)
+                for i, a in enumerate(audio)]
             audio_data, expansions[self.audio_token] = self.process_audio(arrays)
             data.update(audio_data)
-        texts = [self._expand_placeholders(t, expansions) for t in texts]
+        rows = [[(seg if literal else self._expand_placeholders(seg, expansions), literal) for seg, literal in row]
+                for row in rows]
         if any(counts for counts in expansions.values()):
             raise ValueError(
                 "More media items than placeholders in the text: "
@@ -256,7 +277,10 @@ class ConanProcessor(ProcessorMixin):
             )
         if padding_side is not None:
             kwargs["padding_side"] = padding_side
-        encoded = self.tokenizer(texts, padding=padding, return_tensors="np", add_special_tokens=False, **kwargs)
+        encoded = self.tokenizer.pad(
+            {"input_ids": self._tokenize_segments(rows, self.effective_max_length(max_length), input_names)}, padding=padding,
+            return_tensors="np", **kwargs
+        )
         input_ids = encoded["input_ids"]
         mm_types = np.full_like(input_ids, MM_TOKEN_TYPES["text"])
         mm_types[input_ids == self.image_token_id] = MM_TOKEN_TYPES["image"]
@@ -264,6 +288,55 @@ class ConanProcessor(ProcessorMixin):
         mm_types[input_ids == self.audio_token_id] = MM_TOKEN_TYPES["audio"]
         data.update(input_ids=input_ids, attention_mask=encoded["attention_mask"], mm_token_type_ids=mm_types)
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    # ------------------------------------------------------------------------------------- literal user text
+    def effective_max_length(self, max_length: int | None = None) -> int | None:
+        """The token limit in force: the argument, else `self.max_length`, else a real `tokenizer.model_max_length`."""
+        for limit in (max_length, self.max_length, getattr(self.tokenizer, "model_max_length", None)):
+            if limit is not None and 0 < int(limit) < 10**9:  # transformers' "no limit" sentinel is ~1e30
+                return int(limit)
+        return None
+
+    def _tokenize_segments(
+        self, rows: list[list[tuple[str, bool]]], max_length: int | None = None, names: list[str] | None = None
+    ) -> list[list[int]]:
+        """Token ids per row: template segments parse special tokens, literal segments (user text, instructions)
+        are tokenised with `split_special_tokens=True`, so `<|image_pad|>` or `<|im_end|>` typed by a user stays text.
+        With `max_length`, rows are cut to fit by `_truncate_literal`."""
+        pieces: list[list[list[int]]] = [[[] for _ in row] for row in rows]
+        for literal in (False, True):
+            where = [(r, i) for r, row in enumerate(rows) for i, (seg, lit) in enumerate(row) if seg and lit == literal]
+            if where:
+                encoded = self.tokenizer([rows[r][i][0] for r, i in where], add_special_tokens=False,
+                                         split_special_tokens=literal)["input_ids"]
+                for (r, i), seg_ids in zip(where, encoded):
+                    pieces[r][i] = list(seg_ids)
+        if max_length is not None:
+            pieces = [self._truncate_literal(row, literal, max_length, names[r] if names else f"inputs[{r}]")
+                      for r, (row, literal) in enumerate(zip(pieces, ([lit for _, lit in row] for row in rows)))]
+        return [[t for seg_ids in row for t in seg_ids] for row in pieces]
+
+    @staticmethod
+    def _truncate_literal(pieces: list[list[int]], literal: list[bool], max_length: int, where: str) -> list[list[int]]:
+        """Cut literal segments from the end (the user's text first, then the instruction) so the row fits in
+        `max_length`; template and media tokens are never cut."""
+        total = sum(len(p) for p in pieces)
+        if total <= max_length:
+            return pieces
+        fixed = sum(len(p) for p, lit in zip(pieces, literal) if not lit)
+        if fixed > max_length:
+            raise ValueError(
+                f"{where}: its media and template tokens alone are {fixed}, more than max_length={max_length}; "
+                "use fewer or smaller media (image_max_pixels, video_max_frames, video_max_pixels, audio_max_windows) "
+                "or raise max_length (at most the model's max_position_embeddings)."
+            )
+        excess, out = total - max_length, [list(p) for p in pieces]
+        for i in reversed(range(len(out))):
+            if literal[i] and excess > 0:
+                cut = min(excess, len(out[i]))
+                out[i], excess = out[i][: len(out[i]) - cut], excess - cut
+        logger.warning("%s has %d tokens, more than max_length=%d: its text was truncated.", where, total, max_length)
+        return out
 
     def _expand_placeholders(self, text: str, expansions: dict[str, list[int]]) -> str:
         for token in (self.image_token, self.video_token, self.audio_token):
@@ -285,6 +358,8 @@ class ConanProcessor(ProcessorMixin):
         instruction: str | None = None,
         padding_side: str | None = None,
         return_tensors: str | None = "pt",
+        max_length: int | None = None,
+        input_names: list[str] | None = None,
     ) -> BatchFeature:
         """Model inputs for a batch of raw inputs, each becoming one embedding.
 
@@ -293,12 +368,15 @@ class ConanProcessor(ProcessorMixin):
         question or a video with its soundtrack). `audio` is `{"array": 1-D floats, "sampling_rate": int}` or a file;
         `video` is a (T,H,W,C) uint8 array, a list of frames, or a file; `document` is a page image or a PDF path
         (`page` picks the 0-based page, default 0; `pdf_page_inputs` expands a whole PDF). `instruction` is the system
-        prompt (sentence-transformers passes its prompt here).
+        prompt (sentence-transformers passes its prompt here); `max_length` overrides `self.max_length`. Errors name
+        `inputs[i]`, or `input_names[i]` where given (sentence-transformers reorders inputs, so it passes quotes).
         """
         if isinstance(inputs, (str, dict, Image.Image)):
             inputs = [inputs]
-        parsed = [self.parse_input(raw, index) for index, raw in enumerate(inputs)]
-        return self.prepare_parsed(parsed, [instruction] * len(parsed), padding_side, return_tensors)
+        parsed = [self.parse_input(raw, index, input_names[index] if input_names else None)
+                  for index, raw in enumerate(inputs)]
+        return self.prepare_parsed(parsed, [instruction] * len(parsed), padding_side, return_tensors, max_length,
+                                   input_names)
 
     def prepare_parsed(
         self,
@@ -306,11 +384,13 @@ class ConanProcessor(ProcessorMixin):
         instructions: list[str | None],
         padding_side: str | None = None,
         return_tensors: str | None = "pt",
+        max_length: int | None = None,
+        input_names: list[str] | None = None,
     ) -> BatchFeature:
         """Model inputs for already-validated inputs (`parse_input` results), one instruction per row."""
         texts, images, is_doc, videos, audios = [], [], [], [], []
         for (item, doc_flags), instruction in zip(parsed, instructions):
-            texts.append(self.render(item, instruction))
+            texts.append(self.render_segments(item, instruction))
             images.extend(item.images)
             is_doc.extend(doc_flags)
             if item.video is not None:
@@ -319,25 +399,31 @@ class ConanProcessor(ProcessorMixin):
                 audios.append(item.audio)
         return self(
             text=texts, images=images or None, videos=videos or None, audio=audios or None,
-            document_images=is_doc, padding_side=padding_side, return_tensors=return_tensors,
+            document_images=is_doc, padding_side=padding_side, return_tensors=return_tensors, max_length=max_length,
+            input_names=input_names,
         )
 
-    def render(self, parsed: ParsedInput, instruction: str | None = None) -> str:
-        """The chat layout (same as `chat_template`): system instruction, user turn with media then text."""
+    def render_segments(self, parsed: ParsedInput, instruction: str | None = None) -> list[tuple[str, bool]]:
+        """The chat layout as (text, literal) segments: the instruction and the user's text are literal (tokenised as
+        plain text, never as special tokens); the template and media placeholders around them are not."""
         media = "".join("<|vision_start|>" + self.image_token + "<|vision_end|>" for _ in parsed.images)
         if parsed.video is not None:
             media += "<|vision_start|>" + self.video_token + "<|vision_end|>"
         if parsed.audio is not None:
             media += self.audio_token
         system = instruction if instruction else self.default_instruction
-        return (
-            f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{media}{parsed.text or ''}<|im_end|>\n"
-            "<|im_start|>assistant\n<|endoftext|>"
-        )
+        return [
+            ("<|im_start|>system\n", False), (system, True), ("<|im_end|>\n<|im_start|>user\n" + media, False),
+            (parsed.text or "", True), ("<|im_end|>\n<|im_start|>assistant\n<|endoftext|>", False),
+        ]
 
-    def parse_input(self, raw: Any, index: int) -> tuple[ParsedInput, list[bool]]:
-        """Validate one raw input; errors name `inputs[index]` and what was expected."""
-        where = f"inputs[{index}]"
+    def render(self, parsed: ParsedInput, instruction: str | None = None) -> str:
+        """The chat layout (same as `chat_template`): system instruction, user turn with media then text."""
+        return "".join(segment for segment, _ in self.render_segments(parsed, instruction))
+
+    def parse_input(self, raw: Any, index: int, name: str | None = None) -> tuple[ParsedInput, list[bool]]:
+        """Validate one raw input; errors name `inputs[index]` (or `name`) and what was expected."""
+        where = name or f"inputs[{index}]"
         if raw is None:
             raise TypeError(f"{where} is None; expected a str, a PIL image or a dict with keys {INPUT_KEYS}.")
         if isinstance(raw, str):
@@ -397,23 +483,19 @@ class ConanProcessor(ProcessorMixin):
             path = os.fspath(image)
             if not os.path.isfile(path):
                 raise ValueError(f"{where}: image file {path!r} does not exist.")
-            try:
-                with Image.open(path) as opened:
-                    image = opened.convert("RGB")
-            except Exception as error:
-                raise ValueError(f"{where}: image file {path!r} could not be read: {error}") from error
+            image = open_image_file(path, where)  # EXIF orientation applied; PIL images passed in are kept as given
         if not isinstance(image, Image.Image):
             raise TypeError(f"{where} has type {type(image).__name__}; expected a PIL image or an image path.")
-        if image.width == 0 or image.height == 0:
-            raise ValueError(f"{where} is an image of {image.width}x{image.height} pixels; expected a non-empty image.")
-        return to_rgb(image)
+        check_image_size(image.width, image.height, where)
+        return image_to_rgb(image, where)
 
     def _load_document(self, document: Any, page: Any, where: str) -> Image.Image:
         if isinstance(document, (str, os.PathLike)) and media_kind_of_path(os.fspath(document)) == "pdf":
             if page is not None and (not isinstance(page, int) or isinstance(page, bool)):
                 raise TypeError(f"{where}: page must be an int (0-based), got {page!r}.")
             try:
-                return render_pdf_page(os.fspath(document), page or 0, self.pdf_render_scale)
+                return render_pdf_page(os.fspath(document), page or 0, self.pdf_render_scale,
+                                       max_pixels=PDF_RENDER_HEADROOM * self.document_max_pixels)
             except ValueError as error:
                 raise ValueError(f"{where}: {error}") from error
         if page is not None:
@@ -439,10 +521,11 @@ class ConanProcessor(ProcessorMixin):
         for i, frame in enumerate(frames):
             if frame.ndim != 3 or frame.shape[-1] != 3 or frame.shape[0] == 0 or frame.shape[1] == 0:
                 raise ValueError(f"{where} frame {i} has shape {frame.shape}; expected non-empty (H, W, 3) RGB.")
+        check_image_size(frames[0].shape[1], frames[0].shape[0], f"{where} frame 0")
         if len(frames) > self.video_max_frames:
             picks = np.linspace(0, len(frames) - 1, self.video_max_frames).round().astype(int)
             frames = [frames[i] for i in picks]
-        return [np.clip(f, 0, 255).astype(np.uint8) if f.dtype != np.uint8 else f for f in frames]
+        return [frame_to_uint8(f, f"{where} frame {i}") for i, f in enumerate(frames)]
 
     @staticmethod
     def _load_audio(audio: Any, where: str) -> np.ndarray:
@@ -458,7 +541,7 @@ class ConanProcessor(ProcessorMixin):
             samples, rate = audio["array"], audio["sampling_rate"]
             if hasattr(samples, "detach"):
                 samples = samples.detach().cpu().numpy()
-            samples = np.asarray(samples, dtype=np.float32)
+            samples = pcm_to_float32(samples, f"{where}['array']")
             if samples.ndim == 2 and 1 in samples.shape:
                 samples = samples.reshape(-1)
             if samples.ndim != 1:
@@ -489,8 +572,28 @@ class ConanProcessor(ProcessorMixin):
         ]
 
 
+def describe_input(raw: Any) -> str:
+    """A short quote of one caller input for error messages, where a position would mislead (sentence-transformers
+    sorts inputs by length before they reach the processor): `input 'some text'`, `input {'audio': 'a.wav'}`."""
+
+    def short(value: Any) -> str:
+        if isinstance(value, str):
+            return repr(value if len(value) <= 40 else value[:37] + "...")
+        if isinstance(value, Image.Image):
+            return f"<PIL {value.mode} image {value.width}x{value.height}>"
+        if hasattr(value, "shape") and hasattr(value, "dtype"):
+            return f"<{type(value).__name__} {value.dtype} {tuple(value.shape)}>"
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{key!r}: {short(item)}" for key, item in value.items()) + "}"
+        if isinstance(value, (list, tuple)):
+            return f"<{type(value).__name__} of {len(value)}>"
+        return repr(value)[:40]
+
+    return f"input {short(raw)}"
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return image_to_rgb(image)  # media_conan: accepted PIL modes and their conversion
 
 
 __all__ = ["ConanProcessor"]

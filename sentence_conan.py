@@ -15,19 +15,39 @@ import torch
 from sentence_transformers.base.modules import InputModule
 from transformers import AutoModel, AutoProcessor
 
+from .processing_conan import describe_input
+
 
 class ConanEmbedder(InputModule):
     """Wraps `ConanModel` + `ConanProcessor`; `prompt` (e.g. from `encode_query`) becomes the system instruction."""
 
-    config_keys: list[str] = ["padding_side"]
+    config_keys: list[str] = ["padding_side", "max_seq_length"]
     config_file_name: str = "sentence_conan_config.json"
     save_in_root: bool = True
 
-    def __init__(self, model: torch.nn.Module, processor: Any, padding_side: str = "right"):
+    def __init__(
+        self, model: torch.nn.Module, processor: Any, padding_side: str = "right", max_seq_length: int | None = None
+    ):
         super().__init__()
         self.model = model
         self.processor = processor
         self.padding_side = padding_side
+        self.max_seq_length = max_seq_length
+
+    @property
+    def max_seq_length(self) -> int | None:
+        """Tokens per input (sentence-transformers' convention): the value set here, else the processor's
+        `max_length`, else the backbone's `max_position_embeddings`. Longer text is truncated (media never is)."""
+        if self._max_seq_length is not None:
+            return self._max_seq_length
+        limit = self.processor.effective_max_length()
+        return limit if limit is not None else getattr(self.model.config.text_config, "max_position_embeddings", None)
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"max_seq_length must be a positive int or None, got {value!r}.")
+        self._max_seq_length = value
 
     @property
     def tokenizer(self):
@@ -40,7 +60,14 @@ class ConanEmbedder(InputModule):
         return ["text", "image", "audio", "video", "message"]
 
     def preprocess(self, inputs: list[Any], prompt: str | None = None, **kwargs) -> dict[str, Any]:
-        return dict(self.processor.prepare(list(inputs), instruction=prompt, padding_side=self.padding_side))
+        inputs = list(inputs)
+        # SentenceTransformer.encode sorts inputs by length, so batch positions are not the caller's: errors quote
+        # the offending input instead of naming an index.
+        names = [describe_input(raw) for raw in inputs]
+        return dict(self.processor.prepare(
+            inputs, instruction=prompt, padding_side=self.padding_side, max_length=self.max_seq_length,
+            input_names=names,
+        ))
 
     def forward(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:
         model_inputs = {k: v for k, v in features.items() if k in self.processor.model_input_names}

@@ -1,7 +1,7 @@
 """The projector-calibration record: which backbone the audio projector was trained on (docs/ARCHITECTURE.md).
 
-`config.projector_calibration_hash` holds `modeling_conan.backbone_fingerprint` of that backbone (cheap: name,
-shape, dtype and 4096 strided elements per `backbone.*` tensor); `projector_calibration.json` next to the weights
+`config.projector_calibration_hash` holds `modeling_conan.backbone_fingerprint` of that backbone (conan-fp2: names,
+shapes and ~2048 sampled values, compared within dtype rounding by `backbone_matches`, so fp32/bf16/fp16 loads agree); `projector_calibration.json` next to the weights
 adds exact sha256 hashes. Written by the audio specialist, Projector Recovery, re-alignment and rehearsal.
 """
 
@@ -19,6 +19,7 @@ CALIBRATION_FORMAT = "conan-projector-calibration/1"
 PROJECTOR_PREFIX = "audio_projector."
 
 backbone_fingerprint = hub_code.load("modeling_conan").backbone_fingerprint
+backbone_matches = hub_code.load("modeling_conan").backbone_matches
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -50,6 +51,6 @@ def calibrate(model: torch.nn.Module, calibrated_on: str, method: str) -> dict[s
         "projector_sha256": full_hash(model, PROJECTOR_PREFIX),
         "calibrated_on": str(calibrated_on),
         "method": method,
-        "fingerprint_rule": "modeling_conan.backbone_fingerprint (sha256 of name|shape|dtype + 4096 strided "
-                            "elements per backbone.* tensor)",
+        "fingerprint_rule": "modeling_conan.backbone_fingerprint (conan-fp2: sha256 of backbone.* names/shapes + "
+                            "~2048 sampled values, compared within dtype rounding by backbone_matches)",
     }

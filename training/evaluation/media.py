@@ -32,7 +32,9 @@ def resample(wave: np.ndarray, sr: int, target_sr: int = TARGET_SR) -> np.ndarra
 
 
 def _mono(arr: np.ndarray) -> np.ndarray:
-    arr = np.asarray(arr, dtype=np.float32)
+    from training import hub_code  # integer PCM (scipy.io.wavfile) -> [-1, 1] by the package's own rule
+
+    arr = hub_code.load("media_conan").pcm_to_float32(arr, "audio array")
     if arr.ndim == 1:
         return arr
     if arr.ndim == 2:  # (channels, samples) as torchcodec/mteb give it, or (samples, channels) from soundfile
@@ -41,8 +43,9 @@ def _mono(arr: np.ndarray) -> np.ndarray:
     raise ValueError(f"audio array must be 1-D or 2-D, got shape {arr.shape}")
 
 
-def to_audio_item(a: Any, target_sr: int = TARGET_SR) -> dict[str, Any]:
-    """Decode one audio object to ``{"array": mono float32, "sampling_rate": target_sr}``."""
+def to_audio_item(a: Any, target_sr: int = TARGET_SR, allow_empty: bool = False) -> dict[str, Any] | None:
+    """Decode one audio object to ``{"array": mono float32, "sampling_rate": target_sr}``; a clip of 0 samples
+    raises a ValueError, or gives None with ``allow_empty``."""
     if hasattr(a, "get_all_samples"):  # torchcodec AudioDecoder (datasets >= 4 with torchcodec)
         s = a.get_all_samples()
         wave, sr = _mono(s.data.detach().cpu().numpy()), int(s.sample_rate)
@@ -65,6 +68,8 @@ def to_audio_item(a: Any, target_sr: int = TARGET_SR) -> dict[str, Any]:
         raise TypeError(f"cannot read audio from {type(a).__name__}; expected a torchcodec AudioDecoder, a dict with "
                         "'array'+'sampling_rate' or 'bytes'/'path', or a file path")
     if wave.size == 0:
+        if allow_empty:
+            return None
         raise ValueError("audio clip has no samples")
     return {"array": resample(wave, sr, target_sr), "sampling_rate": target_sr}
 
@@ -114,8 +119,11 @@ def to_video_frames(v: Any, num_frames: int = DEFAULT_FRAMES) -> np.ndarray:
 
 
 def batch_to_inputs(batch: dict[str, Any], *, num_frames: int = DEFAULT_FRAMES,
-                    target_sr: int = TARGET_SR) -> list[Any]:
-    """Split one mteb batch into user inputs (str, PIL image, or dict mixing text/image/audio/video)."""
+                    target_sr: int = TARGET_SR) -> list[Any | None]:
+    """Split one mteb batch into user inputs (str, PIL image, or dict mixing text/image/audio/video).
+
+    Blank text and 0-sample audio are no content; a row left with no content at all is ``None`` (the row count is
+    kept: the encoder gives such rows its defined empty-row embedding)."""
     cols = {k: batch[k] for k in ("text", "image", "audio", "video") if k in batch and batch[k] is not None}
     if not cols:
         raise ValueError(f"mteb batch carries none of text/image/audio/video (keys: {sorted(batch)})")
@@ -132,10 +140,13 @@ def batch_to_inputs(batch: dict[str, Any], *, num_frames: int = DEFAULT_FRAMES,
             img = cols["image"][i]
             item["image"] = img.convert("RGB") if hasattr(img, "convert") and img.mode != "RGB" else img
         if "audio" in cols and cols["audio"][i] is not None:
-            item["audio"] = to_audio_item(cols["audio"][i], target_sr)
+            audio = to_audio_item(cols["audio"][i], target_sr, allow_empty=True)
+            if audio is not None:
+                item["audio"] = audio
         if "video" in cols and cols["video"][i] is not None:
             item["video"] = to_video_frames(cols["video"][i], num_frames)
         if not item:
-            item["text"] = ""  # mteb sometimes sends empty strings (e.g. blank titles); keep the row count
+            out.append(None)  # mteb sends blank titles/texts and 0-sample clips; the row count is kept
+            continue
         out.append(item["text"] if list(item) == ["text"] else (item["image"] if list(item) == ["image"] else item))
     return out

@@ -9,6 +9,7 @@ queries and on symmetric tasks; retrieval documents and zero-shot label texts ge
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from .embedder import Embedder, l2_normalise
 from .media import DEFAULT_FRAMES, batch_to_inputs
 
 MODALITIES = ["text", "image", "audio", "video"]
+logger = logging.getLogger(__name__)
 
 # Default instruction per mteb task type (used when neither the caller nor the task metadata gives one).
 TASK_TYPE_PROMPTS: dict[str, str] = {
@@ -106,17 +108,40 @@ class ConanMtebEncoder(AbsEncoder):
 
     def encode(self, inputs: Any, *, task_metadata: Any, hf_split: str, hf_subset: str,
                prompt_type: PromptType | None = None, **kwargs: Any) -> np.ndarray:
+        """One L2-normalised row per input row, in order. Rows without content (blank text, 0-sample audio, nothing
+        else) get the zero vector, the defined empty-row embedding (cosine similarity 0 to everything), and their
+        count is logged; a task whose rows are all empty raises a ValueError."""
         batch_size = int(kwargs.get("batch_size") or self.batch_size)
-        rows: list[np.ndarray] = []
+        rows: list[tuple[list[bool], np.ndarray | None]] = []  # (which rows have content, their embeddings)
+        n_rows = n_empty = 0
         for batch in tqdm(inputs, desc=f"mteb {task_metadata.name}", leave=False,
                           disable=not kwargs.get("show_progress_bar", True)):
             items = batch_to_inputs(batch, num_frames=self.num_frames)
-            emb = self.model.encode(items, prompt=self.prompt_for(task_metadata, prompt_type, items),
-                                    batch_size=batch_size)
-            if emb.shape[0] != len(items):
-                raise ValueError(f"embedder returned {emb.shape[0]} rows for {len(items)} inputs")
-            rows.append(np.asarray(emb, dtype=np.float32))
+            content = [x for x in items if x is not None]
+            n_rows, n_empty = n_rows + len(items), n_empty + len(items) - len(content)
+            emb = None
+            if content:
+                emb = np.asarray(self.model.encode(content, prompt=self.prompt_for(task_metadata, prompt_type, content),
+                                                   batch_size=batch_size), dtype=np.float32)
+                if emb.shape[0] != len(content):
+                    raise ValueError(f"embedder returned {emb.shape[0]} rows for {len(content)} inputs")
+            rows.append(([x is not None for x in items], emb))
         if not rows:
             raise ValueError(f"mteb gave an empty dataloader for {task_metadata.name} ({hf_subset}/{hf_split})")
-        return l2_normalise(np.concatenate(rows))
+        dims = {emb.shape[1] for _, emb in rows if emb is not None}
+        if not dims:
+            raise ValueError(f"{task_metadata.name} ({hf_subset}/{hf_split}): all {n_rows} rows are empty (blank text "
+                             "or 0-sample audio); nothing to embed")
+        dim = dims.pop()
+        out = np.zeros((n_rows, dim), dtype=np.float32)
+        start = 0
+        for has_content, emb in rows:
+            keep = [start + i for i, flag in enumerate(has_content) if flag]
+            if keep:
+                out[keep] = emb
+            start += len(has_content)
+        if n_empty:
+            logger.warning("%s (%s/%s): %d of %d rows have no content (blank text or 0-sample audio); they get the "
+                           "zero embedding", task_metadata.name, hf_subset, hf_split, n_empty, n_rows)
+        return l2_normalise(out)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -93,6 +94,7 @@ class FusionConfig:
         self.validate()
 
     def validate(self) -> None:
+        self._check_finite_numbers()
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.semantics not in SEMANTICS:
@@ -132,6 +134,18 @@ class FusionConfig:
                     re.compile(p)
                 except re.error as e:
                     raise ConfigError(f"invalid regex {p!r}: {e}") from e
+
+    def _check_finite_numbers(self) -> None:
+        """Weights and scales must be finite numbers: one NaN or inf weight makes every fused value NaN/inf."""
+        numbers = {f"models[{m.name!r}].weight": m.weight for m in self.models}
+        numbers.update({"lambda": self.lambda_, "density": self.density, "gamma": self.gamma,
+                        "memory_limit_gb": self.memory_limit_gb, "reuse_limit_mb": self.reuse_limit_mb})
+        numbers.update({f"lambda_groups[{g!r}]": v for g, v in self.lambda_groups.items()})
+        for name, value in numbers.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
 
     def group_of(self, key: str) -> str:
         for name, pats in self.groups.items():

@@ -7,6 +7,7 @@ a hidden `.NAME.partial-PID-*` folder whose shards have zeroed headers (no loade
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import threading
@@ -21,8 +22,8 @@ from tqdm.auto import tqdm
 
 from .config import FusionConfig
 from .methods import Recipe, fuse_tensor, majority_sign, memory_cost, model_trim_thresholds, recipe, reuses_rows
-from .plan import FusionPlan, build_plan, check_inputs_exist
-from .st_io import OutTensor, Reader, ShardWriter
+from .plan import FusionPlan, PlanError, build_plan, check_inputs_exist
+from .st_io import DTYPES, FLOAT_CODES, OutTensor, Reader, ShardWriter, TensorInfo
 from .tensor_ctx import Contributor, TensorContext
 
 WEIGHT_FILES = ("adapter_config.json", "fusion_manifest.json")
@@ -44,6 +45,64 @@ class _Budget:
         with self.cv:
             self.used -= n
             self.cv.notify_all()
+
+
+class NonFiniteError(PlanError):
+    """A fused or copied tensor holds NaN or inf; the message names the tensor and the inputs that hold them."""
+
+
+def _count_nonfinite(values: torch.Tensor) -> int:
+    return 0 if values.numel() == 0 else int(values.numel() - torch.isfinite(values).sum())
+
+
+class _FiniteCheckingWriter(ShardWriter):
+    """A ShardWriter that refuses NaN/inf in floating tensors as their chunks stream through `write`, so a bad
+    specialist (or an overflow to inf in fp16/bf16) fails the run instead of publishing a model that embeds NaN."""
+
+    def __init__(self, path: Path, tensors: list[OutTensor]) -> None:
+        super().__init__(path, tensors)
+        self.float_dtypes = {t.name: DTYPES[t.dtype][0] for t in tensors if t.dtype in FLOAT_CODES}
+
+    def write(self, name: str, data, elem_offset_bytes: int = 0) -> None:
+        dtype = self.float_dtypes.get(name)
+        if dtype is not None:
+            values = data if isinstance(data, torch.Tensor) else torch.frombuffer(bytearray(data), dtype=dtype)
+            n_bad = _count_nonfinite(values)
+            if n_bad:
+                raise NonFiniteError(f"tensor {name!r}: {n_bad} NaN/inf values in the fused output")
+        super().write(name, data, elem_offset_bytes)
+
+    def check_region(self, name: str, numel: int, chunk_elems: int) -> None:
+        """Read back a tensor written outside `write` (a byte copy) and refuse NaN/inf in it."""
+        dtype = self.float_dtypes.get(name)
+        if dtype is None:
+            return
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        for start in range(0, numel, chunk_elems):
+            n = min(chunk_elems, numel - start)
+            raw = os.pread(self.fd, n * itemsize, self.offset_of(name) + start * itemsize)
+            n_bad = _count_nonfinite(torch.frombuffer(bytearray(raw), dtype=dtype))
+            if n_bad:
+                raise NonFiniteError(f"tensor {name!r}: NaN/inf values in the copied bytes")
+
+
+def _nonfinite_inputs(plan: FusionPlan, key: str, reader: Reader, chunk_elems: int) -> list[str]:
+    """Names of the inputs (base, specialists) whose stored tensor `key` holds NaN/inf (read only after a failure)."""
+    sources: list[tuple[str, TensorInfo]] = []
+    if key in plan.base.tensors:
+        sources.append(("base", plan.base.tensors[key]))
+    for spec in plan.specialists:
+        src = spec.source(key)
+        if isinstance(src, TensorInfo):
+            sources.append((spec.name, src))
+        elif src is not None:  # a LoRA delta: its A and B factors
+            sources.extend((f"{spec.name} (LoRA {part})", getattr(src, part)) for part in ("a", "b"))
+    bad = []
+    for name, info in sources:
+        if info.is_float and any(_count_nonfinite(reader.read(info, start, min(start + chunk_elems, info.numel)))
+                                 for start in range(0, info.numel, chunk_elems)):
+            bad.append(name)
+    return bad
 
 
 def _is_weight_file(name: str) -> bool:
@@ -95,7 +154,7 @@ def fuse(cfg: FusionConfig, on_tensor: Callable[[str], None] | None = None) -> d
     try:
         for shard, keys in plan.shard_keys.items():
             tensors = [OutTensor(k, plan.tensors[k].dtype, plan.tensors[k].shape) for k in keys]
-            writers[shard] = ShardWriter(tmp / shard, tensors)
+            writers[shard] = _FiniteCheckingWriter(tmp / shard, tensors)
         changed = _execute(cfg, plan, rc, reader, writers, on_tensor)
         for w in writers.values():
             w.finish()
@@ -188,6 +247,13 @@ def _execute(cfg: FusionConfig, plan: FusionPlan, rc: Recipe, reader: Reader, wr
     def run(cost: int, nbytes: int, fn: Callable[[], None], key: str) -> None:
         try:
             fn()
+            if plan.tensors[key].policy != "fuse":
+                writers[plan.tensors[key].shard].check_region(key, math.prod(plan.tensors[key].shape), cfg.chunk_elems)
+        except NonFiniteError as e:
+            holders = _nonfinite_inputs(plan, key, reader, cfg.chunk_elems)
+            where = f"NaN/inf stored in: {', '.join(holders)}" if holders else "no input holds NaN/inf: the " \
+                "arithmetic overflowed the output dtype (lower lambda/weights or set out_dtype: float32)"
+            raise NonFiniteError(f"{e}; {where}. No output was written.") from None
         except Exception as e:
             raise RuntimeError(f"fusing tensor {key!r} failed: {e}") from e
         finally:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from training.common.calibration import backbone_fingerprint
+from training.common.calibration import backbone_fingerprint, backbone_matches
 from training.common.io_utils import write_json_atomic
 from training.common.repo import load_conan
 from training.evaluation.embed import embed_keyed as embed_inputs
@@ -179,7 +179,7 @@ def drift_report(
     return {
         "specialist": str(specialist), "fused": str(fused), "recovered": None if recovered is None else str(recovered),
         "data": str(data), "clips": len(clip_caches["fused"]), "pairs": len(pairs), "skipped_pairs": pairs.skipped,
-        "backbones_identical": backbone_fingerprint(spec_model) == backbone_fingerprint(fused_model),
+        "backbones_identical": backbone_matches(backbone_fingerprint(spec_model), fused_model),
         "layers": layers, "pooled": pooled, "projector": projector, "retrieval": retrieval,
         "drift": {"embedding": 1.0 - pooled["cos_mean"], "final_cka": 1.0 - layers[-1]["audio_token_cka"],
                   "retrieval_r1_drop": retrieval["specialist"]["r@1"] - retrieval["fused"]["r@1"]},

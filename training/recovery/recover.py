@@ -43,7 +43,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from training.common.calibration import CALIBRATION_FILE, PROJECTOR_PREFIX, backbone_fingerprint, calibrate
+from training.common.calibration import (
+    CALIBRATION_FILE,
+    PROJECTOR_PREFIX,
+    backbone_fingerprint,
+    backbone_matches,
+    calibrate,
+)
 from training.common.config import ConfigError
 from training.common.io_utils import atomic_output_dir, write_json_atomic
 from training.common.repo import NotAConanRepo, load_conan, save_conan_repo
@@ -203,7 +209,7 @@ def recover(cfg: RecoverConfig, on_step: Callable[[int, dict[str, float]], None]
     model.to(accelerator.device)
     fingerprint = backbone_fingerprint(model)
     previous_hash = getattr(model.config, "projector_calibration_hash", None)
-    if previous_hash == fingerprint:
+    if previous_hash and backbone_matches(previous_hash, model):
         logger.warning("%s: the projector is already calibrated on this backbone (projector_calibration_hash "
                        "matches); recovering anyway.", cfg.model)
     pad_id = int(processor.tokenizer.pad_token_id)
