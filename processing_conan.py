@@ -15,7 +15,7 @@ processor's mean/std; Qwen3-VL videos get one `<t seconds>` timestamp per tempor
 `second_per_grid_ts`. Frames given as arrays are taken as sampled at `video_fps`.
 
 Per audio family (`audio_family`): audio is resampled to 16 kHz; Whisper cuts it into 30 s windows of 80/128-bin
-log-mel features (at most `audio_max_windows`); Qwen3-OMNI takes one whole clip per row (its extractor's 128 mel bins,
+log-mel features (at most `audio_max_windows`); Qwen3-Omni takes one whole clip per row (its extractor's 128 mel bins,
 10 ms hop, no 30 s cut) up to `audio_max_windows` x 30 s. Longer audio is cut there with a logged warning — never
 silently.
 """
@@ -75,7 +75,8 @@ class ConanProcessor(ProcessorMixin):
         tokenizer: a Qwen tokenizer holding `<|image_pad|>`, `<|video_pad|>` and the audio tokens.
         feature_extractor: a `WhisperFeatureExtractor` (16 kHz; 80 or 128 mel bins, 10 ms hop).
         chat_template: Jinja template; `prepare` renders the same layout in Python.
-        image_min_pixels / image_max_pixels: resize bounds for photos (pixels after resizing to multiples of 28).
+        image_min_pixels / image_max_pixels: resize bounds for photos (pixels after resizing to multiples of
+            patch x merge: 28 px for Qwen2/2.5-VL, 32 px for Qwen3-VL).
         document_min_pixels / document_max_pixels: the higher-resolution preset for page images and PDF pages.
         pdf_render_scale: PDF points -> pixels scale before the document resize (2.0 = 144 dpi).
         video_fps: frames per second sampled from a video file (default 2).

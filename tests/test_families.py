@@ -19,14 +19,12 @@ import torch
 from PIL import Image
 
 from tests.conftest import REPO_ROOT
+from tests.test_model_package import AUDIO, IMAGE, VIDEO
 
 BACKBONES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl")
 AUDIOS = ("qwen3_omni", "whisper")
 COMBOS = [(b, a) for b in BACKBONES for a in AUDIOS]
 RNG = np.random.default_rng(1)
-IMAGE = Image.fromarray(RNG.integers(0, 255, (40, 60, 3), dtype=np.uint8))
-VIDEO = RNG.integers(0, 255, (5, 30, 40, 3), dtype=np.uint8)
-AUDIO = {"array": (RNG.standard_normal(8000 * 3) * 0.1).astype(np.float32), "sampling_rate": 8000}
 MIXED = [
     "a cat on a mat",
     IMAGE,

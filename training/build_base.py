@@ -234,20 +234,9 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerBase:
     )
 
 
-def write_random_qwen2_vl(
-    out_dir: Path,
-    tokenizer: PreTrainedTokenizerBase,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    vision_width: int = 32,
-    vision_depth: int = 1,
-    seed: int = 0,
-) -> Path:
-    """A random Qwen2-VL checkpoint in the upstream format (`Qwen2VLForConditionalGeneration.save_pretrained`)."""
-    return families.write_tiny_backbone(
-        "qwen2_vl", out_dir, tokenizer, hidden_size, num_layers, num_heads, vision_width, vision_depth, seed
-    )
+def write_random_qwen2_vl(out_dir: Path, tokenizer: PreTrainedTokenizerBase, *sizes: int, seed: int = 0) -> Path:
+    """A random Qwen2-VL checkpoint in the upstream format (`families.write_tiny_backbone("qwen2_vl", ...)`)."""
+    return families.write_tiny_backbone("qwen2_vl", out_dir, tokenizer, *sizes, seed=seed)
 
 
 def write_tiny_upstream_checkpoints(

@@ -227,17 +227,15 @@ def write_tiny_backbone(
     family: str,
     out_dir: Path,
     tokenizer: PreTrainedTokenizerBase,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    vision_width: int = 32,
-    vision_depth: int = 1,
+    *sizes: int,
     seed: int = 0,
     max_shard_size: str | int = TINY_SHARD_SIZE,
+    **size_kwargs: int,
 ) -> Path:
-    """A random checkpoint in the upstream format: `<Family>ForConditionalGeneration.save_pretrained`, sharded."""
+    """A random checkpoint in the upstream format: `<Family>ForConditionalGeneration.save_pretrained`, sharded.
+    `sizes` / `size_kwargs` are `tiny_backbone_config`'s (hidden_size, num_layers, num_heads, vision_width, ...)."""
     torch.manual_seed(seed)
-    config = tiny_backbone_config(family, tokenizer, hidden_size, num_layers, num_heads, vision_width, vision_depth)
+    config = tiny_backbone_config(family, tokenizer, *sizes, **size_kwargs)
     BACKBONE_CLASSES[family][2](config).save_pretrained(out_dir, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out_dir)
     tiny_image_processor(family).save_pretrained(out_dir)
