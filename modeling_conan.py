@@ -119,8 +119,11 @@ class ConanModel(ConanPreTrainedModel):
 
     def __init__(self, config: ConanConfig):
         super().__init__(config)
-        self.backbone = BACKBONE_MODELS[config.backbone_model_type]._from_config(config.backbone_config)
-        self.audio_encoder = AUDIO_ENCODERS[config.audio_family]._from_config(config.audio_config)
+        # Sub-models follow the dtype this model is built in (from_pretrained's `dtype`), not the `dtype` their
+        # upstream sub-configs carry (e.g. bfloat16 in Qwen3-VL's config.json), which `_from_config` would apply.
+        dtype = torch.get_default_dtype()
+        self.backbone = BACKBONE_MODELS[config.backbone_model_type]._from_config(config.backbone_config, dtype=dtype)
+        self.audio_encoder = AUDIO_ENCODERS[config.audio_family]._from_config(config.audio_config, dtype=dtype)
         self.audio_projector = ConanAudioProjector(
             config.audio_dim, config.text_config.hidden_size, config.projector_hidden_act,
             config.projector_intermediate_size,

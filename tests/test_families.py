@@ -266,3 +266,15 @@ def test_repo_in_the_old_layout_still_loads_and_reproduces_its_embeddings(tmp_pa
     reference = np.load(repo / "reference_embeddings.npy")
     assert np.abs(st.encode(inputs, convert_to_numpy=True) - reference).max() <= 1e-5
     assert st[0].processor.audio_token == "<|audio_pad|>" and st[0].processor.audio_start_token is None
+
+
+def test_sub_models_follow_the_requested_dtype_not_their_upstream_configs():
+    """Real upstream configs carry `dtype: bfloat16` (Qwen3-VL); the built model must still be uniformly fp32 (and
+    bf16 when asked), otherwise the projector and the backbone would disagree."""
+    from training import hub_code
+
+    config = hub_code.ConanConfig.from_dict(json.loads((FIXTURE_LEGACY / "config.json").read_text()))
+    config.backbone_config.dtype = config.audio_config.dtype = torch.bfloat16
+    assert {p.dtype for p in hub_code.ConanModel(config).parameters()} == {torch.float32}
+    half = hub_code.ConanModel._from_config(config, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}

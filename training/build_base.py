@@ -129,14 +129,16 @@ def assemble_base(
     overwrite: bool = False,
     seed: int = 0,
     projector_intermediate_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Build the Conan base repo at `out` from a backbone and an audio checkpoint (local folders or Hub ids).
 
     `backbone`: a Qwen3-VL, Qwen2.5-VL or Qwen2-VL checkpoint (`*ForConditionalGeneration` layout). `audio_encoder`:
     a Qwen3-Omni checkpoint (only its `thinker.audio_tower.*` tensors are read) or a Whisper checkpoint.
     `projector_intermediate_size` defaults to 3/4 of the backbone width (the paper's ~19M-parameter projector for
-    2048 -> 4096 is 3072 wide with biases; our arithmetic). Raises ValueError for unsupported checkpoints before
-    anything is written.
+    2048 -> 4096 is 3072 wide with biases; our arithmetic). `dtype` is the dtype of the loaded parts and of the written
+    weights (peak memory: about twice the backbone plus the audio tower, in that dtype). Raises ValueError for
+    unsupported checkpoints before anything is written.
     """
     backbone_family = families.backbone_family_of(backbone)
     audio_family = families.audio_family_of(audio_encoder)
@@ -144,8 +146,8 @@ def assemble_base(
 
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(backbone)
     audio_token_id = add_audio_token(tokenizer)
-    vlm = families.load_backbone(backbone)
-    audio_config, audio_state = families.load_audio_encoder(audio_encoder)
+    vlm = families.load_backbone(backbone, dtype)
+    audio_config, audio_state = families.load_audio_encoder(audio_encoder, dtype)
     hidden = vlm.config.text_config.hidden_size
     config = ConanConfig(
         backbone_config=vlm.config.to_dict(),
@@ -160,7 +162,7 @@ def assemble_base(
         vlm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         config.text_config.vocab_size = len(tokenizer)
     torch.manual_seed(seed)
-    model = ConanModel(config)
+    model = ConanModel._from_config(config, dtype=dtype)
     _load_strict(model.backbone, vlm.state_dict(), "backbone")
     del vlm
     _load_strict(model.audio_encoder, audio_state, "audio_encoder")
@@ -290,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="projector hidden width (default: 3/4 of the backbone width; 3072 for 4096)")
     parser.add_argument("--processor-limits", type=json.loads, default=None,
                         help='JSON dict of ConanProcessor limits, e.g. \'{"video_max_frames": 32}\'')
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="dtype of the loaded parts and the written weights (bfloat16 halves memory and size)")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -304,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
         out = assemble_base(
             args.backbone, args.audio_encoder, args.out, processor_limits=args.processor_limits,
             audio_downsample=args.audio_downsample, overwrite=args.force, seed=args.seed,
-            projector_intermediate_size=args.projector_intermediate_size,
+            projector_intermediate_size=args.projector_intermediate_size, dtype=getattr(torch, args.dtype),
         )
     size_mb = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file()) / 2**20
     print(f"Conan base repo written to {out} ({size_mb:.1f} MB)")
