@@ -1,9 +1,16 @@
 # Copyright 2026 The Conan-embedding-v3 authors. Licensed under the Apache License, Version 2.0.
 """Conan-embedding-v3: one embedding space for text, images, videos, document pages and audio.
 
-Architecture: a Qwen2-VL backbone (its own vision path for images and videos), a Whisper encoder whose frames are
-average-pooled and mapped by a two-layer MLP projector onto `<|audio_pad|>` placeholder embeddings, and last-token
-pooling of the backbone's final-norm hidden state, L2-normalised.
+Architecture (composition of transformers' own classes, no copies of their code):
+- backbone: `Qwen3VLModel` (the paper's Qwen3-VL-8B), `Qwen2_5_VLModel` or `Qwen2VLModel`, with its own vision path
+  for images and videos (Qwen3-VL DeepStack and timestamped videos, Qwen2.5-VL window attention and
+  `second_per_grid_ts` included);
+- audio encoder: `Qwen3OmniMoeAudioEncoder` (the paper's: Qwen3-Omni-30B-A3B's audio tower) or `WhisperEncoder`,
+  whose tokens are optionally average-pooled and mapped by a two-layer MLP projector
+  (`audio_dim -> projector_intermediate_size -> hidden`) onto the audio placeholder embeddings;
+- last-token pooling of the backbone's final-norm hidden state, L2-normalised.
+Audio placeholders are text positions for M-RoPE (1-D, consecutive), which is also how Qwen3-Omni's own
+`get_rope_index` places audio that is not interleaved with video.
 """
 
 from __future__ import annotations
@@ -17,14 +24,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel, Qwen2VLModel, WhisperConfig
+from transformers import PreTrainedModel, Qwen2_5_VLModel, Qwen2VLModel, Qwen3VLModel
 from transformers.activations import ACT2FN
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeAudioEncoder
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.utils import ModelOutput
 
-from .configuration_conan import MM_TOKEN_TYPES, WHISPER_WINDOW_FRAMES, ConanConfig, audio_tokens_for_frames
+from .configuration_conan import MM_TOKEN_TYPES, WHISPER_WINDOW_FRAMES, ConanConfig, omni_audio_tokens_for_frames
 
 logger = logging.getLogger(__name__)
+BACKBONE_MODELS = {"qwen3_vl": Qwen3VLModel, "qwen2_5_vl": Qwen2_5_VLModel, "qwen2_vl": Qwen2VLModel}
+AUDIO_ENCODERS = {"qwen3_omni": Qwen3OmniMoeAudioEncoder, "whisper": WhisperEncoder}
 
 
 @dataclass
@@ -43,13 +53,15 @@ class ConanModelOutput(ModelOutput):
 
 
 class ConanAudioProjector(nn.Module):
-    """Maps pooled Whisper frames into the backbone's token-embedding space (the module Projector Recovery retrains)."""
+    """Two-layer MLP `audio_dim -> intermediate_size -> hidden_size` from audio-encoder tokens into the backbone's
+    token-embedding space (the module Projector Recovery retrains). `intermediate_size=None` means `hidden_size`."""
 
-    def __init__(self, audio_dim: int, hidden_size: int, act: str = "gelu"):
+    def __init__(self, audio_dim: int, hidden_size: int, act: str = "gelu", intermediate_size: int | None = None):
         super().__init__()
-        self.fc1 = nn.Linear(audio_dim, hidden_size)
+        intermediate_size = intermediate_size or hidden_size
+        self.fc1 = nn.Linear(audio_dim, intermediate_size)
         self.act = ACT2FN[act]
-        self.fc2 = nn.Linear(hidden_size, hidden_size)
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
 
     def forward(self, audio_frames: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(audio_frames)))
@@ -61,7 +73,10 @@ class ConanPreTrainedModel(PreTrainedModel):
     base_model_prefix = "conan"
     input_modalities = ("text", "image", "video", "audio")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Qwen2VLDecoderLayer", "Qwen2VLVisionBlock", "WhisperEncoderLayer"]
+    _no_split_modules = [
+        "Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock", "Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock",
+        "Qwen2VLDecoderLayer", "Qwen2VLVisionBlock", "Qwen3OmniMoeAudioEncoderLayer", "WhisperEncoderLayer",
+    ]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -175,11 +190,14 @@ class ConanModel(ConanPreTrainedModel):
 
     def __init__(self, config: ConanConfig):
         super().__init__(config)
-        self.backbone = Qwen2VLModel._from_config(config)
-        audio_config = config.audio_config if config.audio_config is not None else WhisperConfig()
-        self.audio_encoder = WhisperEncoder._from_config(audio_config)
+        # Sub-models follow the dtype this model is built in (from_pretrained's `dtype`), not the `dtype` their
+        # upstream sub-configs carry (e.g. bfloat16 in Qwen3-VL's config.json), which `_from_config` would apply.
+        dtype = torch.get_default_dtype()
+        self.backbone = BACKBONE_MODELS[config.backbone_model_type]._from_config(config.backbone_config, dtype=dtype)
+        self.audio_encoder = AUDIO_ENCODERS[config.audio_family]._from_config(config.audio_config, dtype=dtype)
         self.audio_projector = ConanAudioProjector(
-            audio_config.d_model, config.text_config.hidden_size, config.projector_hidden_act
+            config.audio_dim, config.text_config.hidden_size, config.projector_hidden_act,
+            config.projector_intermediate_size,
         )
         self.audio_frames_hook = None  # optional, set by training code: see encode_audio_frames
         self.post_init()
@@ -214,37 +232,66 @@ class ConanModel(ConanPreTrainedModel):
     def encode_audio_frames(
         self, input_features: torch.Tensor, audio_feature_lengths: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Whisper encoder + average pooling: `(windows, mel, 3000)` -> `(windows, ceil(1500/k), d_audio)`.
+        """Audio encoder + average pooling: one row of features -> `(rows, tokens, audio_dim)`, zero-padded.
+
+        Whisper: `input_features` is `(windows, mel, 3000)` (30 s windows) and every row gives `ceil(1500/k)` tokens.
+        Qwen3-Omni: `input_features` is `(clips, mel, frames)`, right-padded; `audio_feature_lengths` (required) gives
+        each clip's real frames, and a clip gives `config.audio_token_count(length)` tokens (no length limit).
 
         This is the frozen part of the audio path. Training code may precompute it (`forward(audio_frames=...)`) or
         set `self.audio_frames_hook`, a callable `(model, input_features, audio_feature_lengths) -> frames` used
-        instead of `run_audio_encoder` when lengths are known (the training side's on-disk frame cache).
+        instead of `run_audio_encoder` when lengths are known (the training side's on-disk frame cache,
+        `training/common/audio_cache.py`); it must return what `run_audio_encoder` returns for each row's real tokens.
         """
-        if input_features.shape[-1] != WHISPER_WINDOW_FRAMES:
+        omni = self.config.audio_family == "qwen3_omni"
+        if omni and audio_feature_lengths is None:
+            raise ValueError("audio_feature_lengths is required for the Qwen3-Omni audio encoder (frames per clip).")
+        if not omni and input_features.shape[-1] != WHISPER_WINDOW_FRAMES:
             raise ValueError(
                 f"input_features must hold {WHISPER_WINDOW_FRAMES} mel frames per window (30 s), got shape "
                 f"{tuple(input_features.shape)}; use ConanProcessor to pad audio."
             )
         if self.audio_frames_hook is not None and audio_feature_lengths is not None:
             return self.audio_frames_hook(self, input_features, audio_feature_lengths)
-        return self.run_audio_encoder(input_features)
+        return self.run_audio_encoder(input_features, audio_feature_lengths)
 
-    def run_audio_encoder(self, input_features: torch.Tensor) -> torch.Tensor:
-        """The frozen Whisper encoder on `(windows, mel, 3000)`, average-pooled by `config.audio_downsample`."""
-        encoder_dtype = self.audio_encoder.conv1.weight.dtype
-        frames = self.audio_encoder(input_features.to(encoder_dtype)).last_hidden_state
+    def audio_encoder_dtype(self) -> torch.dtype:
+        return next(self.audio_encoder.parameters()).dtype
+
+    def run_audio_encoder(
+        self, input_features: torch.Tensor, audio_feature_lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The frozen audio encoder + average pooling by `config.audio_downsample`: `(rows, tokens, audio_dim)`."""
+        features = input_features.to(self.audio_encoder_dtype())
         k = self.config.audio_downsample
+        if self.config.audio_family == "whisper":
+            frames = self.audio_encoder(features).last_hidden_state
+            if k > 1:
+                frames = F.avg_pool1d(frames.transpose(1, 2), kernel_size=k, stride=k, ceil_mode=True).transpose(1, 2)
+            return frames
+        # Qwen3-Omni: the encoder takes the clips packed along time, (mel, sum of frames), with per-clip lengths,
+        # and returns their tokens packed the same way.
+        lengths = audio_feature_lengths.to(input_features.device).long()
+        packed = torch.cat([row[:, :n] for row, n in zip(features, lengths.tolist())], dim=1)
+        tokens = self.audio_encoder(packed, feature_lens=lengths).last_hidden_state
+        n_window = self.config.audio_config.n_window
+        per_clip = [omni_audio_tokens_for_frames(n, n_window) for n in lengths.tolist()]  # before pooling
+        if sum(per_clip) != tokens.shape[0]:
+            raise RuntimeError(f"Qwen3-Omni audio encoder gave {tokens.shape[0]} tokens, expected {sum(per_clip)}.")
+        clips = list(tokens.split(per_clip))
         if k > 1:
-            frames = F.avg_pool1d(frames.transpose(1, 2), kernel_size=k, stride=k, ceil_mode=True).transpose(1, 2)
-        return frames
+            clips = [
+                F.avg_pool1d(c.T.unsqueeze(0), kernel_size=k, stride=k, ceil_mode=True)[0].T for c in clips
+            ]
+        return nn.utils.rnn.pad_sequence(clips, batch_first=True)
 
     def project_audio(self, audio_frames: torch.Tensor, audio_feature_lengths: torch.Tensor) -> torch.Tensor:
-        """Project pooled frames and keep only each window's real tokens, concatenated in window order."""
+        """Project pooled tokens and keep only each row's real tokens, concatenated in row order."""
         projected = self.audio_projector(audio_frames.to(self.audio_projector.fc1.weight.dtype))
         pieces = []
-        for window, mel_frames in enumerate(audio_feature_lengths.tolist()):
-            n_tokens = audio_tokens_for_frames(mel_frames, self.config.audio_downsample)
-            pieces.append(projected[window, :n_tokens])
+        for row, mel_frames in enumerate(audio_feature_lengths.tolist()):
+            n_tokens = self.config.audio_token_count(mel_frames)
+            pieces.append(projected[row, :n_tokens])
         return torch.cat(pieces, dim=0)
 
     def _scatter_audio(
@@ -254,7 +301,7 @@ class ConanModel(ConanPreTrainedModel):
         n_placeholders = int(audio_mask.sum())
         if n_placeholders != audio_tokens.shape[0]:
             raise ValueError(
-                f"Audio features and <|audio_pad|> tokens do not match: {n_placeholders} placeholders in input_ids but "
+                f"Audio features and audio placeholder tokens do not match: {n_placeholders} placeholders in input_ids but "
                 f"{audio_tokens.shape[0]} audio tokens from the encoder. Build inputs with ConanProcessor."
             )
         audio_mask = audio_mask.expand_as(inputs_embeds)
@@ -273,16 +320,20 @@ class ConanModel(ConanPreTrainedModel):
         input_features: torch.Tensor | None = None,
         audio_feature_lengths: torch.LongTensor | None = None,
         audio_frames: torch.Tensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> ConanModelOutput:
         r"""
-        input_features (`torch.FloatTensor` of shape `(windows, num_mel_bins, 3000)`):
-            Whisper log-mel features, one row per 30 s audio window, in the order the audio placeholders appear.
-        audio_feature_lengths (`torch.LongTensor` of shape `(windows,)`):
-            Real (unpadded) mel frames per window; decides how many audio tokens each window contributes.
-        audio_frames (`torch.FloatTensor` of shape `(windows, frames, d_audio)`, *optional*):
+        input_features (`torch.FloatTensor` of shape `(rows, num_mel_bins, frames)`):
+            Log-mel features in the order the audio placeholders appear. Whisper: one row per 30 s window (frames =
+            3000). Qwen3-Omni: one row per clip, right-padded to the longest clip.
+        audio_feature_lengths (`torch.LongTensor` of shape `(rows,)`):
+            Real (unpadded) mel frames per row; decides how many audio tokens each row contributes.
+        audio_frames (`torch.FloatTensor` of shape `(rows, tokens, audio_dim)`, *optional*):
             Precomputed `encode_audio_frames(input_features)` (the frozen encoder's output), instead of input_features.
+        second_per_grid_ts (`torch.FloatTensor` of shape `(videos,)`, *optional*):
+            Qwen2.5-VL only: seconds per temporal patch of each video (temporal M-RoPE spacing).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -299,24 +350,35 @@ class ConanModel(ConanPreTrainedModel):
                 input_ids, inputs_embeds, self.project_audio(audio_frames, audio_feature_lengths)
             )
         elif (input_ids == self.config.audio_token_id).any():
-            raise ValueError("input_ids hold <|audio_pad|> tokens but no input_features were given.")
+            raise ValueError("input_ids hold audio placeholder tokens but no input_features were given.")
 
         if mm_token_type_ids is None:
             mm_token_type_ids = self._token_types_from_ids(input_ids)
         # Audio placeholders are text positions for M-RoPE (the backbone knows only 0/1/2).
         mm_token_type_ids = mm_token_type_ids.masked_fill(
             mm_token_type_ids == MM_TOKEN_TYPES["audio"], MM_TOKEN_TYPES["text"])
-        # Explicit position ids make left and right padding give the same result and avoid the backbone's
-        # cached `rope_deltas` state.
+        # Explicit position ids (the family's own get_rope_index) make left and right padding give the same result,
+        # avoid the backbone's cached `rope_deltas` state, and are the only way Qwen3-VL gets M-RoPE from
+        # inputs_embeds.
+        family_kwargs = {}
+        if self.config.backbone_model_type == "qwen2_5_vl" and second_per_grid_ts is not None:
+            family_kwargs["second_per_grid_ts"] = second_per_grid_ts
         position_ids, _ = self.backbone.get_rope_index(
             input_ids,
             mm_token_type_ids=mm_token_type_ids,
             image_grid_thw=image_grid_thw,
             video_grid_thw=video_grid_thw,
             attention_mask=attention_mask,
+            **family_kwargs,
         )
+        if self.config.backbone_model_type == "qwen3_vl":
+            # Qwen3VLModel takes exactly one of input_ids / inputs_embeds; from inputs_embeds it finds the image and
+            # video placeholders by their (untouched) embeddings, so DeepStack still gets its positions.
+            ids_kwargs = {}
+        else:
+            ids_kwargs = {"input_ids": input_ids}
         outputs = self.backbone(
-            input_ids=input_ids,
+            **ids_kwargs,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -326,6 +388,7 @@ class ConanModel(ConanPreTrainedModel):
             video_grid_thw=video_grid_thw,
             mm_token_type_ids=mm_token_type_ids,
             use_cache=False,
+            **family_kwargs,
             **kwargs,
         )
         hidden = outputs.last_hidden_state  # already after the backbone's final norm

@@ -8,15 +8,23 @@ Two entry points:
 - `processor.prepare(inputs, instruction=...)`, what `encode` uses: each input is a str, a PIL image or a dict
   (see `prepare`), rendered with the chat template, so one call handles any mix of modalities.
 
-Video patches are made with numpy (the Qwen2-VL video processor needs torchvision, which has no CPU build); images go
-through the Qwen2-VL image processor. Audio is resampled to 16 kHz, cut into 30 s windows and turned into Whisper
-log-mel features.
+Per backbone family (`backbone_family`): images go through the backbone's own image processor (patch 14 and CLIP
+mean/std for Qwen2-VL / Qwen2.5-VL, patch 16 and mean/std 0.5 for Qwen3-VL); video patches are made with numpy in the
+same layout as the family's video processor (which needs torchvision, with no CPU build here), with the image
+processor's mean/std; Qwen3-VL videos get one `<t seconds>` timestamp per temporal patch, Qwen2.5-VL videos get
+`second_per_grid_ts`. Frames given as arrays are taken as sampled at `video_fps`.
+
+Per audio family (`audio_family`): audio is resampled to 16 kHz; Whisper cuts it into 30 s windows of 80/128-bin
+log-mel features (at most `audio_max_windows`); Qwen3-Omni takes one whole clip per row (its extractor's 128 mel bins,
+10 ms hop, no 30 s cut) up to `audio_max_windows` x 30 s. Longer audio is cut there with a logged warning — never
+silently.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +34,13 @@ from transformers import BatchFeature
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 from transformers.processing_utils import ProcessorMixin
 
-from .configuration_conan import MM_TOKEN_TYPES, SAMPLING_RATE, WHISPER_WINDOW_FRAMES, audio_tokens_for_frames
+from .configuration_conan import (
+    MM_TOKEN_TYPES,
+    SAMPLING_RATE,
+    WHISPER_WINDOW_FRAMES,
+    audio_tokens_for_frames,
+    omni_audio_tokens_for_frames,
+)
 from .media_conan import (
     check_image_size,
     count_pdf_pages,
@@ -63,18 +77,26 @@ class ParsedInput:
 class ConanProcessor(ProcessorMixin):
     r"""
     Args:
-        image_processor: a `Qwen2VLImageProcessor` (patch 14, merge 2, CLIP normalisation).
-        tokenizer: a Qwen2 tokenizer holding `<|image_pad|>`, `<|video_pad|>`, `<|audio_pad|>`.
-        feature_extractor: a `WhisperFeatureExtractor` (16 kHz, 30 s windows).
+        image_processor: the backbone's `Qwen2VLImageProcessor` (Qwen2/2.5-VL: patch 14, CLIP normalisation; Qwen3-VL:
+            patch 16, mean/std 0.5; merge 2).
+        tokenizer: a Qwen tokenizer holding `<|image_pad|>`, `<|video_pad|>` and the audio tokens.
+        feature_extractor: a `WhisperFeatureExtractor` (16 kHz; 80 or 128 mel bins, 10 ms hop).
         chat_template: Jinja template; `prepare` renders the same layout in Python.
-        image_min_pixels / image_max_pixels: resize bounds for photos (pixels after resizing to multiples of 28).
+        image_min_pixels / image_max_pixels: resize bounds for photos (pixels after resizing to multiples of
+            patch x merge: 28 px for Qwen2/2.5-VL, 32 px for Qwen3-VL).
         document_min_pixels / document_max_pixels: the higher-resolution preset for page images and PDF pages.
         pdf_render_scale: PDF points -> pixels scale before the document resize (2.0 = 144 dpi).
         video_fps: frames per second sampled from a video file (default 2).
         video_max_frames: at most this many frames per video (uniformly spread; default 64).
         video_min_pixels / video_max_pixels: per-frame resize bounds.
-        audio_max_windows: at most this many 30 s windows per audio input; longer audio is cut with a warning.
-        audio_downsample: must equal the model config's `audio_downsample` (tokens = 25/s for 2).
+        audio_max_windows: at most this many x 30 s of audio per input (Whisper: 30 s windows; Qwen3-Omni: one clip);
+            longer audio is cut with a warning.
+        audio_downsample: must equal the model config's `audio_downsample` (Whisper 2 -> 25 tokens/s; Omni 1).
+        backbone_family: `"qwen2_vl"` (default, older repos), `"qwen2_5_vl"` or `"qwen3_vl"`.
+        audio_family: `"whisper"` (default, older repos) or `"qwen3_omni"`.
+        audio_token / audio_start_token / audio_end_token: the audio placeholder and the tokens around it. Repos
+            built now use the paper's `<|audio_start|><|AUDIO|>...<|audio_end|>`; older ones `<|audio_pad|>` alone.
+        audio_n_window: the Qwen3-Omni encoder's `n_window` (its token-count arithmetic).
         max_length: at most this many tokens per input (None: the tokenizer's `model_max_length` when it is a real
             limit, else none; sentence-transformers' `max_seq_length` overrides it). Only the user's text (then the
             instruction) is truncated, from its end; media placeholder runs are never cut, and an input whose media
@@ -103,8 +125,23 @@ class ConanProcessor(ProcessorMixin):
         audio_downsample: int = 2,
         default_instruction: str = DEFAULT_INSTRUCTION,
         max_length: int | None = None,
+        backbone_family: str = "qwen2_vl",
+        audio_family: str = "whisper",
+        audio_token: str = "<|audio_pad|>",
+        audio_start_token: str | None = None,
+        audio_end_token: str | None = None,
+        audio_n_window: int = 50,
         **kwargs,
     ):
+        if backbone_family not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+            raise ValueError(f"backbone_family={backbone_family!r}; expected 'qwen2_vl', 'qwen2_5_vl' or 'qwen3_vl'.")
+        if audio_family not in ("whisper", "qwen3_omni"):
+            raise ValueError(f"audio_family={audio_family!r}; expected 'whisper' or 'qwen3_omni'.")
+        self.backbone_family = backbone_family
+        self.audio_family = audio_family
+        self.audio_start_token = audio_start_token
+        self.audio_end_token = audio_end_token
+        self.audio_n_window = audio_n_window
         self.image_min_pixels = image_min_pixels
         self.image_max_pixels = image_max_pixels
         self.document_min_pixels = document_min_pixels
@@ -120,7 +157,7 @@ class ConanProcessor(ProcessorMixin):
         self.max_length = max_length
         self.image_token = "<|image_pad|>"
         self.video_token = "<|video_pad|>"
-        self.audio_token = "<|audio_pad|>"
+        self.audio_token = audio_token
         super().__init__(image_processor, tokenizer, feature_extractor, chat_template=chat_template)
         self.image_token_id = self._token_id(self.image_token)
         self.video_token_id = self._token_id(self.video_token)
@@ -170,7 +207,7 @@ class ConanProcessor(ProcessorMixin):
             if any(r.size != resized[0].size for r in resized):
                 raise ValueError(f"video frames must share one size; the first frame is {first.size}.")
             clip = np.stack([np.asarray(r, dtype=np.float32) / 255.0 for r in resized])  # T,H,W,C
-            clip = (clip - CLIP_MEAN) / CLIP_STD
+            clip = (clip - self._mean_std[0]) / self._mean_std[1]
             clip = clip.transpose(0, 3, 1, 2)  # T,C,H,W
             if clip.shape[0] % temporal:
                 pad = np.repeat(clip[-1:], temporal - clip.shape[0] % temporal, axis=0)
@@ -186,6 +223,26 @@ class ConanProcessor(ProcessorMixin):
             "video_grid_thw": np.array(grids, dtype=np.int64),
         }
 
+    @property
+    def _mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        """The image processor's normalisation (CLIP for Qwen2/2.5-VL, 0.5/0.5 for Qwen3-VL), also used for video."""
+        ip = self.image_processor
+        mean = np.asarray(getattr(ip, "image_mean", None) or CLIP_MEAN, dtype=np.float32)
+        std = np.asarray(getattr(ip, "image_std", None) or CLIP_STD, dtype=np.float32)
+        return mean, std
+
+    def video_expansion(self, grid_thw: np.ndarray) -> str:
+        """Qwen3-VL's layout of one video: `<t seconds><|vision_start|><|video_pad|>*n<|vision_end|>` per temporal
+        patch, `t` the mean time of its frames (frames taken as sampled at `video_fps`, as Qwen3VLProcessor does)."""
+        gt, gh, gw = (int(v) for v in grid_thw)
+        _, merge, temporal = self._patch
+        per_frame = self.video_token * (gh * gw // merge**2)
+        pieces = []
+        for t in range(gt):
+            seconds = (t * temporal + (temporal - 1) / 2) / self.video_fps
+            pieces.append(f"<{seconds:.1f} seconds><|vision_start|>{per_frame}<|vision_end|>")
+        return "".join(pieces)
+
     def audio_windows(self, samples: np.ndarray) -> list[np.ndarray]:
         """Cut 16 kHz audio into 30 s windows, at most `audio_max_windows` (the rest is dropped with a warning)."""
         window = self.feature_extractor.n_samples
@@ -199,7 +256,14 @@ class ConanProcessor(ProcessorMixin):
         return windows
 
     def process_audio(self, audios: list[np.ndarray]) -> tuple[dict[str, np.ndarray], list[int]]:
-        """16 kHz mono arrays -> Whisper features (one row per 30 s window) and the token count of each input."""
+        """16 kHz mono arrays -> log-mel features and the token count of each input.
+
+        Whisper: one row per 30 s window, padded to 3000 frames. Qwen3-Omni: one row per clip (at most
+        `audio_max_windows` x 30 s, cut with a warning), right-padded with zeros to the longest clip of the batch.
+        `audio_feature_lengths` holds each row's real frames.
+        """
+        if self.audio_family == "qwen3_omni":
+            return self._process_audio_omni(audios)
         rows, lengths, tokens_per_audio = [], [], []
         for samples in audios:
             n_tokens = 0
@@ -215,6 +279,29 @@ class ConanProcessor(ProcessorMixin):
             tokens_per_audio.append(n_tokens)
         features = np.stack(rows).astype(np.float32)
         assert features.shape[-1] == WHISPER_WINDOW_FRAMES
+        return {"input_features": features, "audio_feature_lengths": np.array(lengths, dtype=np.int64)}, tokens_per_audio
+
+    def _process_audio_omni(self, audios: list[np.ndarray]) -> tuple[dict[str, np.ndarray], list[int]]:
+        max_samples = self.audio_max_windows * 30 * SAMPLING_RATE
+        rows, lengths, tokens_per_audio = [], [], []
+        for samples in audios:
+            if len(samples) > max_samples:
+                logger.warning(
+                    "Audio of %.1f s is longer than audio_max_windows=%d x 30 s; only the first %d s are embedded.",
+                    len(samples) / SAMPLING_RATE, self.audio_max_windows, self.audio_max_windows * 30,
+                )
+                samples = samples[:max_samples]
+            feats = self.feature_extractor(
+                samples, sampling_rate=SAMPLING_RATE, padding="longest", truncation=False,
+                return_attention_mask=True, return_tensors="np",
+            )
+            mel_frames = max(int(feats["attention_mask"][0].sum()), 1)
+            rows.append(feats["input_features"][0][:, :mel_frames])
+            lengths.append(mel_frames)
+            tokens_per_audio.append(omni_audio_tokens_for_frames(mel_frames, self.audio_n_window, self.audio_downsample))
+        features = np.zeros((len(rows), rows[0].shape[0], max(lengths)), dtype=np.float32)
+        for i, row in enumerate(rows):
+            features[i, :, : row.shape[1]] = row
         return {"input_features": features, "audio_feature_lengths": np.array(lengths, dtype=np.int64)}, tokens_per_audio
 
     # ------------------------------------------------------------------------------------------------ HF __call__
@@ -261,13 +348,19 @@ class ConanProcessor(ProcessorMixin):
             expansions[self.image_token] = [int(g.prod()) // self._patch[1] ** 2 for g in data["image_grid_thw"]]
         if videos:
             data.update(self.process_videos([[np.asarray(f) for f in v] for v in videos]))
-            expansions[self.video_token] = [int(g.prod()) // self._patch[1] ** 2 for g in data["video_grid_thw"]]
+            if self.backbone_family != "qwen3_vl":
+                expansions[self.video_token] = [int(g.prod()) // self._patch[1] ** 2 for g in data["video_grid_thw"]]
+            if self.backbone_family == "qwen2_5_vl":
+                temporal = self._patch[2]
+                data["second_per_grid_ts"] = np.full(len(videos), temporal / self.video_fps, dtype=np.float32)
         if audio:
             arrays = [pcm_to_float32(a, f"audio[{i}]") if isinstance(a, np.ndarray) else resample_audio(
                 pcm_to_float32(a["array"], f"audio[{i}]['array']"), int(a["sampling_rate"]), SAMPLING_RATE)
                 for i, a in enumerate(audio)]
             audio_data, expansions[self.audio_token] = self.process_audio(arrays)
             data.update(audio_data)
+        if self.backbone_family == "qwen3_vl":
+            rows = self._expand_timestamped_videos(rows, data.get("video_grid_thw", ()))
         rows = [[(seg if literal else self._expand_placeholders(seg, expansions), literal) for seg, literal in row]
                 for row in rows]
         if any(counts for counts in expansions.values()):
@@ -338,8 +431,28 @@ class ConanProcessor(ProcessorMixin):
         logger.warning("%s has %d tokens, more than max_length=%d: its text was truncated.", where, total, max_length)
         return out
 
+    def _expand_timestamped_videos(
+        self, rows: list[list[tuple[str, bool]]], grids: np.ndarray
+    ) -> list[list[tuple[str, bool]]]:
+        """Qwen3-VL: each `[<|vision_start|>]<|video_pad|>[<|vision_end|>]` of a template (non-literal) segment
+        becomes `video_expansion` of the next video, in order."""
+        pending = [self.video_expansion(g) for g in grids]
+        pattern = re.compile(r"(?:<\|vision_start\|>)?" + re.escape(self.video_token) + r"(?:<\|vision_end\|>)?")
+
+        def replace(_match: re.Match) -> str:
+            if not pending:
+                raise ValueError(f"The text holds more {self.video_token} placeholders than items were given.")
+            return pending.pop(0)
+
+        rows = [[(seg if literal else pattern.sub(replace, seg), literal) for seg, literal in row] for row in rows]
+        if pending:
+            raise ValueError(f"More media items than placeholders in the text: {len(pending)} unused for {self.video_token}")
+        return rows
+
     def _expand_placeholders(self, text: str, expansions: dict[str, list[int]]) -> str:
-        for token in (self.image_token, self.video_token, self.audio_token):
+        tokens = (self.image_token, self.audio_token) if self.backbone_family == "qwen3_vl" else (
+            self.image_token, self.video_token, self.audio_token)
+        for token in tokens:
             counts = expansions.get(token, [])
             pieces = text.split(token)
             if len(pieces) - 1 > len(counts):
@@ -410,7 +523,7 @@ class ConanProcessor(ProcessorMixin):
         if parsed.video is not None:
             media += "<|vision_start|>" + self.video_token + "<|vision_end|>"
         if parsed.audio is not None:
-            media += self.audio_token
+            media += (self.audio_start_token or "") + self.audio_token + (self.audio_end_token or "")
         system = instruction if instruction else self.default_instruction
         return [
             ("<|im_start|>system\n", False), (system, True), ("<|im_end|>\n<|im_start|>user\n" + media, False),
@@ -568,7 +681,7 @@ class ConanProcessor(ProcessorMixin):
     def model_input_names(self) -> list[str]:
         return [
             "input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw",
-            "pixel_values_videos", "video_grid_thw", "input_features", "audio_feature_lengths",
+            "pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "input_features", "audio_feature_lengths",
         ]
 
 

@@ -81,7 +81,7 @@ def mid_model(workdir: Path):
     from transformers import WhisperFeatureExtractor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from training.base.build_base import add_audio_token
+    from training.base.build_base import AUDIO_END, AUDIO_START, AUDIO_TOKEN, add_audio_token
 
     tokenizer = build_tiny_tokenizer()
     audio_id = add_audio_token(tokenizer)
@@ -102,6 +102,7 @@ def mid_model(workdir: Path):
         image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer, feature_extractor=WhisperFeatureExtractor(),
         chat_template=CHAT_TEMPLATE, image_max_pixels=256 * 28 * 28, document_min_pixels=256 * 28 * 28,
         document_max_pixels=256 * 28 * 28, video_max_pixels=64 * 28 * 28,
+        audio_token=AUDIO_TOKEN, audio_start_token=AUDIO_START, audio_end_token=AUDIO_END,
     )
     return model, processor
 

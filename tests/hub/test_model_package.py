@@ -266,13 +266,13 @@ def test_corrupt_files(tmp_path, tiny_model_and_processor):
 
 
 def test_unsupported_backbones_fail_clearly(tmp_path):
-    from transformers import Qwen2_5_VLConfig
+    from transformers import WhisperConfig
 
     from training.base.build_base import assemble_base
 
-    Qwen2_5_VLConfig().save_pretrained(tmp_path / "qwen25")
-    with pytest.raises(NotImplementedError, match="qwen2_5_vl.*not supported yet"):
-        assemble_base(str(tmp_path / "qwen25"), "unused", tmp_path / "out")
+    WhisperConfig().save_pretrained(tmp_path / "whisper")
+    with pytest.raises(ValueError, match="model_type 'whisper' is not a supported backbone"):
+        assemble_base(str(tmp_path / "whisper"), "unused", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

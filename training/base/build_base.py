@@ -1,11 +1,17 @@
-"""Assemble a Conan base repo from real parts: a Qwen2-VL checkpoint + a Whisper checkpoint.
+"""Assemble a Conan base repo from real parts: a Qwen-VL backbone + an audio encoder checkpoint.
 
+    # the paper's parts: Qwen3-VL-8B + the audio tower of Qwen3-Omni-30B-A3B (read tensor by tensor)
+    python -m training.build_base --backbone Qwen/Qwen3-VL-8B-Instruct \
+        --audio-encoder Qwen/Qwen3-Omni-30B-A3B-Instruct --out DIR
+    # any supported pair: Qwen3-VL | Qwen2.5-VL | Qwen2-VL  x  Qwen3-Omni | Whisper (Hub ids or local folders)
     python -m training.build_base --backbone Qwen/Qwen2-VL-2B-Instruct --audio-encoder openai/whisper-large-v3 --out DIR
-    python -m training.build_base --tiny --out DIR     # tiny random upstream checkpoints first, then the same path
+    # tiny random upstream checkpoints first (save_pretrained of the upstream classes), then the same path
+    python -m training.build_base --tiny --backbone-family qwen3_vl --audio-family qwen3_omni --out DIR
 
 The output folder loads with `AutoModel`/`AutoProcessor.from_pretrained(DIR, trust_remote_code=True)` and
-`SentenceTransformer(DIR, trust_remote_code=True)`. The audio token is added to the tokenizer, the projector is
-freshly initialised, everything else is copied from the upstream checkpoints.
+`SentenceTransformer(DIR, trust_remote_code=True)`. The paper's four audio tokens are added to the tokenizer
+(`<|audio_start|>`, `<|audio_end|>`, `<|audio_pad|>`, `<|AUDIO|>`; projected audio goes at `<|AUDIO|>` between
+start/end), the projector is freshly initialised, everything else is copied from the upstream checkpoints.
 """
 
 from __future__ import annotations
@@ -17,28 +23,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoTokenizer,
-    PreTrainedTokenizerBase,
-    Qwen2VLModel,
-    WhisperFeatureExtractor,
-    WhisperModel,
-)
-from transformers.utils import logging as transformers_logging
+from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerBase
 
+from training.base import families
 from training.common import hub_code
 from training.common.io_utils import atomic_output_dir, write_json_atomic
 from training.common.repo import save_conan_repo
 
-AUDIO_TOKEN = "<|audio_pad|>"
+AUDIO_TOKEN = "<|AUDIO|>"  # the placeholder projected audio replaces (the paper's)
+AUDIO_START, AUDIO_END = "<|audio_start|>", "<|audio_end|>"
+PAPER_AUDIO_TOKENS = (AUDIO_START, AUDIO_END, "<|audio_pad|>", AUDIO_TOKEN)  # all four the paper adds
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
     "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
     "{% elif item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif item['type'] == 'audio' %}<|audio_pad|>"
+    "{% elif item['type'] == 'audio' %}<|audio_start|><|AUDIO|><|audio_end|>"
     "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n<|endoftext|>{% endif %}"
 )
@@ -53,9 +53,11 @@ TINY_PROCESSOR_LIMITS = {
 
 
 def add_audio_token(tokenizer: PreTrainedTokenizerBase) -> int:
-    """Register `<|audio_pad|>` as a special token (kept atomic) and expose it as `tokenizer.audio_token`."""
-    if AUDIO_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [AUDIO_TOKEN]}, replace_extra_special_tokens=False)
+    """Register the paper's four audio tokens as special tokens (kept atomic; ones already present keep their ids)
+    and expose `<|AUDIO|>` as `tokenizer.audio_token`. Returns its id."""
+    missing = [t for t in PAPER_AUDIO_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     # Model-specific named tokens survive save/reload in tokenizer_config.json (transformers 5.x).
     tokenizer._set_model_specific_special_tokens(
         {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "audio_token": AUDIO_TOKEN}
@@ -63,66 +65,89 @@ def add_audio_token(tokenizer: PreTrainedTokenizerBase) -> int:
     return int(tokenizer.convert_tokens_to_ids(AUDIO_TOKEN))
 
 
+PIXEL_LIMIT_TOKENS = {  # ConanProcessor's pixel limits, in merged visual tokens (x (patch * merge)^2 pixels)
+    "image_min_pixels": 4, "image_max_pixels": 1280, "document_min_pixels": 256, "document_max_pixels": 1280,
+    "video_min_pixels": 4, "video_max_pixels": 128,
+}
+
+
+def family_processor_limits(image_processor: Any, tokens: dict[str, int] | None = None) -> dict[str, int]:
+    """Pixel limits in the backbone's own units: one merged token is (patch x merge)^2 pixels (Qwen2/2.5-VL 28^2,
+    Qwen3-VL 32^2), so a family gets the same token budgets (`PIXEL_LIMIT_TOKENS`, ConanProcessor's defaults)."""
+    unit = (image_processor.patch_size * image_processor.merge_size) ** 2
+    return {key: n * unit for key, n in (tokens or PIXEL_LIMIT_TOKENS).items()}
+
+
 def assemble_base(
     backbone: str,
     audio_encoder: str,
     out: str | Path,
     processor_limits: dict[str, Any] | None = None,
-    audio_downsample: int = 2,
+    audio_downsample: int | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     overwrite: bool = False,
     seed: int = 0,
+    projector_intermediate_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Build the Conan base repo at `out` from a Qwen2-VL and a Whisper checkpoint (local paths or Hub ids)."""
-    hub_code.load("configuration_conan").check_backbone_model_type(AutoConfig.from_pretrained(backbone).model_type)
+    """Build the Conan base repo at `out` from a backbone and an audio checkpoint (local folders or Hub ids).
+
+    `backbone`: a Qwen3-VL, Qwen2.5-VL or Qwen2-VL checkpoint (`*ForConditionalGeneration` layout). `audio_encoder`:
+    a Qwen3-Omni checkpoint (only its `thinker.audio_tower.*` tensors are read) or a Whisper checkpoint.
+    `projector_intermediate_size` defaults to 3/4 of the backbone width (the paper's ~19M-parameter projector for
+    2048 -> 4096 is 3072 wide with biases; our arithmetic). `dtype` is the dtype of the loaded parts and of the written
+    weights (peak memory: about twice the backbone plus the audio tower, in that dtype). Raises ValueError for
+    unsupported checkpoints before anything is written.
+    """
+    backbone_family = families.backbone_family_of(backbone)
+    audio_family = families.audio_family_of(audio_encoder)
     ConanConfig, ConanModel, ConanProcessor = hub_code.ConanConfig, hub_code.ConanModel, hub_code.ConanProcessor
 
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(backbone)
     audio_token_id = add_audio_token(tokenizer)
-    # Upstream checkpoints carry heads we do not use (lm_head, the Whisper decoder is kept but unused): the
-    # load report would list them as unexpected, which is expected here, so it is silenced for these two loads.
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
-        vlm = Qwen2VLModel.from_pretrained(backbone, dtype=torch.float32)
-        whisper = WhisperModel.from_pretrained(audio_encoder, dtype=torch.float32)
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-    vlm_config = vlm.config
+    vlm = families.load_backbone(backbone, dtype)
+    audio_config, audio_state = families.load_audio_encoder(audio_encoder, dtype)
+    hidden = vlm.config.text_config.hidden_size
     config = ConanConfig(
-        text_config=vlm_config.text_config.to_dict(),
-        vision_config=vlm_config.vision_config.to_dict(),
-        image_token_id=vlm_config.image_token_id,
-        video_token_id=vlm_config.video_token_id,
-        vision_start_token_id=vlm_config.vision_start_token_id,
-        vision_end_token_id=vlm_config.vision_end_token_id,
-        audio_config=whisper.config.to_dict(),
+        backbone_config=vlm.config.to_dict(),
+        audio_config=audio_config.to_dict(),
         audio_token_id=audio_token_id,
+        audio_start_token_id=int(tokenizer.convert_tokens_to_ids(AUDIO_START)),
+        audio_end_token_id=int(tokenizer.convert_tokens_to_ids(AUDIO_END)),
         audio_downsample=audio_downsample,
+        projector_intermediate_size=projector_intermediate_size or 3 * hidden // 4,
     )
-    torch.manual_seed(seed)
-    model = ConanModel(config)
     if len(tokenizer) > vlm.get_input_embeddings().num_embeddings:
         vlm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         config.text_config.vocab_size = len(tokenizer)
-        model = ConanModel(config)
+    torch.manual_seed(seed)
+    model = ConanModel._from_config(config, dtype=dtype)
     _load_strict(model.backbone, vlm.state_dict(), "backbone")
-    _load_strict(model.audio_encoder, whisper.encoder.state_dict(), "audio_encoder")
+    del vlm
+    _load_strict(model.audio_encoder, audio_state, "audio_encoder")
+    del audio_state
 
     image_processor = AutoImageProcessor.from_pretrained(backbone)
-    feature_extractor = WhisperFeatureExtractor.from_pretrained(audio_encoder)
+    feature_extractor = families.load_feature_extractor(audio_encoder)
     if feature_extractor.feature_size != config.audio_config.num_mel_bins:
         raise ValueError(
-            f"Whisper feature extractor gives {feature_extractor.feature_size} mel bins but the encoder expects "
+            f"The audio feature extractor gives {feature_extractor.feature_size} mel bins but the encoder expects "
             f"{config.audio_config.num_mel_bins}."
         )
+    limits = {**family_processor_limits(image_processor), **(processor_limits or {})}
     processor = ConanProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         feature_extractor=feature_extractor,
         chat_template=CHAT_TEMPLATE,
-        audio_downsample=audio_downsample,
-        **(processor_limits or {}),
+        audio_downsample=config.audio_downsample,
+        backbone_family=backbone_family,
+        audio_family=audio_family,
+        audio_token=AUDIO_TOKEN,
+        audio_start_token=AUDIO_START,
+        audio_end_token=AUDIO_END,
+        audio_n_window=getattr(config.audio_config, "n_window", 50),
+        **limits,
     )
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         save_conan_repo(model, processor, tmp)
@@ -140,11 +165,7 @@ def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], name: 
 
 
 # --------------------------------------------------------------------------------------------------- tiny repo
-QWEN2_VL_SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
-    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-    "<|image_pad|>", "<|video_pad|>",
-]
+QWEN2_VL_SPECIAL_TOKENS = families.QWEN_VL_SPECIAL_TOKENS
 
 
 def _tiny_corpus() -> list[str]:
@@ -174,66 +195,43 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerBase:
     )
 
 
-def write_random_qwen2_vl(
-    out_dir: Path,
-    tokenizer: PreTrainedTokenizerBase,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    vision_width: int = 32,
-    vision_depth: int = 1,
-    seed: int = 0,
-) -> Path:
-    """A random Qwen2-VL checkpoint in the upstream format (`Qwen2VLForConditionalGeneration.save_pretrained`)."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+def write_random_qwen2_vl(out_dir: Path, tokenizer: PreTrainedTokenizerBase, *sizes: int, seed: int = 0) -> Path:
+    """A random Qwen2-VL checkpoint in the upstream format (`families.write_tiny_backbone("qwen2_vl", ...)`)."""
+    return families.write_tiny_backbone("qwen2_vl", out_dir, tokenizer, *sizes, seed=seed)
 
-    torch.manual_seed(seed)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2_VL_SPECIAL_TOKENS}
-    half_head = hidden_size // num_heads // 2  # M-RoPE sections (t, h, w) must sum to head_dim / 2
-    mrope_section = [half_head - 2 * (half_head * 3 // 8), half_head * 3 // 8, half_head * 3 // 8]
-    qwen_config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=-(-(len(tokenizer) + 1) // 64) * 64, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=max(1, num_heads // 2),
-            max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                            "mrope_section": mrope_section},
-            bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-        ),
-        vision_config=dict(depth=vision_depth, embed_dim=vision_width, hidden_size=hidden_size,
-                           num_heads=max(1, vision_width // 16), mlp_ratio=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+
+def write_tiny_upstream_checkpoints(
+    root: Path, hidden_size: int = 64, seed: int = 0, backbone_family: str = "qwen2_vl", audio_family: str = "whisper"
+) -> tuple[Path, Path]:
+    """Tiny random backbone and audio checkpoints in their upstream formats (`save_pretrained`, sharded)."""
+    backbone_dir = families.write_tiny_backbone(
+        backbone_family, root / f"tiny-{backbone_family}", build_tiny_tokenizer(), hidden_size, seed=seed
     )
-    Qwen2VLForConditionalGeneration(qwen_config).save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    Qwen2VLImageProcessorPil(min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28).save_pretrained(out_dir)
-    return out_dir
-
-
-def write_tiny_upstream_checkpoints(root: Path, hidden_size: int = 64, seed: int = 0) -> tuple[Path, Path]:
-    """Tiny random Qwen2-VL and Whisper checkpoints in their upstream formats (`save_pretrained`)."""
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
-
-    backbone_dir = write_random_qwen2_vl(root / "tiny-qwen2-vl", build_tiny_tokenizer(), hidden_size, seed=seed)
-    audio_dir = root / "tiny-whisper"
-    whisper_config = WhisperConfig(
-        vocab_size=64, num_mel_bins=80, d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
-        decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64, max_source_positions=1500,
-        max_target_positions=32, pad_token_id=1, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
-        suppress_tokens=[], begin_suppress_tokens=[],
-    )
-    WhisperForConditionalGeneration(whisper_config).save_pretrained(audio_dir)
-    WhisperFeatureExtractor(feature_size=80).save_pretrained(audio_dir)
+    audio_dir = families.write_tiny_audio(audio_family, root / f"tiny-{audio_family}", seed=seed)
     return backbone_dir, audio_dir
 
 
-def build_tiny_repo(out: str | Path, overwrite: bool = False, seed: int = 0) -> Path:
+def tiny_processor_limits(backbone_family: str) -> dict[str, Any]:
+    """`TINY_PROCESSOR_LIMITS` in the family's pixel units (Qwen3-VL: 32^2 px per merged token instead of 28^2)."""
+    unit = (32 if backbone_family == "qwen3_vl" else 28) ** 2
+    return {k: v * unit // 28**2 if k.endswith("_pixels") else v for k, v in TINY_PROCESSOR_LIMITS.items()}
+
+
+def build_tiny_repo(
+    out: str | Path,
+    overwrite: bool = False,
+    seed: int = 0,
+    backbone_family: str = "qwen2_vl",
+    audio_family: str = "whisper",
+) -> Path:
     """The tiny test/demo repo: tiny upstream checkpoints written to disk, then assembled like real ones."""
     with tempfile.TemporaryDirectory(prefix="conan-tiny-upstream-") as scratch:
-        backbone_dir, audio_dir = write_tiny_upstream_checkpoints(Path(scratch), seed=seed)
+        backbone_dir, audio_dir = write_tiny_upstream_checkpoints(
+            Path(scratch), seed=seed, backbone_family=backbone_family, audio_family=audio_family
+        )
         return assemble_base(
-            str(backbone_dir), str(audio_dir), out, processor_limits=TINY_PROCESSOR_LIMITS, overwrite=overwrite, seed=seed
+            str(backbone_dir), str(audio_dir), out, processor_limits=tiny_processor_limits(backbone_family),
+            overwrite=overwrite, seed=seed,
         )
 
 
@@ -241,22 +239,35 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", "--out", dest="out", required=True, help="output folder (the Conan base repo)")
     parser.add_argument("--tiny", action="store_true", help="build from tiny random upstream checkpoints")
-    parser.add_argument("--backbone", help="Qwen2-VL checkpoint: local folder or Hub id")
-    parser.add_argument("--audio-encoder", help="Whisper checkpoint: local folder or Hub id")
-    parser.add_argument("--audio-downsample", type=int, default=2, help="pool Whisper frames by this stride")
+    parser.add_argument("--backbone", help="Qwen3-VL / Qwen2.5-VL / Qwen2-VL checkpoint: local folder or Hub id")
+    parser.add_argument("--audio-encoder", help="Qwen3-Omni or Whisper checkpoint: local folder or Hub id")
+    parser.add_argument("--backbone-family", choices=families.BACKBONE_FAMILIES, default="qwen2_vl",
+                        help="with --tiny: the family of the tiny random backbone")
+    parser.add_argument("--audio-family", choices=families.AUDIO_FAMILIES, default="whisper",
+                        help="with --tiny: the family of the tiny random audio encoder")
+    parser.add_argument("--audio-downsample", type=int, default=None,
+                        help="pool audio-encoder tokens by this stride (default: Whisper 2, Qwen3-Omni 1)")
+    parser.add_argument("--projector-intermediate-size", type=int, default=None,
+                        help="projector hidden width (default: 3/4 of the backbone width; 3072 for 4096)")
     parser.add_argument("--processor-limits", type=json.loads, default=None,
                         help='JSON dict of ConanProcessor limits, e.g. \'{"video_max_frames": 32}\'')
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="dtype of the loaded parts and the written weights (bfloat16 halves memory and size)")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.tiny:
-        out = build_tiny_repo(args.out, overwrite=args.force, seed=args.seed)
+        out = build_tiny_repo(
+            args.out, overwrite=args.force, seed=args.seed, backbone_family=args.backbone_family,
+            audio_family=args.audio_family,
+        )
     else:
         if not args.backbone or not args.audio_encoder:
             parser.error("--backbone and --audio-encoder are required unless --tiny is given")
         out = assemble_base(
             args.backbone, args.audio_encoder, args.out, processor_limits=args.processor_limits,
             audio_downsample=args.audio_downsample, overwrite=args.force, seed=args.seed,
+            projector_intermediate_size=args.projector_intermediate_size, dtype=getattr(torch, args.dtype),
         )
     size_mb = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file()) / 2**20
     print(f"Conan base repo written to {out} ({size_mb:.1f} MB)")

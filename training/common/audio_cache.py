@@ -4,7 +4,7 @@ The audio encoder never changes across stages, so each 30 s window is encoded on
 `model.audio_frames_hook = AudioFrameCache.for_model(model, cache_dir)` (`ConanModel.encode_audio_frames` calls the
 hook instead of the encoder). Keys are a hash of the window's log-mel features plus a fingerprint of the encoder
 weights (a different encoder never reads stale frames). Only each window's real frames are stored; frames past them
-come back as zeros, which `ConanModel.forward` never reads (it keeps the first `audio_tokens_for_frames(length)`
+come back as zeros, which `ConanModel.forward` never reads (it keeps the first `config.audio_token_count(length)`
 tokens of each window).
 """
 
@@ -74,20 +74,24 @@ class AudioFrameCache:
 
     def __call__(self, model: torch.nn.Module, input_features: torch.Tensor,
                  audio_feature_lengths: torch.Tensor) -> torch.Tensor:
-        """`ConanModel.audio_frames_hook`: pooled frames `(windows, ceil(1500/k), d_audio)`, encoding only misses."""
-        config = hub_code.load("configuration_conan")
-        k = model.config.audio_downsample
-        n_pooled = -(-(config.WHISPER_WINDOW_FRAMES // 2) // k)
-        out = torch.zeros(
-            input_features.shape[0], n_pooled, model.config.audio_config.d_model,
-            dtype=model.audio_encoder.conv1.weight.dtype, device=input_features.device,
-        )
+        """`ConanModel.audio_frames_hook`: pooled tokens `(rows, tokens, audio_dim)`, encoding only misses.
+
+        Whisper rows are 30 s windows of `ceil(1500/k)` tokens; Qwen3-Omni rows are whole clips, as wide as the
+        longest clip's `config.audio_token_count(length)`. Tokens past a row's real count are zeros.
+        """
+        counts = [model.config.audio_token_count(int(n)) for n in audio_feature_lengths.tolist()]
+        if model.config.audio_family == "qwen3_omni":
+            width = max(counts)
+        else:
+            width = -(-(hub_code.load("configuration_conan").WHISPER_WINDOW_FRAMES // 2) // model.config.audio_downsample)
+        out = torch.zeros(input_features.shape[0], width, model.config.audio_dim,
+                          dtype=model.audio_encoder_dtype(), device=input_features.device)
         cached = [self.get(row) for row in input_features]
         todo = [i for i, frames in enumerate(cached) if frames is None]
         if todo:
-            fresh = model.run_audio_encoder(input_features[todo])
+            fresh = model.run_audio_encoder(input_features[todo], audio_feature_lengths[todo])
             for j, i in enumerate(todo):
-                cached[i] = fresh[j, : config.audio_tokens_for_frames(int(audio_feature_lengths[i]), k)]
+                cached[i] = fresh[j, : counts[i]]
                 self.put(input_features[i], cached[i])
         for i, frames in enumerate(cached):
             out[i, : frames.shape[0]] = frames.to(out.device, out.dtype)

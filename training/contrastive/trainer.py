@@ -32,6 +32,9 @@ from training.contrastive.loss import LossOutput, info_nce
 logger = logging.getLogger(__name__)
 
 LLM_PREFIX = "backbone.language_model"
+# LoRA scopes: "llm" = the `targets` projections of the LLM layers; the others = every nn.Linear under the prefix
+# (the paper's specialists put LoRA on all linear layers of the LLM, vision encoder, audio encoder and projector).
+LORA_SCOPE_PREFIXES = {"vision": "backbone.visual.", "audio_encoder": "audio_encoder.", "projector": "audio_projector."}
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CHECKPOINT_PREFIX = "step_"
 LOOP_STATE_DIR = "loop_state"  # inside each checkpoint: step + sampler position (checkpoint.py format)
@@ -53,24 +56,38 @@ def apply_lora(
     dropout: float,
     targets: Sequence[str] = DEFAULT_LORA_TARGETS,
     train_audio_projector: bool = False,
+    scopes: Sequence[str] = ("llm",),
 ) -> nn.Module:
-    """Freeze everything, add LoRA to the LLM's linear layers; the audio projector optionally trains in full.
+    """Freeze everything, add LoRA to the LLM's linear layers (and, per `scopes`, to every linear layer of the vision
+    encoder, the audio encoder, the projector); the audio projector optionally trains in full instead of LoRA.
 
     The projector goes through peft `modules_to_save`, so the adapter folder holds its trained weights too (fusion
-    reads both, training/fusion/lora.py).
+    reads both, training/fusion/lora.py). Raises ValueError for an unknown scope.
     """
     from peft import LoraConfig, get_peft_model
 
+    unknown = sorted(set(scopes) - {"llm", *LORA_SCOPE_PREFIXES})
+    if unknown:
+        raise ValueError(f"LoRA scopes {unknown} are unknown; expected among ['llm', {', '.join(LORA_SCOPE_PREFIXES)}]")
     for param in model.parameters():
         param.requires_grad_(False)
+    target_modules: str | list[str] = lora_target_regex(targets)
+    prefixes = tuple(LORA_SCOPE_PREFIXES[s] for s in scopes if s != "llm"
+                     and not (s == "projector" and train_audio_projector))
+    if prefixes:
+        llm = re.compile(target_modules) if "llm" in scopes else None
+        target_modules = [
+            name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and (name.startswith(prefixes) or (llm and llm.fullmatch(name)))
+        ]
     config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_regex(targets), bias="none",
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none",
         modules_to_save=["audio_projector"] if train_audio_projector else None,
     )
     peft_model = get_peft_model(model, config)
     matched = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A")]
     if not matched:
-        raise ValueError(f"LoRA targets {list(targets)} matched no linear layer under {LLM_PREFIX}")
+        raise ValueError(f"LoRA targets {list(targets)} / scopes {list(scopes)} matched no linear layer")
     return peft_model
 
 
@@ -267,6 +284,7 @@ class LoraSettings:
     alpha: float = 32.0
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    scopes: list[str] = field(default_factory=lambda: ["llm"])  # + vision / audio_encoder / projector (apply_lora)
 
 
 @dataclass

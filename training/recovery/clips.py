@@ -101,8 +101,6 @@ def cache_audio(
     the encoder's fingerprint and the window's features), so every stage and every run encodes each clip once.
     """
 
-    tokens_for = hub_code.load("configuration_conan").audio_tokens_for_frames
-    k = model.config.audio_downsample
     cache = ClipCache([], [], [])
     keys = list(inputs)
     device = model_device(model)
@@ -113,14 +111,16 @@ def cache_audio(
         for start in tqdm(range(0, len(keys), batch_size), desc="cache audio", disable=not progress, leave=False):
             chunk = keys[start : start + batch_size]
             prepared = [processor.prepare([inputs[key][0]], instruction=inputs[key][1]) for key in chunk]
-            features = torch.cat([p["input_features"] for p in prepared]).to(device)
+            width = max(p["input_features"].shape[-1] for p in prepared)  # Qwen3-Omni rows have per-clip lengths
+            features = torch.cat([F.pad(p["input_features"], (0, width - p["input_features"].shape[-1]))
+                                  for p in prepared]).to(device)
             lengths_all = torch.cat([p["audio_feature_lengths"] for p in prepared])
             frames = model.encode_audio_frames(features, lengths_all).float().cpu()
             row = 0
             for key, p in zip(chunk, prepared):
                 lengths = p["audio_feature_lengths"].cpu()
                 windows = lengths.shape[0]
-                keep = max(tokens_for(int(n), k) for n in lengths.tolist())
+                keep = max(model.config.audio_token_count(int(n)) for n in lengths.tolist())
                 cache.index[key] = len(cache.input_ids)
                 cache.input_ids.append(p["input_ids"][0].cpu())
                 cache.frames.append(frames[row : row + windows, :keep].clone())

@@ -217,7 +217,7 @@ def rehearse(cfg: RehearsalConfig, resume: str | None = "auto", stop_after: int 
         # use_reentrant=False: with frozen embeddings reentrant checkpointing silently drops LoRA gradients.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets,
-                       train_audio_projector=True)
+                       train_audio_projector=True, scopes=cfg.lora.scopes)
     dataset = load_sources(cfg.data.train, on_error=cfg.data.on_error, check_media=cfg.data.check_media)
     groups = source_groups(dataset, cfg.data.groups)
     sampler = BalancedModalitySampler(

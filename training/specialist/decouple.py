@@ -133,6 +133,9 @@ def build_model(cfg: SpecialistConfig) -> tuple[torch.nn.Module, Any]:
     model = hub_code.ConanModel.from_pretrained(cfg.base, dtype=torch.float32)
     processor = hub_code.ConanProcessor.from_pretrained(cfg.base)
     if cfg.audio_cache_dir:
+        if "audio_encoder" in cfg.lora.scopes:
+            raise ValueError("audio_cache_dir caches the frozen audio encoder's output; it cannot be combined with "
+                             "LoRA on the audio encoder (lora.scopes holds 'audio_encoder').")
         from training.common.audio_cache import AudioFrameCache
 
         model.audio_frames_hook = AudioFrameCache.for_model(model, cfg.audio_cache_dir)
@@ -140,7 +143,7 @@ def build_model(cfg: SpecialistConfig) -> tuple[torch.nn.Module, Any]:
         # use_reentrant=False: with frozen embeddings reentrant checkpointing silently drops LoRA gradients.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets,
-                       train_audio_projector=bool(cfg.train_audio_projector))
+                       train_audio_projector=bool(cfg.train_audio_projector), scopes=cfg.lora.scopes)
     return model, processor
 
 
@@ -236,7 +239,7 @@ def export_specialist(cfg: SpecialistConfig, peft_state: dict[str, torch.Tensor]
     model = hub_code.ConanModel.from_pretrained(cfg.base, dtype=torch.float32)
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     peft_model = apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets,
-                            train_audio_projector=bool(cfg.train_audio_projector))
+                            train_audio_projector=bool(cfg.train_audio_projector), scopes=cfg.lora.scopes)
     result = peft_model.load_state_dict({k: v.detach().cpu().float() for k, v in peft_state.items()}, strict=True)
     if result.missing_keys or result.unexpected_keys:
         raise RuntimeError(f"trained state does not fit the model: {result}")
@@ -252,7 +255,7 @@ def export_specialist(cfg: SpecialistConfig, peft_state: dict[str, torch.Tensor]
         save_file(delta, str(tmp / "task_vector.safetensors"), metadata={"base_hash": manifest["base_hash"]})
         merged.to(getattr(torch, cfg.save_dtype))
         merged.config.dtype = cfg.save_dtype
-        if cfg.train_audio_projector:  # the projector is now calibrated on this specialist's backbone
+        if cfg.train_audio_projector or "projector" in cfg.lora.scopes:  # calibrated on this specialist's backbone
             merged.config.projector_calibration_hash = hub_code.load("modeling_conan").backbone_fingerprint(merged)
         unwrap_conan(merged).eval()
         from training.common.repo import save_conan_repo
