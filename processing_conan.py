@@ -260,7 +260,8 @@ class ConanProcessor(ProcessorMixin):
             data.update(self.process_images(resized))
             expansions[self.image_token] = [int(g.prod()) // self._patch[1] ** 2 for g in data["image_grid_thw"]]
         if videos:
-            data.update(self.process_videos([[np.asarray(f) for f in v] for v in videos]))
+            data.update(self.process_videos([[frame_to_uint8(np.asarray(f), f"videos[{i}] frame {j}")
+                                              for j, f in enumerate(v)] for i, v in enumerate(videos)]))
             expansions[self.video_token] = [int(g.prod()) // self._patch[1] ** 2 for g in data["video_grid_thw"]]
         if audio:
             arrays = [pcm_to_float32(a, f"audio[{i}]") if isinstance(a, np.ndarray) else resample_audio(
