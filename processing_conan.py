@@ -347,7 +347,8 @@ class ConanProcessor(ProcessorMixin):
             data.update(self.process_images(resized))
             expansions[self.image_token] = [int(g.prod()) // self._patch[1] ** 2 for g in data["image_grid_thw"]]
         if videos:
-            data.update(self.process_videos([[np.asarray(f) for f in v] for v in videos]))
+            data.update(self.process_videos([[frame_to_uint8(np.asarray(f), f"videos[{i}] frame {j}")
+                                              for j, f in enumerate(v)] for i, v in enumerate(videos)]))
             if self.backbone_family != "qwen3_vl":
                 expansions[self.video_token] = [int(g.prod()) // self._patch[1] ** 2 for g in data["video_grid_thw"]]
             if self.backbone_family == "qwen2_5_vl":

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import REPO_ROOT
-from tests.test_model_package import AUDIO, IMAGE, VIDEO
+from tests.hub.test_model_package import AUDIO, IMAGE, VIDEO
 
 BACKBONES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl")
 AUDIOS = ("qwen3_omni", "whisper")

@@ -303,3 +303,14 @@ def test_video_file_pixel_formats_match_reference(tmp_path, ext, codec, pix_fmt,
     frames = media.load_video_file(str(path), fps=2.0, max_frames=4)
     assert len(frames) == 2 and frames[0].dtype == np.uint8 and frames[0].shape == ref.shape
     assert np.abs(frames[0].astype(int) - ref).mean() <= tol * 255 / 2 + 1e-9
+
+
+def test_hf_call_scales_video_frames_like_prepare(tiny_model_and_processor):
+    _, processor = tiny_model_and_processor
+    ref = np.stack([reference_rgb(), 1 - reference_rgb()])
+    text = ["<|vision_start|><|video_pad|><|vision_end|>a clip"]
+    as_uint8 = processor(text=text, videos=[np.round(ref * 255).astype(np.uint8)], return_tensors="np")
+    as_float = processor(text=text, videos=[ref.astype(np.float32)], return_tensors="np")
+    np.testing.assert_allclose(as_float["pixel_values_videos"], as_uint8["pixel_values_videos"], atol=1e-6)
+    with pytest.raises(ValueError, match=r"videos\[0\] frame 0 has dtype int64"):
+        processor(text=text, videos=[np.zeros((2, 8, 8, 3), np.int64)])
