@@ -32,7 +32,7 @@ def resample(wave: np.ndarray, sr: int, target_sr: int = TARGET_SR) -> np.ndarra
 
 
 def _mono(arr: np.ndarray) -> np.ndarray:
-    from training import hub_code  # integer PCM (scipy.io.wavfile) -> [-1, 1] by the package's own rule
+    from training.common import hub_code  # integer PCM (scipy.io.wavfile) -> [-1, 1] by the package's own rule
 
     arr = hub_code.load("media_conan").pcm_to_float32(arr, "audio array")
     if arr.ndim == 1:
