@@ -248,7 +248,7 @@ def test_repo_in_the_old_layout_still_loads_and_reproduces_its_embeddings(tmp_pa
     from sentence_transformers import SentenceTransformer
     from transformers import AutoConfig
 
-    from training.base.build_base import copy_remote_code
+    from training.common.repo import copy_remote_code
 
     repo = tmp_path / "legacy"
     shutil.copytree(FIXTURE_LEGACY, repo)
