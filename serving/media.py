@@ -72,6 +72,7 @@ class MediaFile:
 
     path: str
     kind: str
+    temporary: bool = False
 
 
 @dataclass
@@ -197,4 +198,4 @@ class MediaPolicy:
             path = os.path.join(folder, "media" + suffix)
             with open(path, "wb") as handle:
                 handle.write(data)
-            yield MediaFile(path, kind)
+            yield MediaFile(path, kind, temporary=True)

@@ -263,7 +263,8 @@ def materialize(spec: ItemSpec, policy: MediaPolicy, processor: Any) -> dict[str
                 raise _fail(ref.where, f"a second {media.kind}; one input holds at most one image, one document page, "
                                        "one video and one audio clip (send several items for several embeddings).")
             raw[media.kind] = media.path
-            names[media.path] = f"the {media.kind} of {ref.where}"
+            if media.temporary:  # name the request's data, not the server's temporary file
+                names[media.path] = f"<{media.kind} data>"
             if ref.page is not None:
                 raw["page"] = ref.page
             names[f"inputs[0]['{media.kind}']"] = ref.where

@@ -93,7 +93,7 @@ def create_app(model: Any, settings: ServerSettings) -> FastAPI:
     """The FastAPI app serving a loaded `SentenceTransformer` Conan model (`model[0]` is `ConanEmbedder`)."""
     processor = model[0].processor
     prompts = dict(getattr(model, "prompts", {}) or {})
-    embedding_dim = model.get_sentence_embedding_dimension()
+    embedding_dim = model.get_embedding_dimension()
     metrics = Metrics()
     batcher = DynamicBatcher(
         sentence_transformer_encoder(model), settings.max_batch_size, settings.max_wait_ms / 1000.0,
