@@ -6,7 +6,11 @@ Every vector the server returns is compared with `SentenceTransformer.encode` on
 from __future__ import annotations
 
 import base64
+import json
 import re
+import shlex
+import shutil
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -332,3 +336,34 @@ def _batch_histogram(http) -> dict[str, float]:
         assert match, f"{name} missing from /metrics:\n{text[:2000]}"
         values[key] = float(match.group(1))
     return values
+
+
+# ---------------------------------------------------------------------------------------------------- README
+def test_readme_serving_commands(server, monkeypatch):
+    """The README's Serving section as a newcomer pastes it: flags parse, curl lines and the Python block work."""
+    from serving.server import build_parser
+    from tests.test_readme import readme_section
+
+    section = readme_section("Serving")[0]
+    bash = "\n".join(re.findall(r"```bash\n(.*?)```", section, re.S))
+    start = [line for line in bash.splitlines() if "-m serving.server" in line]
+    assert start, "the Serving section shows no server command"
+    for line in start:
+        words = shlex.split(line.split("&")[0].split("#")[0])
+        build_parser().parse_args(words[words.index("serving.server") + 1 :])
+    curls = [line for line in bash.splitlines() if line.startswith("curl ")]
+    assert len(curls) >= 3
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed (apt-get install curl) to run the README's curl lines")
+    env = {"PATH": "/usr/bin:/bin", "CONAN_API_KEY": API_KEY}
+    for line in curls:
+        result = subprocess.run(["bash", "-c", line.replace("http://127.0.0.1:8000", server)], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        reply = json.loads(result.stdout)
+        assert reply.get("status") == "ok" or len(reply["data"]) >= 1, reply
+    monkeypatch.setenv("CONAN_API_KEY", API_KEY)
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert blocks, "the Serving section shows no Python client example"
+    for block in blocks:
+        exec(compile(block.replace("http://127.0.0.1:8000", server), "README.md#Serving", "exec"), {})
