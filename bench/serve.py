@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import base64
 import io
+import os
 import platform
 import re
 import shlex
@@ -114,13 +115,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--requests", type=int, default=128, help="requests per concurrency level")
     parser.add_argument("--workload", choices=["text", "mixed"], default="text")
-    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the server")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP_NUM_THREADS for the server (default: inherited from this process)")
     args = parser.parse_args(argv)
     print("$ python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]))
     import torch
 
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"workload {args.workload}, {args.requests} requests per level, server threads {args.threads or 'default'}")
+          f"workload {args.workload}, {args.requests} requests per level, server OMP_NUM_THREADS "
+          f"{args.threads or os.environ.get('OMP_NUM_THREADS', 'unset')}")
     bodies = workload(args.workload, args.requests, np.random.default_rng(0))
     rows = []
     with tempfile.TemporaryDirectory(prefix="conan-bench-serve-") as scratch:
