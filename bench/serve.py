@@ -7,7 +7,9 @@ For each model (default: the tiny test repo, built in a temporary folder, plus t
 --max-wait-ms 5`; `batch1`: `--max-batch-size 1`) it starts `python -m serving.server` on a free loopback port and,
 at each concurrency level, sends `--requests` POST /v1/embeddings requests (one input each) from that many concurrent
 clients (httpx, asyncio). Reported: requests/s (requests / wall time), p50/p95 latency in ms, and the mean model batch
-size (from the server's /metrics batch-size histogram). The client runs on the same machine as the server.
+size (from the server's /metrics batch-size histogram). `/health req/s` is the same client hammering GET /health at
+that concurrency on the dynamic server: the HTTP stack + client ceiling with no model work. The client runs on the
+same machine as the server.
 """
 
 from __future__ import annotations
@@ -66,8 +68,9 @@ def batch_stats(metrics: str) -> tuple[float, float]:
     return float(count.group(1)), float(total.group(1))
 
 
-async def load(base: str, bodies: list[dict], concurrency: int) -> tuple[float, list[float]]:
-    """Sends all `bodies` with `concurrency` requests in flight; returns (wall seconds, per-request latencies)."""
+async def load(base: str, bodies: list[dict | None], concurrency: int) -> tuple[float, list[float]]:
+    """Sends all `bodies` (POST /v1/embeddings; None = GET /health) with `concurrency` requests in flight;
+    returns (wall seconds, per-request latencies in seconds)."""
     import httpx
 
     queue: asyncio.Queue = asyncio.Queue()
@@ -81,7 +84,10 @@ async def load(base: str, bodies: list[dict], concurrency: int) -> tuple[float, 
             while not queue.empty():
                 body = queue.get_nowait()
                 start = time.perf_counter()
-                response = await client.post("/v1/embeddings", json=body)
+                if body is None:
+                    response = await client.get("/health")
+                else:
+                    response = await client.post("/v1/embeddings", json=body)
                 latencies.append(time.perf_counter() - start)
                 if response.status_code != 200:
                     raise RuntimeError(f"HTTP {response.status_code}: {response.text[:500]}")
@@ -104,7 +110,11 @@ def bench_model(name: str, model: Path, args: argparse.Namespace, bodies: list[d
                 after = batch_stats(httpx.get(f"{base}/metrics").text)
                 batches, inputs = after[0] - before[0], after[1] - before[1]
                 p50, p95 = np.percentile(np.array(latencies) * 1000, [50, 95])
-                rows.append((name, mode, concurrency, len(bodies) / wall, p50, p95, inputs / max(batches, 1)))
+                floor = 0.0
+                if mode == "dynamic":  # the HTTP stack + client ceiling: GET /health, no model work
+                    health_wall, _ = asyncio.run(load(base, [None] * len(bodies), concurrency))
+                    floor = len(bodies) / health_wall
+                rows.append((name, mode, concurrency, len(bodies) / wall, p50, p95, inputs / max(batches, 1), floor))
                 print(f"  {name} {mode} c={concurrency}: {len(bodies) / wall:.1f} req/s", file=sys.stderr, flush=True)
     return rows
 
@@ -138,10 +148,11 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"# {MAIN_MODEL} is absent: only the tiny model is measured", file=sys.stderr)
         for name, path in models:
             rows += bench_model(name, path, args, bodies)
-    print(f"{'model':>16} {'mode':>8} {'conc':>5} | {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'mean batch':>10}")
-    for name, mode, concurrency, rps, p50, p95, mean_batch in rows:
-        print(f"{name:>16} {mode:>8} {concurrency:>5} | {rps:>8.1f} {p50:>8.1f} {p95:>8.1f} {mean_batch:>10.2f}")
-
+    print(f"{'model':>16} {'mode':>8} {'conc':>5} | {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'mean batch':>10} | "
+          f"{'/health req/s':>13}")
+    for name, mode, concurrency, rps, p50, p95, mean_batch, floor in rows:
+        floor_text = f"{floor:>13.1f}" if floor else ""
+        print(f"{name:>16} {mode:>8} {concurrency:>5} | {rps:>8.1f} {p50:>8.1f} {p95:>8.1f} {mean_batch:>10.2f} | {floor_text}")
 
 if __name__ == "__main__":
     main()

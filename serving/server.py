@@ -177,7 +177,10 @@ def create_app(model: Any, settings: ServerSettings) -> FastAPI:
 
         futures: list = []
         try:
-            items = await asyncio.wait_for(run_in_threadpool(decode_all), deadline - time.perf_counter())
+            if any(spec.media for spec in parsed.items):  # media decoding runs off the event loop
+                items = await asyncio.wait_for(run_in_threadpool(decode_all), deadline - time.perf_counter())
+            else:
+                items = decode_all()
             try:
                 futures = batcher.submit(items, parsed.prompt)
             except QueueFullError as error:

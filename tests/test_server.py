@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import write_fading_mp4
+
 for _module in ("fastapi", "uvicorn", "openai", "httpx", "prometheus_client"):
     pytest.importorskip(_module, reason=f"the server tests need `{_module}` (pip install -r requirements-serving.txt)")
 
@@ -35,7 +37,6 @@ RNG = np.random.default_rng(7)
 @pytest.fixture(scope="module")
 def media(tmp_path_factory) -> dict[str, Path]:
     """Small media files of every kind the processor reads, in the folder the server may read from."""
-    import av
     import soundfile
 
     folder = tmp_path_factory.mktemp("media")
@@ -47,13 +48,7 @@ def media(tmp_path_factory) -> dict[str, Path]:
     image.save(files["pdf"], save_all=True, append_images=[image.rotate(90, expand=True)])
     soundfile.write(files["wav"], (RNG.standard_normal(8000 * 2) * 0.1).astype(np.float32), 8000)
     soundfile.write(files["nan_wav"], np.full(1600, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
-    with av.open(str(files["mp4"]), "w") as container:
-        stream = container.add_stream("mpeg4", rate=4)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for i in range(6):
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 40, dtype=np.uint8), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
+    write_fading_mp4(files["mp4"], n_frames=6, step=40)
     return files
 
 
@@ -351,6 +346,11 @@ def test_readme_serving_commands(server, monkeypatch):
     for line in start:
         words = shlex.split(line.split("&")[0].split("#")[0])
         build_parser().parse_args(words[words.index("serving.server") + 1 :])
+    monkeypatch.setenv("CONAN_API_KEY", API_KEY)
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert blocks, "the Serving section shows no Python client example"
+    for block in blocks:
+        exec(compile(block.replace("http://127.0.0.1:8000", server), "README.md#Serving", "exec"), {})
     curls = [line for line in bash.splitlines() if line.startswith("curl ")]
     assert len(curls) >= 3
     if shutil.which("curl") is None:
@@ -362,8 +362,3 @@ def test_readme_serving_commands(server, monkeypatch):
         assert result.returncode == 0, result.stderr
         reply = json.loads(result.stdout)
         assert reply.get("status") == "ok" or len(reply["data"]) >= 1, reply
-    monkeypatch.setenv("CONAN_API_KEY", API_KEY)
-    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert blocks, "the Serving section shows no Python client example"
-    for block in blocks:
-        exec(compile(block.replace("http://127.0.0.1:8000", server), "README.md#Serving", "exec"), {})
