@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -236,6 +237,15 @@ def load_model(path: str, device: str, dtype: str):
     return SentenceTransformer(path, trust_remote_code=True, device=device, model_kwargs=model_kwargs)
 
 
+def limit_image_pixels(max_pixels: int) -> None:
+    """Make PIL refuse images over `max_pixels` (process-wide: PIL's own decompression-bomb check, raised to an
+    error from its first threshold); the processor reports the refusal as a bad input."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a Conan repo folder (or Hub id) loadable by SentenceTransformer")
@@ -251,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=64 * 2**20, help="largest request body (413 beyond)")
     p.add_argument("--max-media-bytes", type=int, default=20 * 2**20, help="largest media item (413 beyond)")
     p.add_argument("--max-items", type=int, default=256, help="most inputs per request (413 beyond)")
+    p.add_argument("--max-image-pixels", type=int, default=64 * 2**20,
+                   help="largest decoded image (width x height) before resizing; larger images are refused (400), "
+                        "which guards against decompression bombs")
     p.add_argument("--allowed-media-dir", action="append", default=[],
                    help="a folder whose files requests may name by path (repeatable); default: no local file reads")
     p.add_argument("--allow-url-fetch", action="store_true", help="fetch http(s) media URLs (off by default)")
@@ -278,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         api_key=args.api_key,
         media=MediaPolicy(tuple(args.allowed_media_dir), args.allow_url_fetch, args.max_media_bytes),
     )
+    limit_image_pixels(args.max_image_pixels)
     model = load_model(args.model, args.device, args.dtype)
     model.encode(["warm-up"], show_progress_bar=False)
     app = create_app(model, settings)

@@ -41,9 +41,10 @@ def media(tmp_path_factory) -> dict[str, Path]:
 
     folder = tmp_path_factory.mktemp("media")
     image = Image.fromarray(RNG.integers(0, 255, (40, 60, 3), dtype=np.uint8))
-    files = {"png": folder / "photo.png", "wav": folder / "speech.wav", "mp4": folder / "clip.mp4",
-             "pdf": folder / "manual.pdf", "page": folder / "page.png", "nan_wav": folder / "nan.wav"}
+    files = {"png": folder / "photo.png", "big_png": folder / "big.png", "wav": folder / "speech.wav",
+             "mp4": folder / "clip.mp4", "pdf": folder / "manual.pdf", "page": folder / "page.png", "nan_wav": folder / "nan.wav"}
     image.save(files["png"])
+    Image.new("RGB", (200, 200)).save(files["big_png"])  # 40000 pixels > the server's --max-image-pixels 10000
     Image.fromarray(RNG.integers(0, 255, (80, 60, 3), dtype=np.uint8)).save(files["page"])
     image.save(files["pdf"], save_all=True, append_images=[image.rotate(90, expand=True)])
     soundfile.write(files["wav"], (RNG.standard_normal(8000 * 2) * 0.1).astype(np.float32), 8000)
@@ -63,7 +64,7 @@ def server(tiny_repo, media, tmp_path_factory):
 
     args = ["--served-model-name", MODEL_NAME, "--api-key", API_KEY, "--allowed-media-dir", str(media["png"].parent),
             "--max-batch-size", "16", "--max-wait-ms", "50", "--max-body-bytes", str(8 * 2**20),
-            "--max-media-bytes", str(2 * 2**20), "--log-level", "warning"]
+            "--max-media-bytes", str(2 * 2**20), "--max-image-pixels", "10000", "--log-level", "warning"]
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     try:
         with running_server(tiny_repo, args, log_path=log_path, threads=1) as base:
@@ -245,6 +246,7 @@ def _bad_cases(media: dict[str, Path]) -> list[tuple[dict, int, str]]:
         ({"input": [f"data:application/pdf;base64,{junk}"]}, 400, "input[0]"),
         ({"input": [data_uri(media["nan_wav"], "audio/wav")]}, 400, "input[0]"),
         ({"input": ["data:image/png;base64,@@@not-base64@@@"]}, 400, "input[0]"),
+        ({"input": ["ok", data_uri(media["big_png"], "image/png")]}, 400, "input[1]"),
         ({"input": ["data:image/png;base64,"]}, 400, "input[0]"),
         ({"input": [f"data:text/plain;base64,{junk}"]}, 400, "input[0]"),
         ({"input": [data_uri(media["png"], "image/png")], "modality": "audio"}, 400, "input[0]"),
