@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{'/health req/s':>13}")
     for name, mode, concurrency, rps, p50, p95, mean_batch, floor in rows:
         floor_text = f"{floor:>13.1f}" if floor else ""
-        print(f"{name:>16} {mode:>8} {concurrency:>5} | {rps:>8.1f} {p50:>8.1f} {p95:>8.1f} {mean_batch:>10.2f} | {floor_text}")
+        print(f"{name:>16} {mode:>8} {concurrency:>5} | {rps:>8.1f} {p50:>8.1f} {p95:>8.1f} {mean_batch:>10.2f} | "
+              f"{floor_text}")
 
 if __name__ == "__main__":
     main()

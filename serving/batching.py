@@ -61,7 +61,8 @@ class DynamicBatcher:
     ):
         if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError(
-                f"max_batch_size={max_batch_size} and max_queue={max_queue} must be >= 1 and max_wait_s={max_wait_s} >= 0."
+                f"max_batch_size={max_batch_size} and max_queue={max_queue} must be >= 1 and "
+                f"max_wait_s={max_wait_s} >= 0."
             )
         self.encode = encode
         self.max_batch_size = max_batch_size

@@ -24,7 +24,8 @@ MEDIA_KINDS = ("image", "audio", "video", "document")
 _SUFFIXES = {
     "audio/wav": ".wav", "audio/x-wav": ".wav", "audio/wave": ".wav", "audio/mpeg": ".mp3", "audio/mp3": ".mp3",
     "audio/flac": ".flac", "audio/x-flac": ".flac", "audio/ogg": ".ogg", "audio/webm": ".webm", "audio/mp4": ".m4a",
-    "video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime": ".mov", "image/gif": ".gif", "application/pdf": ".pdf",
+    "video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime": ".mov", "image/gif": ".gif",
+    "application/pdf": ".pdf",
 }
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?),(?P<payload>.*)$", re.S)
 
@@ -56,8 +57,8 @@ def suffix_for(mime: str | None, fallback: str = "") -> str:
 def decode_base64(payload: str, where: str, max_bytes: int) -> bytes:
     """Standard or URL-safe base64 -> bytes, refusing payloads over `max_bytes` before decoding them."""
     if len(payload) * 3 // 4 > max_bytes + 3:
-        raise RequestError(413, f"{where} holds about {len(payload) * 3 // 4} bytes of media; the limit is {max_bytes}.",
-                           where, "media_too_large")
+        raise RequestError(413, f"{where} holds about {len(payload) * 3 // 4} bytes of media; the limit is "
+                                f"{max_bytes}.", where, "media_too_large")
     try:
         cleaned = re.sub(r"\s+", "", payload)
         altchars = b"-_" if ("-" in cleaned or "_" in cleaned) else None
@@ -121,7 +122,8 @@ class MediaPolicy:
         if scheme == "file":
             source = unquote(urlparse(source).path)
         elif scheme and len(scheme) > 1:  # "c:" is a Windows drive, not a scheme
-            raise RequestError(400, f"{where} has the unsupported scheme {scheme!r}; expected data:, http(s):, file: or a path.", where)
+            raise RequestError(400, f"{where} has the unsupported scheme {scheme!r}; expected data:, http(s):, file: "
+                                    "or a path.", where)
         yield MediaFile(self._local_path(source, where), self._kind(kind, mimetypes.guess_type(source)[0], where))
 
     # ------------------------------------------------------------------------------------------------ helpers
@@ -186,7 +188,9 @@ class MediaPolicy:
         return resolved
 
     @contextlib.contextmanager
-    def _temporary(self, data: bytes, kind: str, mime: str | None, where: str, suffix_hint: str = "") -> Iterator[MediaFile]:
+    def _temporary(
+        self, data: bytes, kind: str, mime: str | None, where: str, suffix_hint: str = ""
+    ) -> Iterator[MediaFile]:
         if not data:
             raise RequestError(400, f"{where} holds 0 bytes of media.", where)
         if len(data) > self.max_media_bytes:

@@ -230,9 +230,11 @@ def _content_part(part: Any, where: str) -> ItemSpec:
         ref = part.get(kind)
         url = ref.get("url") if isinstance(ref, dict) else ref
         if not isinstance(url, str) or not url:
-            raise _fail(where, f"expected {{'type': '{kind}', '{kind}': {{'url': ...}}}} with a data: URI, URL or path.")
+            raise _fail(where, f"expected {{'type': '{kind}', '{kind}': {{'url': ...}}}} with a data: URI, URL or "
+                               "path.")
         page = ref.get("page") if isinstance(ref, dict) else None
-        if page is not None and (kind != "document_url" or isinstance(page, bool) or not isinstance(page, int) or page < 0):
+        bad_page = kind != "document_url" or isinstance(page, bool) or not isinstance(page, int) or page < 0
+        if page is not None and bad_page:
             raise _fail(f"{where}.page", f"{page!r}: `page` is a 0-based int of a document_url part.")
         return ItemSpec(where, media=[MediaRef(url, URL_PARTS[kind], where, page)])
     if kind == "input_audio":
@@ -243,7 +245,8 @@ def _content_part(part: Any, where: str) -> ItemSpec:
         if not isinstance(fmt, str) or not fmt.isalnum():
             raise _fail(f"{where}.input_audio.format", f"{fmt!r} is not an audio format name such as 'wav' or 'mp3'.")
         return ItemSpec(where, media=[MediaRef(f"data:audio/{fmt.lower()};base64,{audio['data']}", "audio", where)])
-    raise _fail(where, f"has type {kind!r}; expected one of ['text', 'input_audio', {', '.join(map(repr, URL_PARTS))}].")
+    expected = ", ".join(map(repr, ["text", "input_audio", *URL_PARTS]))
+    raise _fail(where, f"has type {kind!r}; expected one of [{expected}].")
 
 
 # ---------------------------------------------------------------------------------------------------- decoding
@@ -277,7 +280,8 @@ def materialize(spec: ItemSpec, policy: MediaPolicy, processor: Any) -> dict[str
             for old, new in sorted(names.items(), key=lambda kv: -len(kv[0])):
                 message = message.replace(repr(old), new).replace(old, new)
             message = message.replace("inputs[0]", spec.where)
-            raise RequestError(400, message if spec.where in message else f"{spec.where}: {message}", spec.where) from error
+            message = message if spec.where in message else f"{spec.where}: {message}"
+            raise RequestError(400, message, spec.where) from error
     item: dict[str, Any] = {}
     if parsed.text is not None:
         item["text"] = parsed.text

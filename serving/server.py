@@ -68,7 +68,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.batch_size = Histogram("conan_batch_size", "Inputs per model batch (dynamic batching).",
                                     buckets=BATCH_BUCKETS, registry=self.registry)
-        self.latency = Histogram("conan_request_latency_seconds", "POST /v1/embeddings latency.", registry=self.registry)
+        self.latency = Histogram("conan_request_latency_seconds", "POST /v1/embeddings latency.",
+                                 registry=self.registry)
         self.requests = Counter("conan_requests", "POST /v1/embeddings requests by HTTP status.", ["status"],
                                 registry=self.registry)
         self.embeddings = Counter("conan_embeddings", "Embeddings returned.", registry=self.registry)
@@ -76,8 +77,8 @@ class Metrics:
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-            503: "server_overloaded", 504: "timeout"}.get(status, "invalid_request_error" if status < 500 else "server_error")
+    kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 503: "server_overloaded",
+            504: "timeout"}.get(status, "invalid_request_error" if status < 500 else "server_error")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
@@ -283,7 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError:
         loopback = args.host == "localhost"
     if not loopback and not args.api_key:
-        logger.warning("listening on %s without an API key: anyone who can reach the port can use the model.", args.host)
+        logger.warning("listening on %s without an API key: anyone who can reach the port can use the model.",
+                       args.host)
     settings = ServerSettings(
         served_model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,

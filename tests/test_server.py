@@ -42,7 +42,8 @@ def media(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("media")
     image = Image.fromarray(RNG.integers(0, 255, (40, 60, 3), dtype=np.uint8))
     files = {"png": folder / "photo.png", "big_png": folder / "big.png", "wav": folder / "speech.wav",
-             "mp4": folder / "clip.mp4", "pdf": folder / "manual.pdf", "page": folder / "page.png", "nan_wav": folder / "nan.wav"}
+             "mp4": folder / "clip.mp4", "pdf": folder / "manual.pdf", "page": folder / "page.png",
+             "nan_wav": folder / "nan.wav"}
     image.save(files["png"])
     Image.new("RGB", (200, 200)).save(files["big_png"])  # 40000 pixels > the server's --max-image-pixels 10000
     Image.fromarray(RNG.integers(0, 255, (80, 60, 3), dtype=np.uint8)).save(files["page"])
@@ -202,7 +203,8 @@ def test_models_and_health(client, http):
     "body, code",
     [
         ({"input": ["http://127.0.0.1:9/cat.png"], "modality": "image"}, "url_fetch_disabled"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]},
+        ({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]},
          "url_fetch_disabled"),
         ({"input": [str(REPO_ROOT / "README.md")], "modality": "document"}, "path_not_allowed"),
         ({"input": ["file:///etc/hostname"], "modality": "image"}, "path_not_allowed"),
@@ -227,7 +229,8 @@ def test_api_key_enforced(server):
     wrong = httpx.post(f"{server}/v1/embeddings", json={"input": "x"}, headers={"Authorization": "Bearer nope"})
     assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{server}/v1", api_key="nope", max_retries=0).embeddings.create(model=MODEL_NAME, input="x")
+        wrong_client = openai.OpenAI(base_url=f"{server}/v1", api_key="nope", max_retries=0)
+        wrong_client.embeddings.create(model=MODEL_NAME, input="x")
     assert httpx.get(f"{server}/health").status_code == 200  # health and metrics need no key
 
 
