@@ -43,3 +43,18 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (real data lives in ../shared next to the repo)")
     return path
+
+
+def write_fading_mp4(path: Path, n_frames: int = 8, step: int = 30) -> Path:
+    """A small MPEG-4 clip (64x48, 4 fps) whose grey level rises by `step` per frame (PyAV)."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(n_frames):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * step, dtype=np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path

@@ -7,8 +7,16 @@ import re
 from tests.conftest import REPO_ROOT
 
 
-def test_readme_python_blocks_run(tiny_repo):
+def readme_section(title: str) -> tuple[str, str]:
+    """(the README's `## title` section, the README without it)."""
     text = (REPO_ROOT / "README.md").read_text()
+    match = re.search(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", text, re.S | re.M)
+    assert match, f"README.md has no '## {title}' section"
+    return match.group(0), text[: match.start()] + text[match.end() :]
+
+
+def test_readme_python_blocks_run(tiny_repo):
+    text = readme_section("Serving")[1]  # the Serving blocks need a live server: tests/test_server.py runs them
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     assert len(blocks) >= 2
     for block in blocks:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import shared_path
+from tests.conftest import shared_path, write_fading_mp4
 
 RNG = np.random.default_rng(0)
 IMAGE = Image.fromarray(RNG.integers(0, 255, (40, 60, 3), dtype=np.uint8))
@@ -186,7 +186,6 @@ def test_video_patches_match_image_processor(tiny_model_and_processor):
 
 
 def test_media_files(tmp_path, tiny_st):
-    import av
     import soundfile
 
     wav, flac, ogg = tmp_path / "a.wav", tmp_path / "a.flac", tmp_path / "a.ogg"
@@ -196,14 +195,7 @@ def test_media_files(tmp_path, tiny_st):
     IMAGE.save(image_path)
     pdf_path = tmp_path / "doc.pdf"
     IMAGE.save(pdf_path, save_all=True, append_images=[IMAGE.rotate(90, expand=True)])
-    video_path = tmp_path / "clip.mp4"
-    with av.open(str(video_path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=4)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for i in range(8):
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 30, dtype=np.uint8), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
+    video_path = write_fading_mp4(tmp_path / "clip.mp4")
     inputs = [str(wav), str(flac), str(ogg), str(image_path), str(pdf_path), str(video_path),
               {"document": str(pdf_path), "page": 1}, {"video": str(video_path), "text": "a fading clip"}]
     vectors = tiny_st.encode(inputs)

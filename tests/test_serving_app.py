@@ -1,0 +1,93 @@
+"""The server app in-process (httpx ASGI transport) for what needs a slow model or a local web server: the
+per-request timeout (504), the bounded queue (503) and `--allow-url-fetch` against a loopback HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import http.server
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+for _module in ("fastapi", "httpx", "prometheus_client"):
+    pytest.importorskip(_module, reason=f"the server tests need `{_module}` (pip install -r requirements-serving.txt)")
+
+import httpx  # noqa: E402
+
+from serving.media import MediaPolicy  # noqa: E402
+from serving.server import ServerSettings, create_app  # noqa: E402
+
+
+class SlowModel:
+    """The tiny SentenceTransformer with `delay_s` added to every encode call."""
+
+    def __init__(self, model, delay_s: float):
+        self.model, self.delay_s, self.prompts = model, delay_s, model.prompts
+
+    def __getitem__(self, index):
+        return self.model[index]
+
+    def get_embedding_dimension(self) -> int:
+        return self.model.get_embedding_dimension()
+
+    def encode(self, *args, **kwargs):
+        time.sleep(self.delay_s)
+        return self.model.encode(*args, **kwargs)
+
+
+async def _post_all(app, bodies: list[dict]) -> list[httpx.Response]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+        return await asyncio.gather(*(client.post("/v1/embeddings", json=body) for body in bodies))
+
+
+def test_request_timeout_is_504_and_the_server_recovers(tiny_st):
+    model, settings = SlowModel(tiny_st, 1.0), ServerSettings("tiny", request_timeout_s=0.3)
+    app = create_app(model, settings)
+    try:
+        (slow,) = asyncio.run(_post_all(app, [{"input": ["too slow"]}]))
+        assert slow.status_code == 504 and slow.json()["error"]["code"] == "timeout"
+        model.delay_s, settings.request_timeout_s = 0.0, 60.0
+        (ok,) = asyncio.run(_post_all(app, [{"input": ["fine"]}]))
+        assert ok.status_code == 200, ok.text
+        np.testing.assert_allclose(ok.json()["data"][0]["embedding"], tiny_st.encode(["fine"])[0], atol=1e-5, rtol=0)
+    finally:
+        app.state.batcher.close()
+
+
+def test_full_queue_is_503(tiny_st):
+    app = create_app(SlowModel(tiny_st, 0.5), ServerSettings("tiny", max_batch_size=1, max_wait_ms=0, max_queue=2))
+    try:
+        responses = asyncio.run(_post_all(app, [{"input": [f"text {i}"]} for i in range(6)]))
+    finally:
+        app.state.batcher.close()
+    statuses = sorted(r.status_code for r in responses)
+    assert 200 in statuses and 503 in statuses, statuses
+    refused = next(r for r in responses if r.status_code == 503).json()["error"]
+    assert refused["code"] == "queue_full" and "at most 2" in refused["message"]
+
+
+def test_url_fetch_when_allowed(tiny_st, tmp_path):
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (30, 50, 3), dtype=np.uint8))
+    image.save(tmp_path / "cat.png")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{web.server_address[1]}"
+    app = create_app(tiny_st, ServerSettings("tiny", media=MediaPolicy(allow_url_fetch=True, max_media_bytes=10**6)))
+    try:
+        ok, missing = asyncio.run(_post_all(app, [
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"{url}/cat.png"}}]}]},
+            {"input": [f"{url}/dog.png"], "modality": "image"},
+        ]))
+    finally:
+        app.state.batcher.close()
+        web.shutdown()
+    assert ok.status_code == 200, ok.text
+    np.testing.assert_allclose(ok.json()["data"][0]["embedding"], tiny_st.encode([image])[0], atol=1e-5, rtol=0)
+    assert missing.status_code == 400 and "input[0]" in missing.json()["error"]["message"]
+    assert "404" in missing.json()["error"]["message"]
