@@ -1,0 +1,1 @@
+"""Serving the model: the HTTP embeddings server, the corpus index and their helpers."""
