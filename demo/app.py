@@ -211,7 +211,8 @@ def build_app(search: GallerySearch, k: int = DEFAULT_K):
             with gr.Tab("Audio", id="audio"):
                 audio_query = gr.Audio(type="filepath", label="Audio query", elem_id="query-audio")
                 audio_button = gr.Button("Search", variant="primary", elem_id="search-audio")
-        results = gr.Gallery(label="Top-k results", columns=4, height="auto", elem_id="results-gallery")
+        results = gr.Gallery(label="Top-k results", columns=4, height="auto", object_fit="contain",
+                             elem_id="results-gallery")
         table = gr.Dataframe(headers=["rank", "score", "kind", "id"], label="Scores", interactive=False,
                              elem_id="results-table")
 

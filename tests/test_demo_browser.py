@@ -77,12 +77,11 @@ def app_url(tiny_repo, tmp_path_factory):
 
 
 def _table_ids(page) -> list[str]:
-    """The `id` column of the results table, in rank order."""
-    rows = page.locator("#results-table tbody tr")
-    return [rows.nth(i).locator("td").nth(3).inner_text().strip() for i in range(rows.count())]
+    """The `id` column of the results table, in rank order (gradio 6 renders cells as `data-testid="cell-ROW-COL"`)."""
+    return [text.strip() for text in page.locator('#results-table [data-testid^="cell-"][data-testid$="-3"]').all_inner_texts()]
 
 
-def _wait_for_results(page, first_id: str | None, timeout_s: float = 180) -> list[str]:
+def _wait_for_results(page, first_id: str | None, timeout_s: float = 120) -> list[str]:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         ids = [i for i in _table_ids(page) if i]
@@ -120,7 +119,7 @@ def test_demo_text_and_image_queries_in_chromium(app_url, tmp_path):
             page.locator("#search-image").click()
             ids = _wait_for_results(page, "green.png")
             assert len(ids) == 5
-            first_score = float(page.locator("#results-table tbody tr").first.locator("td").nth(1).inner_text())
+            first_score = float(page.locator('#results-table [data-testid="cell-0-1"]').inner_text())
             assert first_score == pytest.approx(1.0, abs=1e-3)  # the query image is in the gallery
             page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
             page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
