@@ -1,6 +1,6 @@
 """demo/app.py in a real browser: Debian's headless Chromium (driven by Playwright) loads the page, waits for the
-gallery to be indexed, runs a text query and an image query, checks the results and saves a screenshot to
-`test-artifacts/demo.png` (ignored by git)."""
+gallery to be indexed, runs a text, an image and an audio query, checks the results and saves screenshots to
+`test-artifacts/demo.png` (image query) and `demo-audio.png` (ignored by git)."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def _wait_for_results(page, first_id: str | None, timeout_s: float = 120) -> lis
     raise AssertionError(f"results table shows {_table_ids(page)}; expected a first row {first_id!r}")
 
 
-def test_demo_text_and_image_queries_in_chromium(app_url, tmp_path):
+def test_demo_text_image_and_audio_queries_in_chromium(app_url):
     url, gallery = app_url
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_api.sync_playwright() as playwright:
@@ -122,7 +122,12 @@ def test_demo_text_and_image_queries_in_chromium(app_url, tmp_path):
             first_score = float(page.locator('#results-table [data-testid="cell-0-1"]').inner_text())
             assert first_score == pytest.approx(1.0, abs=1e-3)  # the query image is in the gallery
             page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
-            page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+
+            page.get_by_role("tab", name="Audio").click()
+            page.locator("#query-audio input[type=file]").set_input_files(str(gallery / "tone.wav"))
+            page.locator("#search-audio").click()
+            assert _wait_for_results(page, "tone.wav")[0] == "tone.wav"
+            page.screenshot(path=str(ARTIFACTS / "demo-audio.png"), full_page=True)
         finally:
             browser.close()
     assert (ARTIFACTS / "demo.png").stat().st_size > 10_000
