@@ -124,6 +124,16 @@ def _strip_error(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k != "error"}
 
 
+def distributed_state():
+    """`accelerate.PartialState` for this process: the launcher's process group (NCCL on GPUs; gloo on a machine
+    without CUDA or with ACCELERATE_USE_CPU=true, where accelerate would otherwise ignore torchrun's ranks)."""
+    import torch
+    from accelerate import PartialState
+
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+    return PartialState(cpu=use_cpu or not torch.cuda.is_available())
+
+
 # ------------------------------------------------------------------------------------------------ build
 def _shard_done(shards_dir: Path, shard: int, planned: list[dict[str, Any]]) -> bool:
     """True when shard `shard` exists, is complete and was made from exactly these records (JSON-equal)."""
@@ -204,20 +214,19 @@ def build_index(
     `model` is a model folder or Hub id, loaded with `load_model` on this rank's device unless `encoder` is that
     model already loaded (a `SentenceTransformer`; the demo passes its own). A rerun reuses the shards only when the
     model (folder and weight files' size/mtime) and settings match `build.json`.
-    Runs on every process of an `accelerate launch` (the process group is taken from `accelerate.PartialState`):
+    Runs on every process of an `accelerate launch` / `torchrun` (the process group comes from `distributed_state`):
     all ranks encode their shards, rank 0 merges. `faiss_factory` is a `faiss.index_factory` string ("Flat" = exact
     search; "HNSW32" for a graph index; "IVF1024,Flat" needs at least 1024 vectors to train).
     Errors: ValueError for bad inputs, an existing build of another model/settings (unless `overwrite`), or an input
     that fails to encode (unless `skip_errors`, which leaves it out of the merged index and counts it in index.json).
     """
-    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
     from tqdm.auto import tqdm
 
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}.")
     _faiss()  # fail before encoding anything when FAISS is missing
-    state = PartialState()
+    state = distributed_state()
     output = Path(output)
     identity = model_identity(model)
     encoder = encoder if encoder is not None else load_model(model, device=str(state.device))
@@ -424,9 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.model, args.inputs, args.output, batch_size=args.batch_size, shard_size=args.shard_size,
             faiss_factory=args.faiss_factory, overwrite=args.overwrite, skip_errors=args.skip_errors,
         )
-        from accelerate import PartialState
-
-        if PartialState().is_main_process:
+        if distributed_state().is_main_process:
             manifest = json.loads((out / "merged" / "index.json").read_text())
             print(f"indexed {manifest['count']} records (dim {manifest['dim']}, {manifest['errors']} failed) -> {out}")
         return 0

@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.gallery import EXPECTED_IDS, make_gallery
+from demo.sample_gallery import EXPECTED_IDS, make_gallery
 
 pytest.importorskip("gradio", reason="the demo needs gradio (requirements-serving.txt)")
 pytest.importorskip("faiss", reason="the demo's index needs faiss-cpu (requirements-serving.txt)")
@@ -41,7 +41,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app_url(tiny_repo, tmp_path_factory):
-    gallery = make_gallery(tmp_path_factory.mktemp("gallery"))
+    gallery = make_gallery(tmp_path_factory.mktemp("gallery"), decoys=True)
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "GRADIO_ANALYTICS_ENABLED": "False"}

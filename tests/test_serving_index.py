@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.gallery import EXPECTED_IDS, colour_image, make_gallery
+from demo.sample_gallery import EXPECTED_IDS, colour_image, make_gallery
 
 pytest.importorskip("faiss", reason="serving.index needs faiss-cpu (requirements-serving.txt)")
 pytest.importorskip("av", reason="the test gallery's video needs PyAV")
@@ -23,7 +26,7 @@ from serving.index import CorpusIndex, build_index, encode_queries, main  # noqa
 
 @pytest.fixture(scope="module")
 def gallery(tmp_path_factory):
-    return make_gallery(tmp_path_factory.mktemp("gallery"))
+    return make_gallery(tmp_path_factory.mktemp("gallery"), decoys=True)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +68,7 @@ def test_search_exact_match_and_cli(built, tiny_st, gallery, capsys):
 
 
 def test_resume_after_crash_and_changed_files(tiny_repo, tiny_st, gallery, tmp_path, monkeypatch):
-    corpus = make_gallery(tmp_path / "g", video=False)
+    corpus = make_gallery(tmp_path / "g", video=False, decoys=True)
     out = tmp_path / "idx"
     calls = []
     real = serving_index._encode_records
@@ -150,19 +153,51 @@ def test_other_model_needs_overwrite(tiny_repo, tiny_st, gallery, tmp_path):
     assert json.loads((out / "build.json").read_text())["shard_size"] == 7
 
 
-def test_two_gloo_processes_match_one(tiny_repo, built, gallery, tmp_path):
-    """`accelerate launch --cpu --num_processes 2` writes the same shards, order and vectors as one process."""
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+def _readme_commands(section: str) -> list[list[str]]:
+    """The commands of the ```bash blocks in README section `section`, split like a shell would (comments dropped)."""
+    text = (REPO_ROOT / "README.md").read_text()
+    body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", body, re.S)
+    return [shlex.split(line, comments=True) for block in blocks for line in block.replace("\\\n", " ").splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _localise(argv: list[str], tiny_repo, runs) -> list[str]:
+    """A README command with .venv/bin/* -> this interpreter, runs/tiny -> the tiny repo, runs/* -> a temp folder."""
+    head = {".venv/bin/python": [sys.executable],
+            ".venv/bin/accelerate": [sys.executable, "-m", "accelerate.commands.accelerate_cli"]}[argv[0]]
+    tail = [str(tiny_repo) if a == "runs/tiny" else str(runs / a[5:]) if a.startswith("runs/") else a for a in argv[1:]]
+    return head + tail
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "CUDA_VISIBLE_DEVICES": ""}  # CPU + gloo even on a GPU machine: compared with the CPU-built index
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    out = tmp_path / "idx2"
-    result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-         "-m", "serving.index", "build", "--model", str(tiny_repo), "--inputs", str(gallery), "--output", str(out),
-         "--batch-size", "3", "--shard-size", "3"],
-        env=env, cwd=REPO_ROOT, timeout=600, capture_output=True, text=True,
-    )
+    return env
+
+
+def test_readme_index_commands(tiny_repo, tmp_path):
+    """The README's index block, as pasted (model build skipped: the tiny repo stands in for runs/tiny)."""
+    commands = [c for c in _readme_commands("Corpus index") if c[0] == ".venv/bin/python" and "--tiny" not in c]
+    assert [c[2] for c in commands] == ["demo.sample_gallery", "serving.index", "serving.index", "serving.index"]
+    outputs = [subprocess.run(_localise(c, tiny_repo, tmp_path), env=_env(), cwd=REPO_ROOT, timeout=600,
+                              capture_output=True, text=True, check=True).stdout for c in commands]
+    assert "indexed 8 records" in outputs[1]
+    assert "query: a red square" in outputs[2] and len(outputs[2].splitlines()) == 1 + 5
+    assert outputs[3].splitlines()[1].split()[-1] == "red.png"  # the gallery image itself comes first
+
+
+def test_two_gloo_processes_match_one(tiny_repo, built, gallery, tmp_path):
+    """The README's `accelerate launch --multi_gpu --num_processes 2` line on CPU (2 gloo processes) gives the
+    1-process order and vectors."""
+    (line,) = [c for c in _readme_commands("Corpus index") if c[:3] == [".venv/bin/accelerate", "launch", "--multi_gpu"]]
+    argv = _localise(line, tiny_repo, tmp_path)
+    argv[argv.index("--inputs") + 1] = str(gallery)
+    argv[argv.index("launch") + 1 : argv.index("launch") + 1] = ["--main_process_port", "0"]  # a free port in CI
+    out = Path(argv[argv.index("--output") + 1])
+    result = subprocess.run(argv, env=_env(), cwd=REPO_ROOT, timeout=600, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "indexed 8 records" in result.stdout
     assert "embedding (rank 0)" in result.stderr and "embedding (rank 1)" in result.stderr  # really 2 processes

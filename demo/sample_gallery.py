@@ -1,8 +1,13 @@
-"""A small mixed-media gallery made at test time (serving.index and demo tests): distinct images, audio, a video,
-a two-page PDF and a text note."""
+"""A small mixed-media sample gallery: three coloured images, a tone, a short video, a two-page PDF and a text note.
+
+    python -m demo.sample_gallery --out runs/gallery
+
+The README's index and demo commands use it; the tests build it in a temporary folder.
+"""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +24,10 @@ def colour_image(name: str, size: tuple[int, int] = (96, 72)) -> Image.Image:
     return image
 
 
-def make_gallery(folder: Path, video: bool = True) -> Path:
+def make_gallery(folder: Path, video: bool = True, decoys: bool = False) -> Path:
     """Write the gallery into `folder` (created); returns it. Files: 3 PNGs (one in a subfolder), tone.wav,
-    clip.mp4 (if `video`), pages.pdf (2 pages), note.txt, and an ignored README.json and hidden file."""
+    clip.mp4 (if `video`; needs PyAV), pages.pdf (2 pages), note.txt; with `decoys` also a README.json and a hidden
+    .hidden.png that an index must skip."""
     import soundfile
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -34,8 +40,9 @@ def make_gallery(folder: Path, video: bool = True) -> Path:
     page = colour_image("blue", (120, 160))
     page.save(folder / "pages.pdf", save_all=True, append_images=[colour_image("green", (120, 160))])
     (folder / "note.txt").write_text("A short note about red squares and green circles.\n")
-    (folder / "README.json").write_text("{}")  # not an embeddable type: skipped
-    (folder / ".hidden.png").write_bytes(b"")  # hidden: skipped
+    if decoys:
+        (folder / "README.json").write_text("{}")  # not an embeddable type: skipped
+        (folder / ".hidden.png").write_bytes(b"")  # hidden: skipped
     if video:
         import av
 
@@ -51,3 +58,14 @@ def make_gallery(folder: Path, video: bool = True) -> Path:
 
 EXPECTED_IDS = ["clip.mp4", "green.png", "note.txt", "pages.pdf#page=0", "pages.pdf#page=1", "red.png",
                 "sub/blue.png", "tone.wav"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m demo.sample_gallery", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="folder to write the gallery into (created)")
+    out = make_gallery(Path(parser.parse_args(argv).out))
+    print(f"wrote {len(EXPECTED_IDS) - 1} files ({len(EXPECTED_IDS)} index records) to {out}")
+
+
+if __name__ == "__main__":
+    main()
