@@ -178,7 +178,10 @@ def _encode_records(model, records: list[dict[str, Any]], skip_errors: bool) -> 
 def _prepare_build(
     inputs: str | os.PathLike, output: Path, identity: dict[str, Any], settings: dict[str, Any], overwrite: bool
 ) -> list[dict[str, Any]]:
-    """Rank 0: check or write build.json, list the records."""
+    """Rank 0: list the records, then check (or write) build.json."""
+    records = corpus_records(inputs)
+    if not records:
+        raise ValueError(f"--inputs {str(inputs)!r} holds nothing to embed (no image/audio/video/PDF/text files or rows).")
     build_json = output / "build.json"
     wanted = {"format_version": FORMAT_VERSION, **identity, **settings}
     if build_json.is_file():
@@ -192,9 +195,6 @@ def _prepare_build(
                 )
             for stale in (output / "shards").glob("*"):
                 stale.unlink()
-    records = corpus_records(inputs)
-    if not records:
-        raise ValueError(f"--inputs {str(inputs)!r} holds nothing to embed (no image/audio/video/PDF/text files or rows).")
     write_json_atomic(build_json, wanted)
     return records
 
@@ -232,7 +232,6 @@ def build_index(
     state = distributed_state()
     output = Path(output)
     identity = model_identity(model)
-    encoder = encoder if encoder is not None else load_model(model, device=str(state.device))
     settings = {"prompt_name": "document", "shard_size": shard_size, "faiss_factory": faiss_factory}
 
     payload: list[Any] = [None]
@@ -247,6 +246,7 @@ def build_index(
     if status == "error":
         raise value
     records: list[dict[str, Any]] = value
+    encoder = encoder if encoder is not None else load_model(model, device=str(state.device))
 
     shards_dir = output / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
@@ -431,15 +431,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    if args.command == "build":
-        out = build_index(
-            args.model, args.inputs, args.output, batch_size=args.batch_size, shard_size=args.shard_size,
-            faiss_factory=args.faiss_factory, overwrite=args.overwrite, skip_errors=args.skip_errors,
-        )
-        if distributed_state().is_main_process:
-            manifest = json.loads((out / "merged" / "index.json").read_text())
-            print(f"indexed {manifest['count']} records (dim {manifest['dim']}, {manifest['errors']} failed) -> {out}")
-        return 0
+    try:
+        return _build(args) if args.command == "build" else _search(args)
+    except (ValueError, FileNotFoundError) as error:  # bad input: a one-line message, not a traceback
+        print(f"python -m serving.index {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _build(args: argparse.Namespace) -> int:
+    out = build_index(
+        args.model, args.inputs, args.output, batch_size=args.batch_size, shard_size=args.shard_size,
+        faiss_factory=args.faiss_factory, overwrite=args.overwrite, skip_errors=args.skip_errors,
+    )
+    if distributed_state().is_main_process:
+        manifest = json.loads((out / "merged" / "index.json").read_text())
+        print(f"indexed {manifest['count']} records (dim {manifest['dim']}, {manifest['errors']} failed) -> {out}")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
     index = CorpusIndex.load(args.index)
     model = load_model(args.model or index.model)
     for query, hits in zip(args.query, index.search(encode_queries(model, args.query, args.prompt_name), args.k)):

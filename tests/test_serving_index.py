@@ -65,6 +65,10 @@ def test_search_exact_match_and_cli(built, tiny_st, gallery, capsys):
     assert [line["rank"] for line in lines] == [1, 2] and lines[0]["id"] == "green.png"
     main(["search", "--index", str(built), "--query", "a red square", "--k", "3"])
     assert "query: a red square" in capsys.readouterr().out
+    assert main(["search", "--index", str(built), "--query", "x", "--k", "0"]) == 2
+    assert "error: k must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["build", "--model", "m", "--inputs", str(gallery / "none"), "--output", str(built.parent / "x")]) == 2
+    assert "must be an existing folder or a .jsonl file" in capsys.readouterr().err
 
 
 def test_resume_after_crash_and_changed_files(tiny_repo, tiny_st, gallery, tmp_path, monkeypatch):
