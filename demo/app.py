@@ -161,11 +161,14 @@ class GallerySearch:
 
 
 # ------------------------------------------------------------------------------------------------ UI
-def build_app(search: GallerySearch, k: int = DEFAULT_K):
-    """The Gradio Blocks app over `search` (not launched)."""
+def build_app(search: GallerySearch, k: int = DEFAULT_K, gallery_editable: bool = True):
+    """The Gradio Blocks app over `search` (not launched). `gallery_editable=False` pins the gallery folder (for a
+    page served beyond localhost: visitors must not be able to index arbitrary folders of the server)."""
     import gradio as gr
 
     def index_now(gallery: str, progress=gr.Progress(track_tqdm=True)):
+        if not gallery_editable and str(Path(gallery).expanduser().resolve()) != search.gallery:
+            raise gr.Error("This demo serves one fixed gallery (started with --host beyond localhost).")
         try:
             search.set_gallery(gallery)
         except ValueError as error:
@@ -192,7 +195,8 @@ def build_app(search: GallerySearch, k: int = DEFAULT_K):
             "image or audio; the top-k items come back with their cosine scores."
         )
         with gr.Row():
-            gallery_box = gr.Textbox(value=search.gallery, label="Gallery folder", scale=4, elem_id="gallery-dir")
+            gallery_box = gr.Textbox(value=search.gallery, label="Gallery folder", scale=4, elem_id="gallery-dir",
+                                     interactive=gallery_editable)
             index_button = gr.Button("Re-index", scale=1, elem_id="reindex")
         status = gr.Markdown("Indexing the gallery…", elem_id="index-status")
         with gr.Row():
@@ -237,9 +241,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--k", type=int, default=DEFAULT_K, help="default top-k")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--editable-gallery", action="store_true",
+                        help="let visitors change the gallery folder even when --host is not localhost")
     args = parser.parse_args(argv)
     search = GallerySearch(args.model, args.gallery, args.cache_dir, args.batch_size)
-    build_app(search, args.k).queue().launch(server_name=args.host, server_port=args.port, show_error=True)
+    editable = args.host in ("127.0.0.1", "localhost", "::1") or args.editable_gallery
+    build_app(search, args.k, gallery_editable=editable).queue().launch(
+        server_name=args.host, server_port=args.port, show_error=True)
 
 
 if __name__ == "__main__":

@@ -302,10 +302,16 @@ def merge_shards(output: str | os.PathLike, n_shards: int, model: str, faiss_fac
     vectors = np.concatenate(blocks).astype(np.float32)
     normalised = vectors.copy()
     faiss.normalize_L2(normalised)  # the model already returns unit vectors; this guards truncated/other models
-    index = faiss.index_factory(vectors.shape[1], faiss_factory, faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        index.train(normalised)
-    index.add(normalised)
+    try:
+        index = faiss.index_factory(vectors.shape[1], faiss_factory, faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained:
+            index.train(normalised)
+        index.add(normalised)
+    except RuntimeError as error:  # faiss reports a bad factory string or too few training vectors this way
+        raise ValueError(
+            f"--faiss-factory {faiss_factory!r} could not be built on {len(records)} vectors of dim {vectors.shape[1]}: "
+            f"{str(error).strip().splitlines()[-1]}"
+        ) from error
     manifest = {
         "format_version": FORMAT_VERSION, "model": model, "dim": int(vectors.shape[1]), "count": len(records),
         "errors": errors, "faiss_factory": faiss_factory, "metric": "inner_product", "normalized": True,

@@ -146,10 +146,17 @@ def test_jsonl_corpus_and_errors(tiny_repo, tiny_st, gallery, tmp_path):
     assert [r["id"] for r in index.records] == ["ok.png"] and index.manifest["errors"] == 1
 
 
-def test_other_model_needs_overwrite(tiny_repo, tiny_st, gallery, tmp_path):
+def test_settings_need_overwrite_and_faiss_factories(tiny_repo, tiny_st, tmp_path):
     corpus = tmp_path / "c"
     corpus.mkdir()
     colour_image("red").save(corpus / "red.png")
+    colour_image("green").save(corpus / "green.png")
+    hnsw = build_index(tiny_repo, corpus, tmp_path / "hnsw", faiss_factory="HNSW8", encoder=tiny_st, show_progress=False)
+    hits = CorpusIndex.load(hnsw).search(tiny_st.encode_document([str(corpus / "red.png")]), k=2)[0]
+    assert [h.id for h in hits] == ["red.png", "green.png"] and "HNSW" in type(CorpusIndex.load(hnsw).index).__name__
+    with pytest.raises(ValueError, match="--faiss-factory 'IVF64,Flat' could not be built on 2 vectors"):
+        build_index(tiny_repo, corpus, tmp_path / "ivf", faiss_factory="IVF64,Flat", encoder=tiny_st,
+                    show_progress=False)
     out = build_index(tiny_repo, corpus, tmp_path / "idx", encoder=tiny_st, show_progress=False)
     with pytest.raises(ValueError, match="shard_size differ.*--overwrite"):
         build_index(tiny_repo, corpus, out, shard_size=7, encoder=tiny_st, show_progress=False)
