@@ -166,18 +166,21 @@ def build_app(search: GallerySearch, k: int = DEFAULT_K, gallery_editable: bool 
     page served beyond localhost: visitors must not be able to index arbitrary folders of the server)."""
     import gradio as gr
 
-    def index_now(gallery: str, progress=gr.Progress(track_tqdm=True)):
+    def use_gallery(gallery: str) -> None:
         if not gallery_editable and str(Path(gallery).expanduser().resolve()) != search.gallery:
             raise gr.Error("This demo serves one fixed gallery (started with --host beyond localhost).")
         try:
             search.set_gallery(gallery)
         except ValueError as error:
             raise gr.Error(str(error)) from error
-        return search.status()
+
+    def index_now(gallery: str, progress=gr.Progress(track_tqdm=True)):
+        use_gallery(gallery)
+        return search.status()  # builds the index on first use (tqdm -> the page's progress bar)
 
     def reindex(gallery: str, progress=gr.Progress(track_tqdm=True)):
-        index_now(gallery)
-        search.reindex()
+        use_gallery(gallery)
+        search.reindex()  # re-walks the folder: new/changed files are embedded, cached shards reused
         return search.status()
 
     def run(query: Any, top_k: int, prompt_name: str, what: str, progress=gr.Progress(track_tqdm=True)):
