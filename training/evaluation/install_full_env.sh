@@ -23,7 +23,7 @@ unset PIP_FIND_LINKS
 PIN_FILE="$VENV/.conan_full_env_pins"
 PINS="torch==2.13.0 torchvision==0.28.0 torchaudio==2.11.0 torchcodec==0.17.0 datasets==5.2.0 mteb==2.26.24 \
 transformers==5.23.0 sentence-transformers==6.2.0 accelerate==1.15.0 safetensors==0.8.0 peft==0.21.2 \
-numpy==2.4.6 scipy==1.17.1 pillow==13.0.0 soundfile==0.14.0 av==18.1.0 pypdfium2==5.15.2 tqdm==4.70.1 \
+numpy==2.4.6 scipy==1.17.1 pillow==12.3.0 soundfile==0.14.0 av==18.1.0 pypdfium2==5.15.2 tqdm==4.70.1 \
 pyyaml==6.0.3 pytest==9.2.0 scikit-learn==1.9.1 matplotlib==3.11.2 emoji==2.16.0"
 if [ -f "$PIN_FILE" ] && [ "$(cat "$PIN_FILE")" = "$PINS" ]; then
   echo "full env at $VENV already has: $PINS"

@@ -1,0 +1,1 @@
+"""Browser demos of the model (not part of the Hub package)."""
