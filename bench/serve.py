@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="conan-bench-serve-") as scratch:
         models = [(Path(m).name, Path(m)) for m in args.model]
         if not models:
-            from training.build_base import build_tiny_repo
+            from training.base.build_base import build_tiny_repo
 
             models = [("tiny", build_tiny_repo(Path(scratch) / "tiny"))]
             if MAIN_MODEL.exists():

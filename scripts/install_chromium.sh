@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Debian's headless Chromium for the demo's browser test (tests/test_demo_browser.py drives it with Playwright via
+# Debian's headless Chromium for the demo's browser test (tests/demo/test_demo_browser.py drives it with Playwright via
 # executable_path; `playwright install` would download a browser and is not used). Idempotent; root or sudo needed.
 set -euo pipefail
 SUDO=""

@@ -19,7 +19,7 @@ fi
 # Needs root or sudo for apt; without them the pipeline and tests skip those sources with a reason.
 if [ "$(id -u)" = "0" ] || command -v sudo >/dev/null 2>&1; then
   bash training/data_sources/install_sources.sh .venv/bin/python
-  bash scripts/install_chromium.sh   # the demo's browser test (tests/test_demo_browser.py)
+  bash scripts/install_chromium.sh   # the demo's browser test (tests/demo/test_demo_browser.py)
 else
   echo "setup: no root/sudo; skipping Debian data sources and chromium (see training/data_sources/install_sources.sh," \
     "scripts/install_chromium.sh); the browser test will skip" >&2

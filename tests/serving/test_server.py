@@ -26,7 +26,7 @@ for _module in ("fastapi", "uvicorn", "openai", "httpx", "prometheus_client"):
 import httpx  # noqa: E402
 import openai  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-123"
 MODEL_NAME = "tiny-conan"
 ATOL = 1e-5
