@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 from demo.sample_gallery import EXPECTED_IDS, make_gallery
+from serving.launch import free_port, stop_process
 
 pytest.importorskip("gradio", reason="the demo needs gradio (requirements-serving.txt)")
 pytest.importorskip("faiss", reason="the demo's index needs faiss-cpu (requirements-serving.txt)")
@@ -33,16 +33,10 @@ def _chromium() -> str:
     pytest.skip("Debian's chromium is not installed (scripts/setup.sh installs it as root: apt-get install chromium)")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_url(tiny_repo, tmp_path_factory):
     gallery = make_gallery(tmp_path_factory.mktemp("gallery"), decoys=True)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "GRADIO_ANALYTICS_ENABLED": "False"}
     log = tmp_path_factory.mktemp("log") / "app.log"
@@ -69,11 +63,7 @@ def app_url(tiny_repo, tmp_path_factory):
             time.sleep(0.5)
         yield url, gallery
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process)
 
 
 def _table_ids(page) -> list[str]:
