@@ -132,3 +132,84 @@ def test_baseline_is_pairwise_info_nce_and_needs_no_fused_embedding():
         OmniWeights(0, 0, 0)
     with pytest.raises(ValueError, match="unknown modalities"):
         omni_retriever_loss({"image": A}, step=0, weights=BASELINE_WEIGHTS)
+
+
+GLOBAL_BATCH = 4
+
+
+def omni_step_grads(out: str | None = None) -> dict:
+    """Loss parts and parameter gradients of three steps (one per pair / hard-negative kind) of a tiny linear encoder
+    on this rank's share of a fixed global batch; under torch.distributed the gradients are averaged over ranks the
+    way DDP does. Rank 0 saves them to `out`."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    torch.manual_seed(0)
+    encoder = torch.nn.Linear(6, 4)
+    feats = torch.randn(6, GLOBAL_BATCH, 6)  # text, video, audio, fused, augmented, hard-negative inputs
+    share = GLOBAL_BATCH // world
+    text, video, audio, fused, aug, hard = (f[rank * share:(rank + 1) * share] for f in feats)
+
+    def embed(x):
+        return F.normalize(encoder(x), dim=-1)
+
+    result = {"parts": [], "grads": []}
+    for step in range(3):
+        encoder.zero_grad()
+        with torch.no_grad():
+            hard_negatives = embed(hard)
+        loss = omni_retriever_loss({"text": embed(text), "video": embed(video), "audio": embed(audio)}, step,
+                                   embed(fused), embed(aug), hard_negatives, temperature=0.1)
+        loss.loss.backward()
+        grads = []
+        for p in encoder.parameters():
+            g = p.grad.clone()
+            if distributed:
+                dist.all_reduce(g)
+                g /= world
+            grads.append(g)
+        result["parts"].append({k: v.clone() for k, v in loss.parts.items()})
+        result["grads"].append(grads)
+    if out is not None and rank == 0:
+        torch.save(result, out)
+    return result
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    """Positives gathered across ranks (and the no-grad hard negatives with them): 2 processes on halves of the batch
+    give the 1-process loss parts and gradients, for all three steps of the cycle."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    two = tmp_path / "two.pt"
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+         "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0", __file__, str(two)],
+        check=True, env=env, timeout=300,
+    )
+    one, b = omni_step_grads(), torch.load(two)
+    for step in range(3):
+        assert one["parts"][step].keys() == b["parts"][step].keys() == {"tuple_nce", "teacher", "pair", "total"}
+        for name, value in one["parts"][step].items():
+            assert torch.allclose(b["parts"][step][name], value, atol=1e-5), (step, name)
+        for g1, g2 in zip(one["grads"][step], b["grads"][step]):
+            assert g1.abs().max() > 0
+            assert torch.allclose(g2, g1, atol=1e-6, rtol=1e-4), step
+
+
+if __name__ == "__main__":
+    import sys
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        omni_step_grads(sys.argv[1])
+    finally:
+        dist.destroy_process_group()

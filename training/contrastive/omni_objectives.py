@@ -18,7 +18,8 @@ What is ours (differences from their code, all deliberate):
   `info_nce(a, b, symmetric=True)`.
 - Cross-process: `info_nce` gathers every column without gradient; the no-grad hard negatives are gathered too (their
   code keeps hard negatives local). Each query then sees every rank's hard negatives as extra negatives; on one
-  process the two are identical.
+  process the two are identical. Tested: 2 gloo processes on halves of a batch give the 1-process loss parts
+  and (DDP-averaged) gradients.
 - Obj1 is one-directional (anchor -> augmented copy + hard negatives): the hard negatives only make sense as
   candidates for the anchor.
 - z_TVA is whatever the caller passes; the issue asks for Conan's own pooled embedding (not their all-layer
