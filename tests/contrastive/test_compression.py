@@ -87,7 +87,9 @@ def test_compression_mean_pools_real_compression_positions_only():
     mask[0, 4] = 0
     assert torch.allclose(compression_mean(hidden, SEG, mask)[0], hidden[0, 3])
     assert compression_mean(hidden.to(torch.bfloat16), SEG, MASK).dtype == torch.bfloat16
+    no_compression = SEG.clone()
+    no_compression[0] = torch.where(SEG[0] == C, Q, SEG[0])
     with pytest.raises(ValueError, match=r"rows \[0\] have no compression token"):
-        compression_mean(hidden, torch.where(SEG == C, Q, SEG) * torch.tensor([[1], [0]]) + SEG * torch.tensor([[0], [1]]), MASK)
+        compression_mean(hidden, no_compression, MASK)
     with pytest.raises(ValueError, match="must be \\(batch, length, hidden\\)"):
         compression_mean(hidden[:, :4], SEG, MASK)

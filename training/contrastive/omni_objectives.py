@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from training.contrastive.loss import info_nce
+from training.contrastive.loss import LossOutput, info_nce
 
 TEXT, VIDEO, AUDIO = "text", "video", "audio"
 MODALITIES = (TEXT, VIDEO, AUDIO)
@@ -123,13 +123,13 @@ def hard_negative_tuples(batch: Sequence[Mapping[str, Any]], step: int, seed: in
 
 
 def symmetric_info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = DEFAULT_TEMPERATURE,
-                       cross_device: bool = True):
+                       cross_device: bool = True) -> LossOutput:
     """½(CE(a·Bᵀ/τ) + CE(b·Aᵀ/τ)) over the (gathered) batch: `info_nce(a, b, symmetric=True)`. a, b: (B, H)."""
     return info_nce(a, b, temperature=temperature, symmetric=True, cross_device=cross_device)
 
 
 def tuple_info_nce(fused: torch.Tensor, augmented: torch.Tensor, hard_negatives: torch.Tensor,
-                   temperature: float = DEFAULT_TEMPERATURE, cross_device: bool = True):
+                   temperature: float = DEFAULT_TEMPERATURE, cross_device: bool = True) -> LossOutput:
     """Obj1: InfoNCE of z_TVA (B, H) against its augmented copy (B, H), plus the hard negatives (B, H) as extra columns.
 
     The hard negatives are detached here whatever the caller passed (their code embeds them under no_grad).
@@ -141,7 +141,8 @@ def tuple_info_nce(fused: torch.Tensor, augmented: torch.Tensor, hard_negatives:
 
 
 def fusion_teacher_loss(fused: torch.Tensor, z_a: torch.Tensor | None, z_b: torch.Tensor | None,
-                        temperature: float = DEFAULT_TEMPERATURE, cross_device: bool = True):
+                        temperature: float = DEFAULT_TEMPERATURE,
+                        cross_device: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Obj2: ½[symInfoNCE(sg(z_TVA), z_a) + symInfoNCE(sg(z_TVA), z_b)]; all (B, H). Returns (loss, value).
 
     The fused embedding is the stop-gradient teacher: no gradient reaches it from this term. A missing modality
