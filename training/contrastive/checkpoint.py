@@ -7,15 +7,21 @@ keys, e.g. an optimizer's `{0: ...}` state, and tuples are tagged so they come b
 written atomically (temporary sibling, one rename). `load_training_state` reverses it with `safetensors` and
 `json` only, so resuming never unpickles (unlike `torch.load(weights_only=False)`).
 
+`rng_state()` / `set_rng_state()` carry Python's, NumPy's and torch's (CPU + CUDA) generator states through this
+format. They are our own because accelerate's `save_state` pickles them (`random_states_N.pkl`) and, when that file
+cannot be loaded, only logs it and resumes with a different RNG; here a missing or bad state is an error.
+
 The stages' full checkpoints (`trainer.save_checkpoint`) are accelerate `save_state` folders, whose model weights are
-safetensors and whose optimizer / scheduler / RNG files accelerate loads with `weights_only=True`, plus this format
-for the loop's own state (step, sampler position) instead of accelerate's pickled custom objects.
+safetensors and whose optimizer / scheduler files accelerate loads with `weights_only=True` (a file with pickle code
+is refused), plus this format for the loop's own state (step, sampler position, RNG) instead of accelerate's pickled
+custom objects and RNG file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -90,3 +96,35 @@ def load_training_state(folder: str | os.PathLike) -> dict[str, Any]:
     if payload.get("format") != FORMAT:
         raise ValueError(f"{folder / JSON_FILE}: format {payload.get('format')!r}; expected {FORMAT!r}")
     return _decode(payload["state"], load_file(str(folder / TENSORS_FILE)))
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's Python / NumPy / torch CPU (+ every CUDA device's) generator states, in this format's types."""
+    import numpy as np
+
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned. Raises ValueError when `state` lacks a generator."""
+    import numpy as np
+
+    missing = sorted({"python", "numpy", "torch"} - set(state))
+    if missing:
+        raise ValueError(f"RNG state lacks {missing}; expected the dict rng_state() returns")
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

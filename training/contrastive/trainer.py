@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from training.common.config import ConfigError
-from training.contrastive.checkpoint import load_training_state, save_training_state
+from training.contrastive.checkpoint import load_training_state, rng_state, save_training_state, set_rng_state
 from training.contrastive.data import ContrastiveBatch
 from training.contrastive.gradcache import cached_step, plain_step
 from training.contrastive.loss import LossOutput, info_nce
@@ -38,6 +38,8 @@ LORA_SCOPE_PREFIXES = {"vision": "backbone.visual.", "audio_encoder": "audio_enc
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CHECKPOINT_PREFIX = "step_"
 LOOP_STATE_DIR = "loop_state"  # inside each checkpoint: step + sampler position (checkpoint.py format)
+RNG_STATE_DIR = "rng_state_{rank}"  # inside each checkpoint: each process's generators (checkpoint.py format)
+ACCELERATE_RNG_FILE = "random_states_{rank}.pkl"  # accelerate's pickled RNG file, replaced by RNG_STATE_DIR
 
 
 # ---------------------------------------------------------------------------------------------- model set-up
@@ -229,8 +231,9 @@ def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
 
 def save_checkpoint(accelerator: Any, root: str | os.PathLike, step: int, keep: int = 0,
                     loop_state: dict[str, Any] | None = None) -> Path:
-    """`save_state` + `loop_state` (JSON/safetensors, `LOOP_STATE_DIR`) into a temp folder, then one rename by the
-    main process; prune to the newest `keep`. Every file loads without unpickling (see checkpoint.py)."""
+    """`save_state` + `loop_state` (`LOOP_STATE_DIR`) + each process's RNG (`RNG_STATE_DIR`, in place of accelerate's
+    pickled `random_states_N.pkl`) into a temp folder, then one rename by the main process; prune to the newest
+    `keep`. Every file loads without unpickling (see checkpoint.py)."""
     root = Path(root)
     final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
     tmp = root / f".{final.name}.tmp"
@@ -238,7 +241,11 @@ def save_checkpoint(accelerator: Any, root: str | os.PathLike, step: int, keep: 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    rank = accelerator.process_index
+    rng = rng_state()  # before save_state, which draws nothing but keeps this independent of its internals
     accelerator.save_state(str(tmp))
+    (tmp / ACCELERATE_RNG_FILE.format(rank=rank)).unlink(missing_ok=True)
+    save_training_state(tmp / RNG_STATE_DIR.format(rank=rank), rng)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_training_state(tmp / LOOP_STATE_DIR, loop_state or {"train_state": {"step": step}})
@@ -253,10 +260,14 @@ def save_checkpoint(accelerator: Any, root: str | os.PathLike, step: int, keep: 
 
 
 def load_checkpoint(accelerator: Any, folder: str | os.PathLike, state: TrainState, sampler: Any = None) -> None:
-    """Restore model, optimizer, scheduler and RNG (`accelerator.load_state`, weights_only loads) and the loop's
-    step and sampler position (JSON). Raises RuntimeError when the two disagree."""
-    accelerator.load_state(str(folder))
-    loop_state = load_training_state(Path(folder) / LOOP_STATE_DIR)
+    """Restore model, optimizer and scheduler (`accelerator.load_state` with `weights_only=True`: a file carrying
+    pickle code raises `pickle.UnpicklingError`), this process's RNG and the loop's step and sampler position
+    (safetensors + JSON). Raises FileNotFoundError when this process's RNG state is missing (a checkpoint saved
+    with fewer processes) and RuntimeError when the step and the sampler disagree."""
+    folder = Path(folder)
+    accelerator.load_state(str(folder), load_kwargs={"weights_only": True})
+    set_rng_state(load_training_state(folder / RNG_STATE_DIR.format(rank=accelerator.process_index)))
+    loop_state = load_training_state(folder / LOOP_STATE_DIR)
     state.load_state_dict(loop_state["train_state"])
     if sampler is not None:
         sampler.load_state_dict(loop_state["sampler"])
