@@ -15,6 +15,7 @@ from tests.conftest import shared_path
 from training.common.calibration import full_hash
 from training.common.config import ConfigError
 from training.common.repo import load_conan
+from training.contrastive.loop import checkpoint_dirs
 from training.data_sources.toy_data import DIGITS, write_fsdd_pairs
 from training.recovery import recover as R
 
@@ -127,13 +128,43 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(fused_repo, fsdd_data,
     with pytest.raises(_Killed):
         R.recover(cfg, on_step=kill_at_4)
     assert not (tmp_path / "resumed").exists(), "a killed run leaves no output folder"
-    assert (tmp_path / "resumed.recover-ckpt" / R.STATE_DIR / "state.safetensors").is_file()
+    kept = checkpoint_dirs(tmp_path / "resumed.recover-ckpt")
+    assert [p.name for p in kept] == ["step_00000004"] and (kept[0] / "state.safetensors").is_file()
     resumed = R.recover(cfg)
     assert resumed["steps_this_run"] == 2 and resumed["steps"] == 6
     a, b = load_file(straight_dir / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert [h["loss"] for h in straight["history"]] == [h["loss"] for h in resumed["history"]]
+
+
+def test_resume_with_dev_selection_matches_and_refuses_another_backbone(fused_repo, fsdd_data, tmp_path):
+    """The shared loop's checkpoint carries the dev-best projector, the warm-up position and the patience counter."""
+    kw = dict(dev_data=str(fsdd_data["dev"]), eval_every=2, checkpoint_every=2, warmup_ratio=0.5, max_steps=6,
+              keep_checkpoint=True)
+    straight = R.recover(_cfg(fused_repo, fsdd_data, tmp_path / "straight", **kw))
+    lrs = [h["lr"] for h in straight["history"] if "lr" in h]
+    assert lrs[:3] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])  # linear warm-up from lr 0 over 3 steps, then cosine
+    assert lrs[3] < 1e-3
+
+    def kill_at_3(step, logs):
+        if step == 3:
+            raise _Killed()
+
+    cfg = _cfg(fused_repo, fsdd_data, tmp_path / "resumed", **kw)
+    with pytest.raises(_Killed):
+        R.recover(cfg, on_step=kill_at_3)
+    resumed = R.recover(cfg)
+    assert resumed["steps_this_run"] == 4  # from the step-2 checkpoint
+    for key in ("history", "best_step", "best_dev", "initial_dev", "stopped_early"):
+        assert resumed[key] == straight[key], key
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    other = make_fused(fused_repo, tmp_path / "other", seed=2)
+    shutil.rmtree(tmp_path / "resumed")
+    with pytest.raises(R.RecoverError, match="different backbone"):
+        R.recover(_cfg(other, fsdd_data, tmp_path / "resumed", **kw))
 
 
 def test_early_stopping_without_dev_improvement(fused_repo, fsdd_data, tmp_path):

@@ -2,7 +2,8 @@
 
 Freezing + LoRA (peft) on the backbone LLM, optimizer parameter groups, warmup schedules, one contrastive train
 step (plain or GradCache, cross-device negatives), atomic `save_state` checkpoints with exact resume (model,
-optimizer, scheduler, RNG and the data sampler's step), and the loop that logs loss and in-batch accuracy.
+optimizer, scheduler, RNG and the data sampler's step), and `run_loop`: the shared optimizer-step loop
+(`loop.run_steps`) fed contrastive batches, logging loss and in-batch accuracy.
 The same code runs on CPU (1 or N gloo processes), DDP, FSDP2 and DeepSpeed via `accelerate launch`.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -27,6 +27,10 @@ from training.common.config import ConfigError
 from training.contrastive.checkpoint import load_training_state, rng_state, save_training_state, set_rng_state
 from training.contrastive.data import ContrastiveBatch
 from training.contrastive.gradcache import cached_step, plain_step
+from training.contrastive.loop import (
+    CHECKPOINT_PREFIX, LoopSettings, TrainState, checkpoint_dirs, checkpoint_folder, prune_checkpoints, resolve_resume,
+    run_steps,
+)
 from training.contrastive.loss import LossOutput, info_nce
 
 logger = logging.getLogger(__name__)
@@ -36,7 +40,6 @@ LLM_PREFIX = "backbone.language_model"
 # (the paper's specialists put LoRA on all linear layers of the LLM, vision encoder, audio encoder and projector).
 LORA_SCOPE_PREFIXES = {"vision": "backbone.visual.", "audio_encoder": "audio_encoder.", "projector": "audio_projector."}
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CHECKPOINT_PREFIX = "step_"
 LOOP_STATE_DIR = "loop_state"  # inside each checkpoint: step + sampler position (checkpoint.py format)
 RNG_STATE_DIR = "rng_state_{rank}"  # inside each checkpoint: each process's generators (checkpoint.py format)
 ACCELERATE_RNG_FILE = "random_states_{rank}.pkl"  # accelerate's pickled RNG file, replaced by RNG_STATE_DIR
@@ -207,35 +210,13 @@ def train_step(
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
-class TrainState:
-    """The loop's step counter; saved as JSON in every checkpoint (`save_checkpoint`), never pickled."""
-
-    def __init__(self) -> None:
-        self.step = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step = int(state["step"])
-
-
-def checkpoint_dirs(root: str | os.PathLike) -> list[Path]:
-    """Completed checkpoints under `root`, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
 def save_checkpoint(accelerator: Any, root: str | os.PathLike, step: int, keep: int = 0,
                     loop_state: dict[str, Any] | None = None) -> Path:
     """`save_state` + `loop_state` (`LOOP_STATE_DIR`) + each process's RNG (`RNG_STATE_DIR`, in place of accelerate's
     pickled `random_states_N.pkl`) into a temp folder, then one rename by the main process; prune to the newest
     `keep`. Every file loads without unpickling (see checkpoint.py)."""
     root = Path(root)
-    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
+    final = checkpoint_folder(root, step)
     tmp = root / f".{final.name}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -252,9 +233,7 @@ def save_checkpoint(accelerator: Any, root: str | os.PathLike, step: int, keep: 
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        if keep > 0:
-            for old in checkpoint_dirs(root)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(root, keep)
     accelerator.wait_for_everyone()
     return final
 
@@ -273,19 +252,6 @@ def load_checkpoint(accelerator: Any, folder: str | os.PathLike, state: TrainSta
         sampler.load_state_dict(loop_state["sampler"])
         if sampler.step != state.step:
             raise RuntimeError(f"{folder}: sampler step {sampler.step} != train step {state.step}")
-
-
-def resolve_resume(resume: str | None, root: str | os.PathLike) -> Path | None:
-    """`None`/"never" -> fresh; "auto" -> newest checkpoint under root if any; else an explicit folder."""
-    if resume in (None, "", "never", False):
-        return None
-    if resume == "auto":
-        found = checkpoint_dirs(root)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not path.is_dir():
-        raise FileNotFoundError(f"resume checkpoint {path} does not exist")
-    return path
 
 
 # ------------------------------------------------------------------------------------------------- the loop
@@ -323,18 +289,6 @@ def mixed_precision_for(setting: str) -> str:
         raise ConfigError(f"train.mixed_precision must be auto/no/bf16/fp16, got {setting!r}")
     return setting
 
-@dataclass
-class LoopSettings:
-    max_steps: int
-    gradcache: bool = True
-    max_grad_norm: float = 1.0
-    log_every: int = 10
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    checkpoint_dir: str | None = None
-    stop_after: int | None = None  # stop (as if interrupted) after this step; for tests and time-boxed jobs
-
-
 def run_loop(
     accelerator: Any,
     model: nn.Module,
@@ -347,61 +301,53 @@ def run_loop(
     sampler: Any = None,
     touch: Sequence[nn.Parameter] = (),
 ) -> list[dict[str, float]]:
-    """Optimizer steps from `state.step` to `loop.max_steps`; returns the logged metrics (also in metrics.jsonl)."""
-    from tqdm.auto import tqdm
-
+    """Contrastive optimizer steps from `state.step` to `loop.max_steps` on the shared `loop.run_steps`; returns the
+    logged metrics (loss and in-batch accuracy averaged over `log_every` steps; also in metrics.jsonl)."""
     history: list[dict[str, float]] = []
     metrics_path = Path(loop.checkpoint_dir) / "metrics.jsonl" if loop.checkpoint_dir else None
-    bar = tqdm(total=loop.max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
-               desc="train", dynamic_ncols=True)
     iterator = iter(batches)
     window: list[LossOutput] = []
-    t0, samples = time.perf_counter(), 0
-    model.train()
-    set_frozen_modules_eval(model)
-    while state.step < loop.max_steps:
+    clock = {"t0": time.perf_counter(), "samples": 0}
+
+    def forward_backward(step: int) -> dict[str, Any]:
         batch = next(iterator).to(accelerator.device)
         out = train_step(accelerator, model, batch, loss_settings, loop.gradcache, touch)
-        grad_norm = None
-        if loop.max_grad_norm and loop.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                    loop.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        if sampler is not None:
-            sampler.step = state.step
         window.append(out)
-        samples += out.num_queries
-        bar.update(1)
-        if not math.isfinite(float(out.value)):
-            raise FloatingPointError(f"loss is {float(out.value)} at step {state.step}; lower the LR or check data")
-        if state.step % max(loop.log_every, 1) == 0 or state.step == loop.max_steps:
+        clock["samples"] += out.num_queries
+        return {"loss": out.value}
+
+    def after_step(step: int, logs: dict[str, Any]) -> bool:
+        if sampler is not None:
+            sampler.step = step
+        if step % max(loop.log_every, 1) == 0 or step == loop.max_steps:
             record = {
-                "step": state.step,
+                "step": step,
                 "loss": float(torch.stack([o.value for o in window]).mean()),
                 "accuracy": float(torch.stack([o.accuracy for o in window]).mean()),
-                "lr": float(scheduler.get_last_lr()[0]),
-                "samples_per_s": samples / max(time.perf_counter() - t0, 1e-9),
+                "lr": logs["lr"],
+                "samples_per_s": clock["samples"] / max(time.perf_counter() - clock["t0"], 1e-9),
                 "candidates": window[-1].num_candidates,
             }
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
+            if "grad_norm" in logs:
+                record["grad_norm"] = logs["grad_norm"]
             history.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
             if accelerator.is_main_process and metrics_path is not None:
                 metrics_path.parent.mkdir(parents=True, exist_ok=True)
                 with metrics_path.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
-            window, t0, samples = [], time.perf_counter(), 0
-        if loop.checkpoint_dir and loop.save_every and state.step % loop.save_every == 0:
-            loop_state = {"train_state": state.state_dict(),
-                          "sampler": sampler.state_dict() if sampler is not None else None}
-            save_checkpoint(accelerator, loop.checkpoint_dir, state.step, loop.keep_checkpoints, loop_state)
-        if loop.stop_after is not None and state.step >= loop.stop_after:
-            break
-    bar.close()
+            window.clear()
+            clock.update(t0=time.perf_counter(), samples=0)
+        return False
+
+    def checkpoint(step: int) -> None:
+        loop_state = {"train_state": state.state_dict(),
+                      "sampler": sampler.state_dict() if sampler is not None else None}
+        save_checkpoint(accelerator, loop.checkpoint_dir, step, loop.keep_checkpoints, loop_state)
+
+    model.train()
+    set_frozen_modules_eval(model)
+    run_steps(accelerator, state, loop, optimizer, scheduler, [p for p in model.parameters() if p.requires_grad],
+              forward_backward, after_step, checkpoint if loop.checkpoint_dir else None)
     return history
 
 

@@ -11,14 +11,17 @@ mode, and the flagged tensors train in fp32 master weights with a symmetric audi
   cache serves as a zero-staleness queue of negatives;
 - the Whisper encoder is frozen, so its pooled frames are cached once per clip (only the frames that become tokens);
 - optional relational distillation from the audio specialist's audio x partner similarity matrix (KL, tau_t);
-- the one InfoNCE (`training.contrastive.loss.info_nce`, each distinct partner scored once) and the shared cosine
-  schedule (`training.contrastive.trainer.build_scheduler`);
-- early stopping on audio->partner R@1 of a dev split (ties count against the clip, `evaluation.metrics`); small
-  resumable checkpoints (projector + optimizer + counters) in the pickle-free `training.contrastive.checkpoint` format.
+- the one InfoNCE (`training.contrastive.loss.info_nce`, each distinct partner scored once), the shared cosine
+  schedule with linear warm-up from lr 0 (`training.contrastive.trainer.build_scheduler`) and the shared optimizer-step
+  loop (`training.contrastive.loop.run_steps`; this file gives it the step on the cached bank, the dev evaluation and
+  the checkpoint);
+- early stopping on audio->partner R@1 of a dev split (ties count against the clip, `evaluation.metrics`); the
+  dev-best projector is kept; small resumable checkpoints (projector + optimizer + scheduler + counters + RNG) as
+  `step_XXXXXXXX` folders in the pickle-free `training.contrastive.checkpoint` format (`loop.save_state_folder`).
 
 The knobs live in `config.py`, the pairs and frozen-encoder caches in `clips.py`. This file stays a little over 400
 lines because `recover` is one function on purpose: every piece of resumable state is created, saved and restored in
-one place (the stages' shared `run_loop` does not fit: no DataLoader, a cached bank, dev early stopping).
+one place.
 
 The output folder is the fused model with the recovered projector, plus `projector_calibration.json` recording the
 fingerprint of the backbone the projector was calibrated on (and `projector_calibration_hash` in config.json).
@@ -41,7 +44,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from training.common.calibration import (
     CALIBRATION_FILE,
@@ -53,7 +55,7 @@ from training.common.calibration import (
 from training.common.config import ConfigError
 from training.common.io_utils import atomic_output_dir, write_json_atomic
 from training.common.repo import NotAConanRepo, load_conan, save_conan_repo
-from training.contrastive.checkpoint import load_training_state, save_training_state
+from training.contrastive.loop import LoopSettings, TrainState, load_state_folder, resolve_resume, run_steps, save_state_folder
 from training.contrastive.loss import info_nce
 from training.contrastive.trainer import build_scheduler
 from training.evaluation.embed import embed_keyed as embed_inputs
@@ -64,8 +66,6 @@ from training.recovery.clips import (
 from training.recovery.config import RecoverConfig, RecoverError, load_config
 
 logger = logging.getLogger("training.recover")
-
-STATE_DIR = "state"  # inside the checkpoint folder: training.contrastive.checkpoint format (no pickle)
 
 
 # ============================================================================================== model loading
@@ -241,16 +241,19 @@ def recover(cfg: RecoverConfig, on_step: Callable[[int, dict[str, float]], None]
     projector = raw_model.audio_projector
 
     ckpt_dir = Path(cfg.checkpoint_dir or f"{cfg.output}.recover-ckpt")
-    state = {"step": 0, "best": None, "best_state": None, "bad_evals": 0, "history": [], "stopped_early": False}
-    if cfg.resume and (ckpt_dir / STATE_DIR).is_dir():
-        saved = load_training_state(ckpt_dir / STATE_DIR)
+    counter = TrainState()
+    state = {"best": None, "best_state": None, "bad_evals": 0, "history": [], "stopped_early": False}
+    resume_from = resolve_resume("auto" if cfg.resume else None, ckpt_dir)
+    if resume_from is not None:
+        saved = load_state_folder(resume_from, counter)
         if saved.get("fingerprint") != fingerprint:
-            raise RecoverError(f"{ckpt_dir}: checkpoint was made on a different backbone; delete it or set resume: false.")
+            raise RecoverError(f"{resume_from}: checkpoint was made on a different backbone; delete {ckpt_dir} or "
+                               "set resume: false.")
         projector.load_state_dict(saved["projector"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["trainer"]
-        accelerator.print(f"resumed from {ckpt_dir} at step {state['step']}")
+        accelerator.print(f"resumed from {resume_from} at step {counter.step}")
 
     def evaluate() -> dict[str, float]:
         if dev is None:
@@ -259,7 +262,7 @@ def recover(cfg: RecoverConfig, on_step: Callable[[int, dict[str, float]], None]
         emb = embed_clips(raw_model, dev.clips, clips, pad_id, cfg.cache_batch_size).cpu()
         return retrieval_scores(emb, dev.partner_bank, partners)
 
-    if state["step"] == 0 and not state["history"] and dev is not None:
+    if counter.step == 0 and not state["history"] and dev is not None:
         initial = evaluate()
         state["history"].append({"step": 0, **{f"dev_{k}": v for k, v in initial.items()}})
         state["best"] = (initial["r@1"], initial["mrr"])
@@ -270,12 +273,8 @@ def recover(cfg: RecoverConfig, on_step: Callable[[int, dict[str, float]], None]
     if cfg.batch_size < world:
         raise RecoverError(f"batch_size {cfg.batch_size} is smaller than the {world} processes; each needs a clip.")
     bank = train.partner_bank.to(accelerator.device)
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="recover", disable=not cfg.progress
-               or not accelerator.is_main_process)
-    t_train = time.perf_counter()
-    steps_run = 0
-    while state["step"] < cfg.max_steps and not state["stopped_early"]:
-        step = state["step"]
+
+    def forward_backward(step: int) -> dict[str, Any]:
         pairs = batch_indices(len(train.pairs), cfg.batch_size, step, cfg.seed)[rank::world]
         a_rows = [train.audio_rows[i] for i in pairs]
         positives = torch.tensor([train.partner_rows[i] for i in pairs])
@@ -292,33 +291,43 @@ def recover(cfg: RecoverConfig, on_step: Callable[[int, dict[str, float]], None]
             kd = relational_kd(audio @ bank[cand_dev].T, t_sims, cfg.kd_temperature)
             loss = loss + cfg.kd_weight * kd
             logs["loss_kd"] = kd.item()
-        optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
-        optimizer.step()
-        scheduler.step()
-        state["step"] = step + 1
-        steps_run += 1
-        logs.update(loss=loss.item(), lr=scheduler.get_last_lr()[0])
-        bar.update(1)
-        bar.set_postfix(loss=f"{logs['loss']:.4f}")
-        if dev is not None and (state["step"] % cfg.eval_every == 0 or state["step"] == cfg.max_steps):
+        logs["loss"] = loss.item()
+        return logs
+
+    def after_step(step: int, logs: dict[str, Any]) -> bool:
+        """Dev evaluation every `eval_every` steps: keep the best projector (R@1, then MRR), count patience."""
+        if dev is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             scores = evaluate()
             logs.update({f"dev_{k}": v for k, v in scores.items()})
             key = (scores["r@1"], scores["mrr"])
             if state["best"] is None or key > tuple(state["best"]):
-                state.update(best=key, bad_evals=0, best_step=state["step"],
+                state.update(best=key, bad_evals=0, best_step=step,
                              best_state={k: v.detach().cpu().clone() for k, v in projector.state_dict().items()})
             else:
                 state["bad_evals"] += 1
                 if state["bad_evals"] >= cfg.patience:
                     state["stopped_early"] = True
-        state["history"].append({"step": state["step"], **logs})
-        if state["step"] % cfg.checkpoint_every == 0 and accelerator.is_main_process:
-            _save_state(ckpt_dir, projector, optimizer, scheduler, state, fingerprint)
-        if on_step is not None:
-            on_step(state["step"], logs)
-    bar.close()
+        state["history"].append({"step": step, **logs})
+        return state["stopped_early"]
+
+    def checkpoint(step: int) -> None:
+        """Projector + optimizer + scheduler + trainer counters; small (no frozen weights), pickle-free, atomic."""
+        if accelerator.is_main_process:
+            save_state_folder(ckpt_dir, step, {
+                "projector": projector.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "trainer": state, "fingerprint": fingerprint}, keep=1)
+
+    # The shared loop: no gradient clipping (recovery never clipped), checkpoints every `checkpoint_every` steps.
+    loop = LoopSettings(max_steps=cfg.max_steps, max_grad_norm=0.0, save_every=cfg.checkpoint_every,
+                        checkpoint_dir=str(ckpt_dir))
+    t_train = time.perf_counter()
+    steps_run = 0
+    if not state["stopped_early"]:
+        steps_run = run_steps(accelerator, counter, loop, optimizer, scheduler, params, forward_backward, after_step,
+                              checkpoint, on_step, desc="recover", progress=cfg.progress)
     train_seconds = time.perf_counter() - t_train
+    state["step"] = counter.step
 
     if state["best_state"] is not None:
         projector.load_state_dict(state["best_state"])
@@ -363,14 +372,6 @@ def _enable_frozen_checkpointing(model: torch.nn.Module) -> None:
         raise RecoverError("gradient_checkpointing needs text_config.attention_dropout == 0.")
     model.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.backbone.language_model.train()  # dropout-free: only switches checkpointing on
-
-
-def _save_state(ckpt_dir: Path, projector: torch.nn.Module, optimizer: Any, scheduler: Any, state: dict,
-                fingerprint: str) -> None:
-    """Projector + optimizer + scheduler + trainer counters; small (no frozen weights), pickle-free, atomic."""
-    save_training_state(ckpt_dir / STATE_DIR, {
-        "projector": projector.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "trainer": state, "fingerprint": fingerprint})
 
 
 def write_recovered(model: torch.nn.Module, processor: Any, cfg: RecoverConfig, fingerprint: str,
