@@ -61,6 +61,27 @@ CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 INPUT_KEYS = ("text", "image", "document", "page", "video", "audio")
 DEFAULT_INSTRUCTION = "Represent the user's input."
+
+
+def build_chat_template(audio_token: str = "<|audio_pad|>", audio_start_token: str | None = None,
+                        audio_end_token: str | None = None) -> str:
+    """The Jinja form of the chat layout `ConanProcessor.render_segments` writes in Python (the one place it is
+    defined; the processor uses it when built without a `chat_template`): one `<|im_start|>role ... <|im_end|>` turn
+    per message, media placeholders (`<|vision_start|><|image_pad|><|vision_end|>`, the video one, the audio token
+    between its start/end tokens) before the text, and `<|im_start|>assistant\n<|endoftext|>` as the generation
+    prompt, whose last hidden state is the embedding."""
+    audio = (audio_start_token or "") + audio_token + (audio_end_token or "")
+    return (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+        "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+        "{% elif item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+        "{% elif item['type'] == 'audio' %}" + audio +
+        "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n<|endoftext|>{% endif %}"
+    )
+
+
 PDF_RENDER_HEADROOM = 2  # render PDF pages at up to 2x document_max_pixels, then resize down (A4 at 144 dpi fits)
 
 
@@ -81,7 +102,8 @@ class ConanProcessor(ProcessorMixin):
             patch 16, mean/std 0.5; merge 2).
         tokenizer: a Qwen tokenizer holding `<|image_pad|>`, `<|video_pad|>` and the audio tokens.
         feature_extractor: a `WhisperFeatureExtractor` (16 kHz; 80 or 128 mel bins, 10 ms hop).
-        chat_template: Jinja template; `prepare` renders the same layout in Python.
+        chat_template: Jinja template; `prepare` renders the same layout in Python. Default (None):
+            `build_chat_template` for this processor's audio tokens.
         image_min_pixels / image_max_pixels: resize bounds for photos (pixels after resizing to multiples of
             patch x merge: 28 px for Qwen2/2.5-VL, 32 px for Qwen3-VL).
         document_min_pixels / document_max_pixels: the higher-resolution preset for page images and PDF pages.
@@ -158,6 +180,8 @@ class ConanProcessor(ProcessorMixin):
         self.image_token = "<|image_pad|>"
         self.video_token = "<|video_pad|>"
         self.audio_token = audio_token
+        if chat_template is None:
+            chat_template = build_chat_template(audio_token, audio_start_token, audio_end_token)
         super().__init__(image_processor, tokenizer, feature_extractor, chat_template=chat_template)
         self.image_token_id = self._token_id(self.image_token)
         self.video_token_id = self._token_id(self.video_token)

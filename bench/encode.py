@@ -28,7 +28,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.common import hub_code  # noqa: E402
-from training.base.build_base import CHAT_TEMPLATE, TINY_PROCESSOR_LIMITS, build_tiny_repo, build_tiny_tokenizer  # noqa: E402
+from training.base.build_base import TINY_PROCESSOR_LIMITS, build_tiny_repo, build_tiny_tokenizer  # noqa: E402
 
 
 def make_inputs(modality: str, n: int, rng: np.random.Generator) -> list:
@@ -100,7 +100,7 @@ def mid_model(workdir: Path):
     model = ConanModel(config)
     processor = ConanProcessor(
         image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer, feature_extractor=WhisperFeatureExtractor(),
-        chat_template=CHAT_TEMPLATE, image_max_pixels=256 * 28 * 28, document_min_pixels=256 * 28 * 28,
+        image_max_pixels=256 * 28 * 28, document_min_pixels=256 * 28 * 28,
         document_max_pixels=256 * 28 * 28, video_max_pixels=64 * 28 * 28,
         audio_token=AUDIO_TOKEN, audio_start_token=AUDIO_START, audio_end_token=AUDIO_END,
     )

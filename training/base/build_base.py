@@ -33,15 +33,6 @@ from training.common.repo import save_conan_repo
 AUDIO_TOKEN = "<|AUDIO|>"  # the placeholder projected audio replaces (the paper's)
 AUDIO_START, AUDIO_END = "<|audio_start|>", "<|audio_end|>"
 PAPER_AUDIO_TOKENS = (AUDIO_START, AUDIO_END, "<|audio_pad|>", AUDIO_TOKEN)  # all four the paper adds
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif item['type'] == 'audio' %}<|audio_start|><|AUDIO|><|audio_end|>"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n<|endoftext|>{% endif %}"
-)
 # Processor limits for the tiny repo: small images and few frames keep CPU tests fast.
 TINY_PROCESSOR_LIMITS = {
     "image_max_pixels": 16 * 28 * 28,
@@ -139,7 +130,6 @@ def assemble_base(
         image_processor=image_processor,
         tokenizer=tokenizer,
         feature_extractor=feature_extractor,
-        chat_template=CHAT_TEMPLATE,
         audio_downsample=config.audio_downsample,
         backbone_family=backbone_family,
         audio_family=audio_family,
