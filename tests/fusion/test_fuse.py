@@ -419,7 +419,7 @@ def test_key_policy_manifest_union_frozen_buffers_and_layout(ckpts, tmp_path):
     # side files from the base
     assert json.loads((out / "config.json").read_text())["name"] == "base"
     assert (out / "tokenizer.json").is_file() and (out / "modeling_conan.py").is_file()
-    assert not list(tmp_path.glob(".o.partial-*"))
+    assert not list(tmp_path.glob(".o.*"))
 
 
 def test_passthrough_is_byte_identical_on_disk(ckpts, tmp_path):
@@ -480,7 +480,7 @@ def test_mismatched_shape_is_a_clear_error_before_writing(ckpts, tmp_path):
     models = [{"name": "bad", "path": tmp_path / "bad"}]
     with pytest.raises(PlanError, match=r"backbone\.language_model\.norm\.weight.*\(17,\).*'bad'"):
         fuse(_cfg(ckpts, tmp_path / "o", models=models))
-    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.partial-*"))
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
 
 
 def test_missing_files_are_clear_errors(ckpts, tmp_path):
@@ -523,7 +523,7 @@ def test_failed_run_leaves_no_output_and_unfinished_shard_does_not_load(ckpts, t
 
     with pytest.raises((KeyboardInterrupt, RuntimeError)):
         engine_fuse(cfg, on_tensor=boom)
-    assert calls and not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.partial-*"))
+    assert calls and not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
     # a shard whose run was killed before `finish` has a zero header: no loader accepts it
     w = ShardWriter(tmp_path / "half.safetensors", [OutTensor("a", "F32", (4,))])
     w.write("a", torch.ones(4))
@@ -568,3 +568,35 @@ def test_example_config_parses():
     raw = yaml.safe_load(path.read_text())
     cfg = load_config(path)
     assert cfg.method == raw["method"] and cfg.lambda_for("backbone.visual.blocks.0.mlp.fc1.weight") == 0.5
+
+
+def test_config_loader_is_the_common_one(tmp_path, monkeypatch):
+    from training.common.config import ConfigError as CommonConfigError
+    from training.fusion.config import load_config
+
+    assert ConfigError is CommonConfigError
+    cfg_path = tmp_path / "f.yaml"
+    cfg_path.write_text("base: b\noutput: out\nlambda: 0.5\nmodels:\n  - {name: a, path: a}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(cfg_path)
+    assert cfg.base == tmp_path / "b" and cfg.output == tmp_path / "out" and cfg.models[0].path == tmp_path / "a"
+    assert cfg.lambda_ == 0.5
+    cfg_path.write_text("base: b\noutput: out\nmodels:\n  - {name: a, path: a, wieght: 2}\n")
+    with pytest.raises(ConfigError, match=r"models\[0\]: unknown key\(s\) \['wieght'\]"):
+        load_config(cfg_path)
+    with pytest.raises(ConfigError, match="missing required key 'models'"):
+        load_config(None, base="b", output="o")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_a_killed_runs_partial_folder_is_removed_by_the_next_run(ckpts, tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".o.partial-{int(dead.stdout)}-abc123"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 64)
+    fuse(_cfg(ckpts, tmp_path / "o"))
+    assert (tmp_path / "o" / "fusion_manifest.json").is_file() and not stale.exists()

@@ -84,7 +84,7 @@ def test_non_finite_tensor_fails_naming_tensor_and_source(tmp_path, name, key, v
                   "--method", method, "--density", "0.5" if method == "ties" else "1.0")
     assert result.returncode == 2, result.stderr
     assert names in result.stderr and f"NaN/inf stored in: {name}" in result.stderr
-    assert not out.exists() and not list(tmp_path.glob(".fused.partial-*"))
+    assert not out.exists() and not list(tmp_path.glob(".fused.*"))
 
 
 def test_overflow_to_inf_is_reported_as_arithmetic(tmp_path):

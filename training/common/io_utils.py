@@ -12,17 +12,51 @@ from pathlib import Path
 from typing import Any
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_partials(out_dir: str | os.PathLike) -> list[Path]:
+    """Remove the temporary folders `atomic_output_dir` left for `out_dir` in runs that were killed (their process
+    is gone); returns what was removed. Folders of live processes are left alone."""
+    out = Path(out_dir)
+    removed = []
+    for path in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            pid = int(path.name.split(".partial-")[1].split("-")[0])
+        except (ValueError, IndexError):
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `out_dir` in one rename, on error it is removed."""
+    """Yield a temporary sibling folder `.NAME.partial-PID-*`; on success it is fsynced and replaces `out_dir` in
+    one rename, on error it is removed. Partial folders of killed earlier runs are removed first. Raises
+    FileExistsError when `out_dir` exists and `overwrite` is False."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"Output folder {out} already exists; pass overwrite=True (or --force) to replace it.")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    clean_stale_partials(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is meant to be shared
     try:
         yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, trash / out.name)

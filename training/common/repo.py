@@ -3,7 +3,8 @@
 `save_conan_repo` writes weights, processor, the root remote-code files and the sentence-transformers files into a
 fresh folder (callers wrap it in `io_utils.atomic_output_dir`, so a crash never leaves a half-written repo);
 `load_conan` reads one back through the repo's own classes (no remote-code prompt). Fusion streams its tensors
-through `training/fusion/st_io.py` instead (it never holds a whole model) and copies these side files from the base.
+through `training/fusion/st_io.py` instead (it never holds a whole model) into the same `atomic_output_dir` and
+copies these side files from the base.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Fusion configuration: every knob in one dataclass, loaded from YAML and/or CLI flags, validated up front."""
+"""Fusion configuration: every knob in one dataclass, loaded from YAML and/or CLI flags, validated up front.
+
+Loading follows every stage's rules (`training.common.config`): one `ConfigError` ("<where>: <what>; expected ..."),
+unknown keys listed with the allowed ones, relative paths against the working directory, then the repo root.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
+from training.common.config import ConfigError, build_dataclass, merged, require, resolve_path
 
 METHODS = (
     "linear",
@@ -31,10 +35,6 @@ DEFAULT_GROUPS: dict[str, list[str]] = {
     "vision": [r"^backbone\.visual\."],
     "audio_encoder": [r"^audio_encoder\."],
 }
-
-
-class ConfigError(ValueError):
-    """The fusion config is invalid; the message names the field and what was expected."""
 
 
 @dataclass
@@ -165,23 +165,20 @@ class FusionConfig:
 
 
 def load_config(path: Path | None = None, **overrides: Any) -> FusionConfig:
-    """Read a YAML config (keys as in FusionConfig; `lambda` for the global scale) and apply non-None overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping at top level")
-    raw.update({k: v for k, v in overrides.items() if v is not None})
+    """Read a YAML config (keys as in FusionConfig; `lambda` for the global scale) and apply non-None overrides.
+    Raises ConfigError (training.common.config) for a missing file, unknown or missing keys and invalid values."""
+    raw, where = merged(path, overrides)
     if "lambda" in raw:
         raw["lambda_"] = raw.pop("lambda")
-    known = {f.name for f in fields(FusionConfig)}
-    unknown = set(raw) - known
-    if unknown:
-        raise ConfigError(f"unknown config keys {sorted(unknown)}; known: {sorted(known - {'lambda_'}) + ['lambda']}")
-    for req in ("base", "models", "output"):
-        if req not in raw:
-            raise ConfigError(f"config is missing required key {req!r}")
-    return FusionConfig(**raw)
+    require(raw, ("base", "models", "output"), where)
+    if not isinstance(raw["models"], list):
+        raise ConfigError(f"{where}: models must be a list of {{name, path, weight}} mappings, got "
+                          f"{type(raw['models']).__name__}")
+    raw["base"], raw["output"] = resolve_path(raw["base"]), resolve_path(raw["output"])
+    models = []
+    for i, model in enumerate(raw["models"]):
+        spec = build_dataclass(ModelSpec, model, f"{where}: models[{i}]") if not isinstance(model, ModelSpec) else model
+        spec.path = Path(resolve_path(spec.path))
+        models.append(spec)
+    raw["models"] = models
+    return build_dataclass(FusionConfig, raw, where)

@@ -1,7 +1,11 @@
 """Run a fusion plan: a memory-bounded thread pool over tensors, streaming shard writers, atomic publish.
 
-The output folder appears only by `rename` of a fully written, fsynced temporary folder; a killed run leaves at most
-a hidden `.NAME.partial-PID-*` folder whose shards have zeroed headers (no loader accepts them).
+The output folder appears only by `rename` of a fully written, fsynced temporary folder (`common.io_utils.
+atomic_output_dir`, the one every stage writes through); a killed run leaves at most a hidden `.NAME.partial-PID-*`
+folder whose shards have zeroed headers (no loader accepts them), removed by the next run. The tensors stream into
+that folder shard by shard (`st_io.ShardWriter`) instead of going through `common.repo.save_conan_repo`, which needs
+the whole model in memory; the processor, remote-code and sentence-transformers files are copied from the base (or
+`files_from`), which `save_conan_repo` wrote.
 """
 
 from __future__ import annotations
@@ -12,13 +16,14 @@ import os
 import shutil
 import threading
 import time
-import uuid
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
+
+from training.common.io_utils import atomic_output_dir
 
 from .config import FusionConfig
 from .methods import Recipe, fuse_tensor, majority_sign, memory_cost, model_trim_thresholds, recipe, reuses_rows
@@ -123,18 +128,6 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def _clean_stale_partials(out: Path) -> None:
-    """Remove temp folders of earlier killed runs (their pid is gone)."""
-    for p in out.parent.glob(f".{out.name}.partial-*"):
-        try:
-            pid = int(p.name.split(".partial-")[1].split("-")[0])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except (ValueError, IndexError, PermissionError):
-            pass
-
-
 def fuse(cfg: FusionConfig, on_tensor: Callable[[str], None] | None = None) -> dict:
     """Fuse `cfg.models` into `cfg.base` and write `cfg.output`; returns the manifest (also written to disk)."""
     t_start = time.perf_counter()
@@ -145,39 +138,31 @@ def fuse(cfg: FusionConfig, on_tensor: Callable[[str], None] | None = None) -> d
     reader = Reader()
     plan = build_plan(cfg, reader)  # every error about inputs is raised here, before any arithmetic
     rc = recipe(cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_partials(out)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     writers: dict[str, ShardWriter] = {}
     threads_before = torch.get_num_threads()
     try:
-        for shard, keys in plan.shard_keys.items():
-            tensors = [OutTensor(k, plan.tensors[k].dtype, plan.tensors[k].shape) for k in keys]
-            writers[shard] = _FiniteCheckingWriter(tmp / shard, tensors)
-        changed = _execute(cfg, plan, rc, reader, writers, on_tensor)
-        for w in writers.values():
-            w.finish()
-        if plan.base.sharded:
-            index = {
-                "metadata": {"total_size": sum(w.data_size for w in writers.values())},
-                "weight_map": {k: s for s, keys in plan.shard_keys.items() for k in keys},
-            }
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        manifest = _manifest(cfg, rc, plan, changed, time.perf_counter() - t_start)
-        (tmp / "fusion_manifest.json").write_text(json.dumps(manifest, indent=1))
-        src = cfg.base if cfg.files_from == "base" else next(m.path for m in cfg.models if m.name == cfg.files_from)
-        manifest["files_copied"] = copy_side_files(Path(src), tmp)
-        _carry_projector_calibration(cfg, manifest, tmp / "config.json")
-        fd = os.open(tmp, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-        _publish(tmp, out)
+        with atomic_output_dir(out, overwrite=cfg.overwrite) as tmp:
+            for shard, keys in plan.shard_keys.items():
+                tensors = [OutTensor(k, plan.tensors[k].dtype, plan.tensors[k].shape) for k in keys]
+                writers[shard] = _FiniteCheckingWriter(tmp / shard, tensors)
+            changed = _execute(cfg, plan, rc, reader, writers, on_tensor)
+            for w in writers.values():
+                w.finish()
+            if plan.base.sharded:
+                index = {
+                    "metadata": {"total_size": sum(w.data_size for w in writers.values())},
+                    "weight_map": {k: s for s, keys in plan.shard_keys.items() for k in keys},
+                }
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            manifest = _manifest(cfg, rc, plan, changed, time.perf_counter() - t_start)
+            (tmp / "fusion_manifest.json").write_text(json.dumps(manifest, indent=1))
+            src = cfg.base if cfg.files_from == "base" else next(m.path for m in cfg.models if m.name == cfg.files_from)
+            manifest["files_copied"] = copy_side_files(Path(src), tmp)
+            _carry_projector_calibration(cfg, manifest, tmp / "config.json")
         return manifest
     except BaseException:
         for w in writers.values():
             w.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         reader.close()
@@ -199,16 +184,6 @@ def _carry_projector_calibration(cfg: FusionConfig, manifest: dict, config_path:
         config = json.loads(config_path.read_text())
         config["projector_calibration_hash"] = hashes.pop()
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
 def _execute(cfg: FusionConfig, plan: FusionPlan, rc: Recipe, reader: Reader, writers: dict[str, ShardWriter],
