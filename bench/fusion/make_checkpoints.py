@@ -87,7 +87,7 @@ def changes(name: str, key: str) -> bool:
 
 def _config(s: dict) -> dict:
     """A real transformers Qwen2VLConfig (so mergekit's AutoConfig can read it) under an architecture name that
-    has no mergekit JSON template, so mergekit infers the layout from the tensor names (fusion.md §8)."""
+    has no mergekit JSON template, so mergekit infers the layout from the tensor names."""
     from transformers import Qwen2VLConfig
 
     hd = 128 if s["hidden"] >= 1024 else 32

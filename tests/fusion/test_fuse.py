@@ -1,4 +1,4 @@
-"""Fusion tool vs a deliberately naive float64 reference on small random checkpoints (fusion.md §7)."""
+"""Fusion tool vs a deliberately naive float64 reference on small random checkpoints."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The modality names every stage, data file and report uses (DESIGN.md §2)."""
+"""The modality names every stage, data file and report uses (docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 

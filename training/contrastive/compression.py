@@ -1,6 +1,7 @@
 """CoMa ("Compressing then Matching") pieces: the compression-aware attention mask, answer-only labels, pooling.
 
-Source: CoMa (arXiv 2511.08480, Apache-2.0), as its released code implements it (`../shared/notes/paper.md` §3):
+Source: CoMa (arXiv 2511.08480, Apache-2.0), as its released code implements it
+(Trustworthy-Information-Access/CoMa: `src/loss.py`, `data_prepare/sample.py`):
 k compression tokens (32 there: `<|ctoken_pad_0|>`...) are appended after the input, the sequence is
 [input | C | question | answer], question and answer see the input only through C, only answer tokens carry the LM
 loss (stage 1); stage 2 pools the mean of the compression tokens' last hidden states.

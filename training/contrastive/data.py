@@ -7,7 +7,7 @@ One line of a training file (docs/ARCHITECTURE.md, "User input format"):
 ITEM is a str (text) or a dict with keys among text/image/document/page/video/audio; media paths are relative to the
 JSONL file. Bad rows are reported as `file:line: what is wrong` and skipped (`on_error="skip"`) or fatal.
 
-Batches are homogeneous per source (VLM2Vec-V2 / MoCa practice, notes/training.md §1.3): each step draws a source with
+Batches are homogeneous per source (VLM2Vec-V2 `src/data/loader/mixed_dataset.py`, MoCa `src/dataset.py`): each step draws a source with
 probability p_i = w_i / Σw, then takes consecutive rows of that source's shuffled epoch order. The sampler is a pure
 function of (seed, step), so resuming needs only the step (`state_dict`).
 """

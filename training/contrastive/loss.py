@@ -1,6 +1,6 @@
 """InfoNCE for embedding training: in-batch + cross-device + hard negatives, with duplicate-target masking.
 
-Cross-device convention (notes/training.md §2.2 pattern (a), VLM2Vec / CoMa): every rank all-gathers queries,
+Cross-device convention (VLM2Vec `src/loss.py`, CoMa `src/loss.py`): every rank all-gathers queries,
 positives and negatives without gradient, puts its own tensors back into its slot (so gradient flows into local
 embeddings only), and computes the *whole* N x N loss. DDP then averages gradients over W ranks, so the loss used for
 backward is multiplied by W; the gradient then equals the single-process gradient on the same global batch (tested

@@ -1,7 +1,6 @@
 """OmniRetriever's training objectives for (text, video, audio) tuples, on the one `info_nce` of `loss.py`.
 
-Source: OmniRetriever (arXiv 2605.26641, Apache-2.0), as its released training code implements it
-(`../shared/notes/paper.md` §2):
+Source: OmniRetriever (arXiv 2605.26641 §3, Apache-2.0), as its released training code implements it:
 
 - Obj1, Tuple-InfoNCE: the fused tuple embedding z_TVA (one forward over text + video + audio) against the same tuple
   with augmented frames / audio / caption, plus one no-grad hard negative per step, the kind cycling by step % 3:

@@ -183,7 +183,7 @@ def loss_for(batch: ContrastiveBatch, settings: LossSettings) -> Callable[[torch
 
 def zero_touch(params: Sequence[nn.Parameter]) -> Callable[[], torch.Tensor] | None:
     """0 * sum(params): makes DDP see every trainable parameter used even when a batch skips a module (e.g. the
-    audio projector on a text-only chunk; notes/training.md §3 "dummy pass")."""
+    audio projector on a text-only chunk), the "dummy pass" that avoids DDP's `find_unused_parameters=True`."""
     if not params:
         return None
     return lambda: sum(p.sum() for p in params) * 0.0

@@ -1,4 +1,4 @@
-"""Decoupled Specialist Fusion: streaming task-vector fusion of modality specialists (DESIGN.md §2, stage F).
+"""Decoupled Specialist Fusion: streaming task-vector fusion of modality specialists (Conan-embedding-v3, arXiv 2606.09331; stage F in docs/ARCHITECTURE.md).
 
 Modules, one job each: `config` (all knobs), `st_io` (safetensors headers, reads, streaming writer), `lora` (peft
 adapters → exact ΔW), `plan` (key policies and validation from headers), `tensor_ctx` (per-tensor row access),

@@ -1,4 +1,4 @@
-"""Stage F (DESIGN.md §2): fuse modality specialists into one dense backbone.
+"""Stage F (docs/ARCHITECTURE.md, data flow): fuse modality specialists into one dense backbone.
 
     python -m training.fuse --config training/configs/fusion/example.yaml
     python -m training.fuse --base BASE --model image=PATH --model audio=PATH:0.5 --method ties --density 0.2 \

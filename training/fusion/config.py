@@ -27,7 +27,7 @@ METHODS = (
 )
 SEMANTICS = ("paper", "mergekit")
 
-# Module groups for per-group lambda; first matching regex wins (DESIGN.md weight names).
+# Module groups for per-group lambda; first matching regex wins (docs/ARCHITECTURE.md, "Weight names").
 DEFAULT_GROUPS: dict[str, list[str]] = {
     "embeddings": [r"^backbone\.language_model\.embed_tokens\.", r"^lm_head\."],
     "llm": [r"^backbone\.language_model\.layers\.", r"^backbone\.language_model\.norm\."],
@@ -57,7 +57,8 @@ class ModelSpec:
 
 @dataclass
 class FusionConfig:
-    """What to fuse, how, and where to write it. Defaults follow fusion.md §2 (paper semantics, fp32 compute)."""
+    """What to fuse, how, and where to write it. Defaults: the original papers' arithmetic (`semantics: paper`,
+methods/recipe.py), fp32 compute."""
 
     base: Path
     models: list[ModelSpec]

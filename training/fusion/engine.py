@@ -281,7 +281,7 @@ def _out(tp) -> OutTensor:
 
 
 def _manifest(cfg: FusionConfig, rc: Recipe, plan: FusionPlan, changed: dict[str, set[str]], seconds: float) -> dict:
-    """Per-tensor account: policy, method, owners, needs_recovery (fusion.md §1, DESIGN.md stage R)."""
+    """Per-tensor account: policy, method, owners, needs_recovery (`needs_recovery`: the tensors stage R retrains, docs/ARCHITECTURE.md)."""
     tensors = {}
     for key, tp in plan.tensors.items():
         entry = {

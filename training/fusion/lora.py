@@ -1,6 +1,6 @@
 """peft LoRA adapter folders as task vectors: the exact dense ΔW = scale · B · A, row range by row range.
 
-peft's own `add_weighted_adapter` merges the A and B factors separately (an approximation, fusion.md §4); fusion
+peft's own `add_weighted_adapter` merges the A and B factors separately (an approximation, peft `tuners/lora/model.py`); fusion
 needs the dense ΔW of each specialist, so it is materialised here, in fp32 (fp64 in reference mode).
 """
 

@@ -1,7 +1,7 @@
 """Key policy and validation from headers only: decide, before any arithmetic, what happens to every tensor.
 
 Every key of every input ends up in exactly one policy — fuse, copy_base, copy_owner, or drop (only when the config
-asks) — or the plan fails with an error naming the key. Nothing is dropped silently (fusion.md §6.1).
+asks) — or the plan fails with an error naming the key. Nothing is dropped silently.
 """
 
 from __future__ import annotations

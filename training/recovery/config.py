@@ -15,7 +15,7 @@ class RecoverError(ConfigError):
 
 @dataclass
 class RecoverConfig:
-    """Every knob of Projector Recovery (defaults: notes/training.md §0 row R)."""
+    """Every knob of Projector Recovery (defaults: ours; the paper gives none)."""
 
     model: str = ""  # the fused model folder
     output: str = ""  # recovered model folder (written atomically)

@@ -1,11 +1,12 @@
-"""Stage R (DESIGN.md §2): Projector Recovery — retrain only the audio projector on the fused backbone.
+"""Stage R (docs/ARCHITECTURE.md, data flow): Projector Recovery — retrain only the audio projector on the fused backbone.
 
     python -m training.recover --model runs/fused --config training/configs/recover_fsdd.yaml --output runs/recovered
 
 After fusion the audio projector still speaks the audio specialist's backbone dialect (Projector Drift). Here every
 tensor except the ones `fusion_manifest.json` flags (`needs_recovery`, i.e. `audio_projector.*`) is frozen in eval
 mode, and the flagged tensors train in fp32 master weights with a symmetric audio<->text InfoNCE
-(notes/training.md §0 row R, §4.4):
+(the paper's Projector Recovery, arXiv 2606.09331; the cached bank and the distillation below are
+our design):
 
 - the backbone is frozen, so every non-audio ("partner") embedding is a constant: it is computed once and the whole
   cache serves as a zero-staleness queue of negatives;
@@ -134,7 +135,7 @@ def recovery_loss(
 
 
 def relational_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(softmax(S_teacher/t) || softmax(S_student/t)) over rows of two similarity matrices (notes §4.4)."""
+    """KL(softmax(S_teacher/t) || softmax(S_student/t)) over rows of two similarity matrices (in the spirit of UniME's stage-1 distillation, arXiv 2504.17432)."""
     return F.kl_div(
         F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher / temperature, dim=-1),
         log_target=True, reduction="batchmean",

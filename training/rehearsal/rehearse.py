@@ -1,10 +1,11 @@
-"""Stage B (DESIGN.md §2): balanced multi-modal rehearsal of the fused (+ recovered) model.
+"""Stage B (docs/ARCHITECTURE.md, data flow): balanced multi-modal rehearsal of the fused (+ recovered) model.
 
     python -m training.rehearse --config training/configs/rehearse_tiny.yaml
     accelerate launch --config_file training/accelerate/ddp.yaml -m training.rehearse --config CONFIG.yaml
 
 LoRA (peft) on the fused backbone's LLM plus the audio projector in full at a lower LR (default 0.1x), the vision
-tower and the Whisper encoder frozen in eval mode (notes/training.md §0 row B, §3):
+tower and the Whisper encoder frozen in eval mode (our rehearsal recipe; the in-group n^0.5
+sampling is the exponent-0.5 multinomial sampling of XLM, arXiv 1901.07291):
 - `training.contrastive.sampling.BalancedModalitySampler`: equal mass per modality group, p ∝ n^0.5 inside a group,
   one source per device micro-batch, every step covering all groups when the world size allows (shuffled
   round-robin otherwise);

@@ -1,4 +1,4 @@
-"""Stage S (DESIGN.md §2): train one modality specialist from the Conan base by contrastive learning.
+"""Stage S (docs/ARCHITECTURE.md, data flow): train one modality specialist from the Conan base by contrastive learning.
 
     python -m training.specialist --config training/configs/specialist_tiny_audio.yaml
     accelerate launch --config_file training/accelerate/ddp.yaml -m training.specialist --config CONFIG.yaml
@@ -161,7 +161,7 @@ def train(cfg: SpecialistConfig, resume: str | None = "auto", stop_after: int | 
         stage = accelerator.state.deepspeed_plugin.zero_stage
         if stage >= 2:
             raise ValueError(
-                f"GradCache needs no_sync, which DeepSpeed ZeRO-{stage} lacks (notes/training.md §2.2); set "
+                f"GradCache needs no_sync, which DeepSpeed ZeRO-{stage} lacks (deepspeedai/DeepSpeed#6793, huggingface/accelerate#3481); set "
                 "train.chunk_size: 0 (large per-device batch) or use the ddp / fsdp2 accelerate configs"
             )
     set_seed(cfg.seed)

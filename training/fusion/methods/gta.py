@@ -2,7 +2,7 @@
 breadcrumbs_ties as one operator, one tensor at a time, in row chunks where the method allows it (TIES with
 `trim_scope: model` gets its thresholds from a model-wide pre-pass, `select.model_trim_thresholds`).
 
-Semantics (fusion.md §2.2) are explicit: `paper` follows the original repositories, `mergekit` follows mergekit 0.1.5.
+Semantics are explicit: `paper` follows the original repositories, `mergekit` follows mergekit 0.1.5.
 
 | aspect                  | paper                                   | mergekit                                  |
 |-------------------------|-----------------------------------------|-------------------------------------------|
