@@ -110,7 +110,7 @@ def test_sampler_ranks_partition_the_global_batch():
 
 
 def test_toy_fsdd_rows_use_train_split_only(tmp_path):
-    from conftest import shared_path
+    from tests.conftest import shared_path
     from training.data_sources.toy_data import fsdd_rows
 
     shared_path("data", "fsdd", "recordings")

@@ -109,7 +109,7 @@ def _digit(item: dict) -> str:
 
 def _fsdd_subset(out_dir: Path, split: str, limit: int) -> Path:
     """FSDD rows of four digits (positive and hard negative both among them), written as `out_dir/audio/<split>`."""
-    from conftest import shared_path
+    from tests.conftest import shared_path
     from training.data_sources.toy_data import fsdd_rows
 
     shared_path("data", "fsdd", "recordings")
