@@ -81,3 +81,18 @@ def test_evaluate_model_dev_split_reads_only_dev_files(tiny_repo, tmp_path, monk
                                                 "n_candidates": 1, "task": "text -> text"}
     with pytest.raises(ValueError, match="split"):
         evaluate_model(tiny_repo, tmp_path / "pairs", split="validation")
+
+
+def test_load_for_eval_reuses_the_processor_of_an_equal_folder_only(tiny_repo, tmp_path):
+    import shutil
+
+    from training.evaluation.stage_eval import load_for_eval, processor_fingerprint
+
+    a, b, c = (shutil.copytree(tiny_repo, tmp_path / name) for name in "abc")
+    (b / "fusion_manifest.json").write_text('{"weights": "differ per trial"}')   # a report: not the processor's
+    config = json.loads((c / "tokenizer_config.json").read_text())
+    (c / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 77}))
+    assert processor_fingerprint(a) == processor_fingerprint(b) != processor_fingerprint(c)
+    (model_a, proc_a), (model_b, proc_b), (_, proc_c) = (load_for_eval(p) for p in (a, b, c))
+    assert proc_b is proc_a and model_b is not model_a and not model_b.training
+    assert proc_c is not proc_a and proc_c.tokenizer.model_max_length == 77

@@ -12,7 +12,9 @@ level (1 / number of candidates: the hit@1 of a random ranking). This is what th
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from training.common import hub_code
 from training.common.audio_cache import AudioFrameCache
 from training.common.repo import load_conan
 from training.contrastive.data import load_jsonl
@@ -28,6 +31,35 @@ from training.evaluation.metrics import gold_ranks, rank_metrics
 
 SPLITS = ("train", "dev", "test")
 INPUT_KINDS = ("text", "image", "video", "document", "audio")
+# Files of a model folder that never shape its processor (weights, per-stage reports): left out of the fingerprint.
+_NOT_PROCESSOR = (".safetensors", ".safetensors.index.json", "manifest.json", "report.json", "log.json", ".md")
+_PROCESSORS: OrderedDict[str, Any] = OrderedDict()
+_PROCESSORS_KEPT = 2
+
+
+def processor_fingerprint(model_dir: str | Path) -> str:
+    """sha1 over the names and bytes of a model folder's top-level files other than weights and reports: equal for
+    folders whose processor loads the same (fused trials, a recovered model and its fused input)."""
+    digest = hashlib.sha1()
+    for path in sorted(Path(model_dir).iterdir()):
+        if path.is_file() and not path.name.endswith(_NOT_PROCESSOR):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def load_for_eval(model_dir: str | Path) -> tuple[torch.nn.Module, Any]:
+    """(fp32 ConanModel in eval mode, ConanProcessor) of `model_dir`, the processor reused from an earlier folder with
+    the same :func:`processor_fingerprint`. Why: building the Qwen2 tokenizer from its 11 MB tokenizer.json is ~75% of
+    a small model's stage evaluation, and a pipeline evaluates ~16 folders that share one tokenizer."""
+    key = processor_fingerprint(model_dir)
+    if key not in _PROCESSORS:
+        model, processor = load_conan(model_dir, dtype=torch.float32)
+        _PROCESSORS[key] = processor
+        while len(_PROCESSORS) > _PROCESSORS_KEPT:
+            _PROCESSORS.popitem(last=False)
+        return model, processor
+    _PROCESSORS.move_to_end(key)
+    return hub_code.ConanModel.from_pretrained(model_dir, dtype=torch.float32).eval(), _PROCESSORS[key]
 
 
 def input_kind(item: dict[str, Any]) -> str:
@@ -87,7 +119,7 @@ def evaluate_model(
     if split not in SPLITS:
         raise ValueError(f"evaluate_model: split must be one of {SPLITS}, got {split!r}")
     data_dir = Path(data_dir)
-    model, processor = load_conan(model_dir, dtype=torch.float32)
+    model, processor = load_for_eval(model_dir)
     model.audio_frames_hook = AudioFrameCache.for_model(model, audio_cache_dir)
     results = {}
     for modality in modalities or sorted(p.name for p in data_dir.iterdir() if (p / f"{split}.jsonl").exists()):
