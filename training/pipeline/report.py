@@ -180,7 +180,7 @@ def target_verdicts(rows: dict[str, dict[str, float]], chance: dict[str, float],
         for m in VISUAL_TEXT:
             spec = best_specialist(rows, m)
             if spec is not None and m in rows.get(row, {}):
-                out.append(Verdict(f"{label} {m}", rows[row][m], spec - targets.fused_gap,
+                out.append(Verdict(f"{label} {m}", rows[row][m], max(0.0, spec - targets.fused_gap),
                                    f"specialist {spec:.3f} - {targets.fused_gap:.2f}"))
     audio = best_specialist(rows, "audio")
     if audio is not None:
@@ -241,7 +241,8 @@ def _pyplot():
     return plt
 
 
-def _bars(ax, groups: list[str], series: dict[str, list[float | None]], chance: list[float | None]) -> None:
+def _bars(ax, groups: list[str], series: dict[str, list[float | None]], chance: list[float | None],
+          rotation: float = 0) -> None:
     width = 0.8 / max(1, len(series))
     for i, (name, values) in enumerate(series.items()):
         ax.bar([x + i * width for x in range(len(groups))], [v or 0.0 for v in values], width, label=name)
@@ -249,7 +250,8 @@ def _bars(ax, groups: list[str], series: dict[str, list[float | None]], chance: 
         if c is not None:
             ax.hlines(c, x - width / 2, x + 0.8 - width / 2, colors="black", linestyles="dashed",
                       label="chance" if x == 0 else None)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))], groups, fontsize=7)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))], groups, fontsize=7, rotation=rotation,
+                  ha="right" if rotation else "center")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=6, ncol=3)
 
@@ -278,8 +280,8 @@ def plot_sources(sources: dict[str, dict[str, Any]], out_png: Path) -> Path | No
         return None
     columns = list(dict.fromkeys(c for e in sources.values() for c in e["scores"]))
     series = {c: [e["scores"].get(c) for e in sources.values()] for c in columns}
-    fig, ax = plt.subplots(figsize=(max(10, 1.4 * len(sources)), 4.5), dpi=100)
-    _bars(ax, [k.replace("/", "/\n") for k in sources], series, [e["chance"] for e in sources.values()])
+    fig, ax = plt.subplots(figsize=(max(10, 1.4 * len(sources)), 5), dpi=100)
+    _bars(ax, list(sources), series, [e["chance"] for e in sources.values()], rotation=15)
     ax.set_ylabel("hit@1 within the source's own candidates")
     ax.set_title("Conan pipeline: per-source retrieval after each stage (offline proxy)")
     fig.tight_layout()
@@ -302,15 +304,16 @@ def _sweep_lines(fuse: dict[str, Any]) -> list[str]:
     if not trials:
         return ["No dev sweep was recorded for this run."]
     chosen = fuse["dev_chosen"].get("weights")
-    header = ["weights α (text, image, video, document, audio)", "dev mean MRR",
+    header = [f"weights α ({', '.join(MODALITIES)})", "dev mean MRR",
               *[f"dev hit@1 {m}" for m in MODALITIES], ""]
     body = []
     for t in trials:
         w = t["weights"]
         tag = ("paper" if w == fuse.get("weights") else "") + (" **chosen**" if w == chosen else "")
-        body.append([", ".join(f"{w.get(m, 0):g}" for m in ("text", "image", "video", "document", "audio")),
+        body.append([", ".join(f"{w.get(m, 0):g}" for m in MODALITIES),
                      f"{t['objective']:.3f}", *[_fmt(t["dev"].get(m, {}).get("hit@1")) for m in MODALITIES], tag])
-    return [f"Task arithmetic θ = θ₀ + Σ α_m τ_m. Paper weights: {fuse.get('weights')} (text: our choice, the "
+    paper = ", ".join(f"{m} {fuse.get('weights', {}).get(m, '-')}" for m in MODALITIES)
+    return [f"Task arithmetic θ = θ₀ + Σ α_m τ_m. Paper weights: {paper} (text: our choice, the "
             "visual α, since the paper has no text specialist). The sweep fuses one model per grid point and scores "
             f"it on the **dev** split only ({fuse['dev_chosen'].get('objective', 'mean dev MRR')}); the best is "
             "`fuse/dev-chosen`, scored once on test above. Recovery and rehearsal continue from the **paper-weight** "
@@ -379,10 +382,11 @@ def write_report(out: Path, stages: dict[str, dict[str, Any]], preset: str, seed
         lines += ["", "## Projector Drift diagnosis (audio specialist vs fused)", "", drift]
     recover = stages.get("recover", {})
     if recover:
-        compact = {k: {kk: vv for kk, vv in (recover.get(k) or {}).items() if kk != "config"}
+        compact = {k: {kk: vv for kk, vv in (recover.get(k) or {}).items()
+                       if kk != "config" and len(json.dumps(vv, default=str)) <= 200}   # no hashes, no configs
                    for k in ("recovery", "realign")}
         lines += ["", "## Recovery vs training-free re-alignment", "",
-                  "```json", json.dumps(compact, indent=1, default=str)[:4000], "```"]
+                  "```json", json.dumps(compact, indent=1, default=str), "```"]
     lines += ["", "## Data sources", "", *_data_lines(stages.get("data", {}))]
     lines += ["", "## Stage wall times (s)", "", " | ".join(f"{k}: {v}" for k, v in timings.items()),
               f"total: {round(total)} s" + (f" (target <= {targets.wall_s[preset]:.0f} s for preset {preset})"
