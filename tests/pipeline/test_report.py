@@ -120,3 +120,17 @@ def test_write_report_sections_teacher_and_skips(tmp_path):
         assert (tmp_path / "scores.png").stat().st_size > 0 and (tmp_path / "scores_by_source.png").exists()
     text_with_teacher = write_report(tmp_path, _stages(teacher=0.675), "small", 0, "cmd")["report"]
     assert "| teacher (all-MiniLM-L6-v2) | 0.675 | - |" in open(text_with_teacher).read()
+
+
+@pytest.mark.parametrize("teacher, printed, value", [(0.675, "teacher: 0.68", 0.675),
+                                                     ({"hit@1": 0.6}, "teacher: 0.60", 0.6),
+                                                     ({"text": {"hit@1": 0.6}}, "teacher: text=0.60", 0.6)])
+def test_stage_summary_line_and_report_read_every_teacher_form(teacher, printed, value):
+    from training.pipeline.runner import summary_line
+
+    stages = _stages(teacher=teacher)
+    assert summary_line({"scores": stages["base"]["scores"]}).endswith(printed)
+    assert report.score_table(stages)[report.TEACHER] == {"text": pytest.approx(value)}
+    assert source_table(stages)["image/cifar10-photos"]["scores"].get(report.TEACHER) is None
+    with pytest.raises(ValueError, match="scores.teacher"):
+        report.teacher_scores({"base": {"scores": {"teacher": "high"}}})

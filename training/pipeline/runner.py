@@ -315,16 +315,24 @@ def _compact(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def summary_line(result: dict[str, Any]) -> str:
+    """One printed line per finished stage: hit@1 per modality where the result has scores."""
+    def hits(scores: Any) -> str:
+        if isinstance(scores, (int, float)):
+            return f"{scores:.2f}"
+        if isinstance(scores, dict) and "hit@1" in scores:
+            return f"{scores['hit@1']:.2f}"
+        return " ".join(f"{m}={v['hit@1']:.2f}" for m, v in (scores or {}).items()
+                        if isinstance(v, dict) and "hit@1" in v)
+
     if all(isinstance(v, dict) and "scores" in v for v in result.values() if isinstance(v, dict)) and any(
             isinstance(v, dict) for v in result.values()):  # the specialists stage: one entry per modality
         return " ".join(f"{m}->{v['scores'][m]['hit@1']:.2f}" for m, v in result.items()
                         if isinstance(v, dict) and m in v.get("scores", {})) + " (hit@1 on own modality)"
     scores = result.get("scores")
-    if isinstance(scores, dict) and scores and all(isinstance(v, dict) for v in scores.values()):
-        first = next(iter(scores.values()))
-        if "hit@1" in first:
-            return " ".join(f"{m}={v['hit@1']:.2f}" for m, v in scores.items()) + " (hit@1)"
-        return "; ".join(f"{k}: " + " ".join(f"{m}={v['hit@1']:.2f}" for m, v in s.items()) for k, s in scores.items())
+    if isinstance(scores, dict) and scores:
+        if all(isinstance(v, dict) and "hit@1" in v for v in scores.values()):  # {modality: metrics}
+            return hits(scores) + " (hit@1)"
+        return "; ".join(f"{k}: {hits(v)}" for k, v in scores.items())  # {model: {modality: metrics} | number}
     return ", ".join(f"{k}={v}" for k, v in result.items()
                      if isinstance(v, (int, float, str)) and k != "seconds" and len(str(v)) < 120)
 
