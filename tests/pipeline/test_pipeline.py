@@ -33,10 +33,17 @@ def test_every_stage_finished_and_was_evaluated(smoke_run):
         scores = json.loads((smoke_run / stage / "stage.json").read_text())["scores"]
         assert set(scores) == set(MODALITIES)
         assert all(0.0 <= v["hit@1"] <= 1.0 for v in scores.values())
+        assert all(0.0 < v["chance"] <= 1.0 and v["sources"] for v in scores.values())
     manifest = json.loads((smoke_run / "fuse" / "model" / "fusion_manifest.json").read_text())
     assert any(k.startswith("audio_projector.") for k in manifest["summary"]["needs_recovery"])
+    assert {m["weight"] for m in manifest["config"]["models"]} == {0.3, 0.5}   # the paper's weights
+    fuse = json.loads((smoke_run / "fuse" / "stage.json").read_text())
+    assert (smoke_run / "fuse" / "dev-chosen" / "model.safetensors").exists() and len(fuse["dev_chosen"]["trials"]) == 6
+    assert fuse["dev_chosen"]["weights"] in [t["weights"] for t in fuse["dev_chosen"]["trials"]]
+    assert set(fuse["scores_dev_chosen"]) == set(MODALITIES)
     report = (smoke_run / "report" / "report.md").read_text()
-    assert "| fused |" in report and "Projector" in report
+    assert "| fused (paper weights) |" in report and "| fused (dev-chosen weights) |" in report
+    assert "Projector" in report and "image/cifar10-photos" in report and "## Verdicts against the targets" in report
 
 
 def test_recovery_changed_only_the_projector(smoke_run):

@@ -1,23 +1,104 @@
-"""Per-modality retrieval scores of one model folder on the pipeline's held-out test pairs.
+"""Per-modality and per-source retrieval scores of one model folder on the pipeline's held-out pairs.
 
-For each modality's `test.jsonl`, every query ranks all distinct test positives of that modality (its own positive is
-the gold candidate), the MMEB protocol: hit@1 and MRR, ties counted pessimistically. This is what the pipeline
-prints after every stage (base, specialists, fused, recovered, rehearsed); it is an offline proxy on real local data,
-not an MMEB/MAEB number.
+For each modality's `<split>.jsonl` (`test` for the reported scores; `dev` for model selection such as the fusion
+weight sweep), every query ranks all distinct positives of that modality (its own positive is the gold candidate),
+the MMEB protocol: hit@1 and MRR, ties counted pessimistically. Each modality result also breaks the score down by
+SOURCE (the `source` field of each row): a source's queries rank only the distinct positives of that source, so
+CIFAR-10 photos are zero-shot classified over its 10 class names, spoken digits over the 10 digit names, emoji
+glyphs over the emoji names of the split, manual page text over the page images. Every score carries its chance
+level (1 / number of candidates: the hit@1 of a random ranking). This is what the pipeline prints after every stage
+(base, specialists, fused, recovered, rehearsed); it is an offline proxy on real local data, not an MMEB/MAEB number.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
+from training.common import hub_code
 from training.common.audio_cache import AudioFrameCache
 from training.common.repo import load_conan
 from training.contrastive.data import load_jsonl
 from training.evaluation.embed import embed_items
 from training.evaluation.metrics import gold_ranks, rank_metrics
+
+SPLITS = ("train", "dev", "test")
+INPUT_KINDS = ("text", "image", "video", "document", "audio")
+# Files of a model folder that never shape its processor (weights, per-stage reports): left out of the fingerprint.
+_NOT_PROCESSOR = (".safetensors", ".safetensors.index.json", "manifest.json", "report.json", "log.json", ".md")
+_PROCESSORS: OrderedDict[str, Any] = OrderedDict()
+_PROCESSORS_KEPT = 2
+
+
+def processor_fingerprint(model_dir: str | Path) -> str:
+    """sha1 over the names and bytes of a model folder's top-level files other than weights and reports: equal for
+    folders whose processor loads the same (fused trials, a recovered model and its fused input)."""
+    digest = hashlib.sha1()
+    for path in sorted(Path(model_dir).iterdir()):
+        if path.is_file() and not path.name.endswith(_NOT_PROCESSOR):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def load_for_eval(model_dir: str | Path) -> tuple[torch.nn.Module, Any]:
+    """(fp32 ConanModel in eval mode, ConanProcessor) of `model_dir`, the processor reused from an earlier folder with
+    the same :func:`processor_fingerprint`. Why: building the Qwen2 tokenizer from its 11 MB tokenizer.json is ~75% of
+    a small model's stage evaluation, and a pipeline evaluates ~16 folders that share one tokenizer."""
+    key = processor_fingerprint(model_dir)
+    if key not in _PROCESSORS:
+        model, processor = load_conan(model_dir, dtype=torch.float32)
+        _PROCESSORS[key] = processor
+        while len(_PROCESSORS) > _PROCESSORS_KEPT:
+            _PROCESSORS.popitem(last=False)
+        return model, processor
+    _PROCESSORS.move_to_end(key)
+    return hub_code.ConanModel.from_pretrained(model_dir, dtype=torch.float32).eval(), _PROCESSORS[key]
+
+
+def input_kind(item: dict[str, Any]) -> str:
+    """"image", "text", "image+text", ... : the input kinds an item of the pair format holds (for task labels)."""
+    return "+".join(k for k in INPUT_KINDS if item.get(k) is not None) or "?"
+
+
+def score_similarity(similarity: np.ndarray, gold: Sequence[int]) -> dict[str, float]:
+    """hit@1, MRR, sizes and chance (1 / candidates) of queries ranking all columns of `similarity` (Q, C)."""
+    s = np.asarray(similarity, dtype=np.float64)
+    metrics = rank_metrics(gold_ranks(s, gold), ks=(1,))
+    return {"hit@1": metrics["hit@1"], "mrr": metrics["mrr"], "n_queries": int(s.shape[0]),
+            "n_candidates": int(s.shape[1]), "chance": 1.0 / s.shape[1]}
+
+
+def source_scores(similarity: np.ndarray, gold: Sequence[int], sources: Sequence[str],
+                  tasks: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """{source: score_similarity(...)} where each source's queries rank only the candidates that are gold for some
+    query of that source (its own label set: CIFAR-10's 10 class names, the emoji names of the split, ...).
+
+    `similarity` is (Q, C) over the whole modality, `gold[i]` the column of query i's positive, `sources[i]` its
+    source and `tasks[i]` (optional) a label such as "image -> text" kept in the result as "task". Raises
+    ValueError when the lengths disagree.
+    """
+    s = np.asarray(similarity, dtype=np.float64)
+    gold = np.asarray(gold, dtype=np.int64)
+    if s.ndim != 2 or len(gold) != s.shape[0] or len(sources) != s.shape[0] or (
+            tasks is not None and len(tasks) != s.shape[0]):
+        raise ValueError(f"source_scores: expected similarity [Q, C] with Q gold indices, sources (and tasks); got "
+                         f"{s.shape}, {len(gold)}, {len(sources)}" + ("" if tasks is None else f", {len(tasks)}"))
+    out: dict[str, dict[str, Any]] = {}
+    for source in sorted(set(sources)):
+        rows = [i for i, src in enumerate(sources) if src == source]
+        columns = sorted({int(gold[i]) for i in rows})
+        column_of = {c: j for j, c in enumerate(columns)}
+        out[source] = score_similarity(s[np.ix_(rows, columns)], [column_of[int(gold[i])] for i in rows])
+        if tasks is not None:
+            out[source]["task"] = " / ".join(sorted({tasks[i] for i in rows}))
+    return out
 
 
 def evaluate_model(
@@ -27,14 +108,22 @@ def evaluate_model(
     limit: int | None = None,
     batch_size: int = 16,
     audio_cache_dir: str | Path | None = None,
-) -> dict[str, dict[str, float]]:
-    """{modality: {"hit@1", "mrr", "n_queries", "n_candidates"}} on `data_dir/<modality>/test.jsonl`."""
+    split: str = "test",
+) -> dict[str, dict[str, Any]]:
+    """Scores of `model_dir` on `data_dir/<modality>/<split>.jsonl` (only that split's files are opened).
+
+    Returns {modality: {"hit@1", "mrr", "n_queries", "n_candidates", "chance", "sources": {source: {"hit@1", "mrr",
+    "n_queries", "n_candidates", "chance", "task"}}}}; `limit` keeps the first rows of each file. A modality without
+    the file is left out. Raises ValueError for an unknown `split`.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"evaluate_model: split must be one of {SPLITS}, got {split!r}")
     data_dir = Path(data_dir)
-    model, processor = load_conan(model_dir, dtype=torch.float32)
+    model, processor = load_for_eval(model_dir)
     model.audio_frames_hook = AudioFrameCache.for_model(model, audio_cache_dir)
     results = {}
-    for modality in modalities or sorted(p.name for p in data_dir.iterdir() if (p / "test.jsonl").exists()):
-        path = data_dir / modality / "test.jsonl"
+    for modality in modalities or sorted(p.name for p in data_dir.iterdir() if (p / f"{split}.jsonl").exists()):
+        path = data_dir / modality / f"{split}.jsonl"
         if not path.exists():
             continue
         # The training loader validates rows and resolves media paths; decoding errors surface in the processor.
@@ -46,9 +135,8 @@ def evaluate_model(
         gold = [unique.index(p) for p in positives]
         q = embed_items(model, processor, queries, [r.instruction for r in rows], batch_size, desc=f"eval {modality}")
         c = embed_items(model, processor, candidates, None, batch_size, desc=f"eval {modality} candidates")
-        ranks = gold_ranks((q @ c.T).numpy(), gold)
-        metrics = rank_metrics(ranks, ks=(1, 5))
-        results[modality] = {
-            "hit@1": metrics["hit@1"], "mrr": metrics["mrr"], "n_queries": len(rows), "n_candidates": len(unique),
-        }
+        similarity = (q @ c.T).numpy()
+        tasks = [f"{input_kind(r.query)} -> {input_kind(r.positive)}" for r in rows]
+        results[modality] = {**score_similarity(similarity, gold),
+                             "sources": source_scores(similarity, gold, [r.source for r in rows], tasks)}
     return results

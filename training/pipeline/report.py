@@ -1,35 +1,157 @@
-"""report.md + PNG plots of a pipeline run: per-modality scores after every stage, and what they say.
+"""report.md + PNG plots of a pipeline run: scores per modality and per source after every stage, and verdicts.
 
-The verdict lines are computed from the measured numbers (audio after fusion vs the audio specialist, after
-recovery vs after fusion, ...); nothing here is hard-coded, so a run where Projector Drift does not show says so.
+Sections of report.md, in order: "Scores per modality (hit@1)", "Scores per source (hit@1)", "Verdicts against
+the targets", "What the numbers say", "Fusion weights: paper vs dev-chosen", "Projector Drift diagnosis (audio
+specialist vs fused)", "Recovery vs training-free re-alignment", "Data sources", "Stage wall times".
+
+Every verdict is computed from the measured numbers against :data:`TARGETS` (issue 15's targets for the main job):
+"met" or "not met, by X" with X the shortfall in hit@1 (or seconds); nothing here is hard-coded, so a run where a
+claim does not show says so. The teacher's ceiling is read from `base/stage.json` at `scores.teacher` where the base
+stage wrote one (a number: its text hit@1; or `evaluate_model`-shaped scores) and printed as "-" otherwise.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from training.common.modalities import MODALITIES
 
+# Row names of the tables (also the keys of scores.json).
+BASE, TEACHER = "base (distilled text)", "teacher (all-MiniLM-L6-v2)"
+FUSED, FUSED_DEV = "fused (paper weights)", "fused (dev-chosen weights)"
+RECOVERED, REALIGNED, REHEARSED = "recovered (projector)", "realigned (training-free)", "rehearsed (final)"
+VISUAL_TEXT = ("text", "image", "video", "document")
 
-def score_table(stages: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """{row name: {modality: hit@1}} in pipeline order."""
-    rows: dict[str, dict[str, float]] = {}
+
+@dataclass(frozen=True)
+class Targets:
+    """Issue 15's targets for the main job (hit@1 on the held-out test split)."""
+
+    base_text: float = 0.45            # base text hit@1 after distillation
+    specialist_gain: float = 0.15      # each specialist >= base + this on its own modality ...
+    document_gain: float = 0.10        # ... document: base + this
+    chance_multiple: float = 5.0       # ... and >= this x chance
+    fused_gap: float = 0.05            # fused within this of each visual/text specialist
+    recovery_ratio: float = 0.95       # recovered audio >= this x the audio specialist
+    final_ratio: float = 0.90          # rehearsed: worst modality >= this x its specialist
+    wall_s: dict[str, float] = field(default_factory=lambda: {"small": 1800.0, "smoke": 180.0})
+
+
+TARGETS = Targets()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One target check: `value` must reach `threshold` (higher is better unless `at_most`)."""
+
+    what: str
+    value: float
+    threshold: float
+    rule: str
+    at_most: bool = False
+
+    @property
+    def met(self) -> bool:
+        return self.value <= self.threshold if self.at_most else self.value >= self.threshold - 1e-9
+
+    @property
+    def shortfall(self) -> float:
+        return max(0.0, (self.value - self.threshold) if self.at_most else (self.threshold - self.value))
+
+    def line(self, unit: str = "") -> str:
+        fmt = "{:.0f}" if unit == " s" else "{:.3f}"
+        value, threshold = fmt.format(self.value) + unit, fmt.format(self.threshold) + unit
+        sign = "<=" if self.at_most else ">="
+        status = "met" if self.met else f"not met, by {fmt.format(self.shortfall)}{unit}"
+        return f"{self.what}: {value} vs target {sign} {threshold} ({self.rule}): **{status}**"
+
+
+# ------------------------------------------------------------------------------------------------------ tables
+def _hit(scores: dict[str, Any] | None) -> dict[str, float]:
+    return {m: float(v["hit@1"]) for m, v in (scores or {}).items() if isinstance(v, dict) and "hit@1" in v}
+
+
+def teacher_scores(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The teacher's scores as {modality: {"hit@1", ...}}: `base/stage.json` `scores.teacher` is a number (its text
+    hit@1), {"hit@1": x} (text) or `evaluate_model`-shaped; {} when absent."""
+    raw = stages.get("base", {}).get("scores", {}).get("teacher")
+    if raw is None:
+        return {}
+    if isinstance(raw, (int, float)):
+        return {"text": {"hit@1": float(raw)}}
+    if isinstance(raw, dict) and "hit@1" in raw:
+        return {"text": raw}
+    if isinstance(raw, dict):
+        return {m: v for m, v in raw.items() if isinstance(v, dict) and "hit@1" in v}
+    raise ValueError(f"base/stage.json scores.teacher: expected a number or a dict of scores, got {raw!r}")
+
+
+def stage_scores(stages: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{row name: evaluate_model scores} in pipeline order; rows a run lacks are left out (teacher included)."""
+    rows: dict[str, dict[str, Any]] = {}
 
     def add(name: str, scores: dict[str, Any] | None) -> None:
         if scores:
-            rows[name] = {m: v["hit@1"] for m, v in scores.items()}
+            rows[name] = scores
 
-    add("base (distilled text)", stages["base"].get("scores", {}).get("base"))
-    for modality, result in stages.get("specialists", {}).items():
+    add(BASE, stages.get("base", {}).get("scores", {}).get("base"))
+    add(TEACHER, teacher_scores(stages))
+    for modality, result in sorted(stages.get("specialists", {}).items()):
         if isinstance(result, dict) and "scores" in result:
             add(f"specialist: {modality}", result["scores"])
-    add("fused", stages.get("fuse", {}).get("scores"))
-    add("recovered (projector)", stages.get("recover", {}).get("scores"))
-    add("realigned (training-free)", stages.get("recover", {}).get("scores_realigned"))
-    add("rehearsed (final)", stages.get("rehearse", {}).get("scores"))
+    add(FUSED, stages.get("fuse", {}).get("scores"))
+    add(FUSED_DEV, stages.get("fuse", {}).get("scores_dev_chosen"))
+    add(RECOVERED, stages.get("recover", {}).get("scores"))
+    add(REALIGNED, stages.get("recover", {}).get("scores_realigned"))
+    add(REHEARSED, stages.get("rehearse", {}).get("scores"))
     return rows
+
+
+def score_table(stages: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """{row name: {modality: hit@1}} in pipeline order."""
+    return {name: _hit(scores) for name, scores in stage_scores(stages).items()}
+
+
+def chance_levels(stages: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """{modality: chance hit@1} (1 / candidates of the test split) from the first scores that give one."""
+    chance: dict[str, float] = {}
+    for scores in stage_scores(stages).values():
+        for m, v in scores.items():
+            if m not in chance and isinstance(v, dict) and v.get("n_candidates"):
+                chance[m] = float(v.get("chance", 1.0 / v["n_candidates"]))
+    return chance
+
+
+def source_table(stages: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{"modality/source": {"task", "n_candidates", "chance", "scores": {row name: hit@1}}}.
+
+    The specialist column holds the specialist of the source's own modality (row name "own specialist"). A score
+    without a per-source breakdown (e.g. the teacher's text number) fills a source only where its modality has just
+    that one source, whose candidates are then exactly the modality's.
+    """
+    rows = stage_scores(stages)
+    table: dict[str, dict[str, Any]] = {}
+    for name, scores in rows.items():
+        for modality, v in scores.items():
+            if name.startswith("specialist: ") and name != f"specialist: {modality}":
+                continue
+            column = "own specialist" if name.startswith("specialist: ") else name
+            for source, s in (v.get("sources") or {}).items():
+                entry = table.setdefault(f"{modality}/{source}", {
+                    "task": s.get("task", ""), "n_candidates": s.get("n_candidates"),
+                    "chance": s.get("chance"), "scores": {}})
+                entry["scores"][column] = float(s["hit@1"])
+    for name, scores in rows.items():  # modality-level numbers of single-source modalities
+        column = "own specialist" if name.startswith("specialist: ") else name
+        for modality, v in scores.items():
+            keys = [k for k in table if k.startswith(f"{modality}/")]
+            if len(keys) == 1 and column not in table[keys[0]]["scores"] and (
+                    not name.startswith("specialist: ") or name == f"specialist: {modality}"):
+                table[keys[0]]["scores"][column] = float(v["hit@1"])
+    return dict(sorted(table.items()))
 
 
 def best_specialist(rows: dict[str, dict[str, float]], modality: str) -> float | None:
@@ -37,45 +159,78 @@ def best_specialist(rows: dict[str, dict[str, float]], modality: str) -> float |
     return None if value is None else float(value)
 
 
-def verdicts(rows: dict[str, dict[str, float]]) -> list[str]:
-    """Plain statements about the paper's story, each computed from the table."""
+# ---------------------------------------------------------------------------------------------------- verdicts
+def target_verdicts(rows: dict[str, dict[str, float]], chance: dict[str, float], seconds: float | None = None,
+                    preset: str = "", targets: Targets = TARGETS) -> list[Verdict]:
+    """Each of issue 15's targets that the numbers allow checking, as a :class:`Verdict` (rows: score_table)."""
+    out: list[Verdict] = []
+    base, teacher = rows.get(BASE, {}), rows.get(TEACHER, {})
+    if "text" in base:
+        ceiling = f"; teacher {teacher['text']:.3f}" if "text" in teacher else "; teacher -"
+        out.append(Verdict("base text", base["text"], targets.base_text, f"absolute{ceiling}"))
+    for m in MODALITIES:
+        spec = best_specialist(rows, m)
+        if spec is None or m not in base or m not in chance:
+            continue
+        gain = targets.document_gain if m == "document" else targets.specialist_gain
+        need_gain, need_chance = base[m] + gain, targets.chance_multiple * chance[m]
+        rule = (f"max(base {base[m]:.3f} + {gain:.2f}, {targets.chance_multiple:g} x chance {chance[m]:.3f})")
+        out.append(Verdict(f"specialist {m}", spec, max(need_gain, need_chance), rule))
+    for label, row in (("fused (paper)", FUSED), ("fused (dev-chosen)", FUSED_DEV)):
+        for m in VISUAL_TEXT:
+            spec = best_specialist(rows, m)
+            if spec is not None and m in rows.get(row, {}):
+                out.append(Verdict(f"{label} {m}", rows[row][m], max(0.0, spec - targets.fused_gap),
+                                   f"specialist {spec:.3f} - {targets.fused_gap:.2f}"))
+    audio = best_specialist(rows, "audio")
+    if audio is not None:
+        for label, row in (("recovered audio", RECOVERED), ("realigned audio (beside it)", REALIGNED)):
+            if "audio" in rows.get(row, {}):
+                out.append(Verdict(label, rows[row]["audio"], targets.recovery_ratio * audio,
+                                   f"{targets.recovery_ratio:.0%} of the audio specialist {audio:.3f}"))
+    final = rows.get(REHEARSED, {})
+    ratios = [(final[m] - targets.final_ratio * best_specialist(rows, m), m) for m in MODALITIES
+              if m in final and best_specialist(rows, m) is not None]
+    if ratios:
+        _, worst = min(ratios)
+        spec = best_specialist(rows, worst)
+        out.append(Verdict(f"final worst modality ({worst})", final[worst], targets.final_ratio * spec,
+                           f"{targets.final_ratio:.0%} of its specialist {spec:.3f}"))
+    if seconds is not None and preset in targets.wall_s:
+        out.append(Verdict(f"wall time (preset {preset})", seconds, targets.wall_s[preset], "sum of stage times",
+                           at_most=True))
+    return out
+
+
+def observations(rows: dict[str, dict[str, float]]) -> list[str]:
+    """Plain statements about the paper's story (drift, recovery, composition), each computed from the table."""
     lines = []
-    fused, recovered = rows.get("fused", {}), rows.get("recovered (projector)", {})
-    rehearsed, base = rows.get("rehearsed (final)", {}), rows.get("base (distilled text)", {})
+    fused, recovered = rows.get(FUSED, {}), rows.get(RECOVERED, {})
     audio_spec = best_specialist(rows, "audio")
-    if audio_spec is not None and "audio" in fused:
-        drop = audio_spec - fused["audio"]
-        if drop > 0.02:
-            lines.append(f"Projector Drift shows: audio hit@1 fell from {audio_spec:.3f} (audio specialist) to "
-                         f"{fused['audio']:.3f} after fusion (-{drop:.3f}).")
-        else:
-            lines.append(f"Projector Drift did NOT show at this scale: audio hit@1 {audio_spec:.3f} (audio specialist) "
-                         f"vs {fused['audio']:.3f} after fusion (change {-drop:+.3f}).")
+    for label, row in (("paper", FUSED), ("dev-chosen", FUSED_DEV)):
+        if audio_spec is not None and "audio" in rows.get(row, {}):
+            after = rows[row]["audio"]
+            drop = audio_spec - after
+            shows = "shows" if drop > 0.02 else "does NOT show"
+            lines.append(f"Projector Drift {shows} at {label} weights: audio hit@1 {audio_spec:.3f} (audio specialist) "
+                         f"-> {after:.3f} after fusion (drop {drop:+.3f}).")
     if "audio" in fused and "audio" in recovered:
         gain = recovered["audio"] - fused["audio"]
         word = "recovered" if gain > 0.02 else "did not recover"
         lines.append(f"Projector Recovery {word} audio: {fused['audio']:.3f} -> {recovered['audio']:.3f} ({gain:+.3f}); "
                      "the backbone was frozen, so the other modalities are unchanged by construction.")
-    flat = [m for m in MODALITIES if m in base and best_specialist(rows, m) is not None
-            and best_specialist(rows, m) - base[m] < 0.02]
-    if flat:
-        lines.append(f"The {', '.join(flat)} specialist(s) did not beat the base by 0.02 hit@1 at this scale, so "
-                     "fusion has little to compose there; the small backbone's vision tower is random (no pretrained "
-                     "vision tower installs offline) and specialists train only LoRA on the LLM.")
-    for modality in ("image", "video", "document", "text"):
-        spec = best_specialist(rows, modality)
-        if spec is not None and modality in fused:
-            change = fused[modality] - spec
-            lines.append(f"{modality}: specialist {spec:.3f} -> fused {fused[modality]:.3f} ({change:+.3f})"
-                         + (f"; base {base[modality]:.3f}" if modality in base else "") + ".")
-    if rehearsed:
-        worst = min(rehearsed, key=lambda m: rehearsed[m] - (best_specialist(rows, m) or 0.0))
-        lines.append(f"After rehearsal the weakest modality relative to its specialist is {worst}: "
-                     f"{rehearsed[worst]:.3f} vs {best_specialist(rows, worst) or 0.0:.3f}.")
+    base = rows.get(BASE, {})
+    for m in VISUAL_TEXT:
+        spec = best_specialist(rows, m)
+        if spec is not None and m in fused:
+            dev = rows.get(FUSED_DEV, {}).get(m)
+            lines.append(f"{m}: base {base.get(m, float('nan')):.3f} -> specialist {spec:.3f} -> fused {fused[m]:.3f} "
+                         f"(paper weights)" + ("" if dev is None else f", {dev:.3f} (dev-chosen weights)") + ".")
     return lines
 
 
-def plot(rows: dict[str, dict[str, float]], out_png: Path) -> Path | None:
+# -------------------------------------------------------------------------------------------------------- plots
+def _pyplot():
     try:
         import matplotlib
 
@@ -83,54 +238,166 @@ def plot(rows: dict[str, dict[str, float]], out_png: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    selected = [r for r in rows if not r.startswith("specialist:")]
-    specialist_row = {m: best_specialist(rows, m) for m in MODALITIES}
-    names = ["own specialist", *selected]
-    values = [[specialist_row.get(m) or 0.0 for m in MODALITIES]] + [[rows[r].get(m, 0.0) for m in MODALITIES]
-                                                                    for r in selected]
-    fig, ax = plt.subplots(figsize=(9, 4), dpi=100)
-    width = 0.8 / len(names)
-    for i, (name, vals) in enumerate(zip(names, values)):
-        ax.bar([x + i * width for x in range(len(MODALITIES))], vals, width, label=name)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(MODALITIES))], MODALITIES)
-    ax.set_ylabel("hit@1 on held-out test pairs")
+    return plt
+
+
+def _bars(ax, groups: list[str], series: dict[str, list[float | None]], chance: list[float | None],
+          rotation: float = 0) -> None:
+    width = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar([x + i * width for x in range(len(groups))], [v or 0.0 for v in values], width, label=name)
+    for x, c in enumerate(chance):
+        if c is not None:
+            ax.hlines(c, x - width / 2, x + 0.8 - width / 2, colors="black", linestyles="dashed",
+                      label="chance" if x == 0 else None)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))], groups, fontsize=7, rotation=rotation,
+                  ha="right" if rotation else "center")
     ax.set_ylim(0, 1)
-    ax.set_title("Conan small pipeline: per-modality retrieval after each stage (offline proxy)")
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=6, ncol=3)
+
+
+def plot(rows: dict[str, dict[str, float]], chance: dict[str, float], out_png: Path) -> Path | None:
+    """Per-modality hit@1 of the own specialist and every non-specialist row, chance dashed."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    series = {"own specialist": [best_specialist(rows, m) for m in MODALITIES]}
+    series.update({r: [rows[r].get(m) for m in MODALITIES] for r in rows if not r.startswith("specialist:")})
+    fig, ax = plt.subplots(figsize=(10, 4), dpi=100)
+    _bars(ax, list(MODALITIES), series, [chance.get(m) for m in MODALITIES])
+    ax.set_ylabel("hit@1 on held-out test pairs")
+    ax.set_title("Conan pipeline: per-modality retrieval after each stage (offline proxy)")
     fig.tight_layout()
     fig.savefig(out_png)
     plt.close(fig)
     return out_png
 
 
-def write_report(out: Path, stages: dict[str, dict[str, Any]], preset: str, seed: int, command: str) -> dict[str, str]:
-    rows = score_table(stages)
+def plot_sources(sources: dict[str, dict[str, Any]], out_png: Path) -> Path | None:
+    """Per-source hit@1 of every column of :func:`source_table`, chance dashed."""
+    plt = _pyplot()
+    if plt is None or not sources:
+        return None
+    columns = list(dict.fromkeys(c for e in sources.values() for c in e["scores"]))
+    series = {c: [e["scores"].get(c) for e in sources.values()] for c in columns}
+    fig, ax = plt.subplots(figsize=(max(10, 1.4 * len(sources)), 5), dpi=100)
+    _bars(ax, list(sources), series, [e["chance"] for e in sources.values()], rotation=15)
+    ax.set_ylabel("hit@1 within the source's own candidates")
+    ax.set_title("Conan pipeline: per-source retrieval after each stage (offline proxy)")
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
+
+
+# ------------------------------------------------------------------------------------------------------- report
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in body]
+
+
+def _sweep_lines(fuse: dict[str, Any]) -> list[str]:
+    trials = fuse.get("dev_chosen", {}).get("trials", [])
+    if not trials:
+        return ["No dev sweep was recorded for this run."]
+    chosen = fuse["dev_chosen"].get("weights")
+    header = [f"weights α ({', '.join(MODALITIES)})", "dev mean MRR",
+              *[f"dev hit@1 {m}" for m in MODALITIES], ""]
+    body = []
+    for t in trials:
+        w = t["weights"]
+        tag = ("paper" if w == fuse.get("weights") else "") + (" **chosen**" if w == chosen else "")
+        body.append([", ".join(f"{w.get(m, 0):g}" for m in MODALITIES),
+                     f"{t['objective']:.3f}", *[_fmt(t["dev"].get(m, {}).get("hit@1")) for m in MODALITIES], tag])
+    paper = ", ".join(f"{m} {fuse.get('weights', {}).get(m, '-')}" for m in MODALITIES)
+    return [f"Task arithmetic θ = θ₀ + Σ α_m τ_m. Paper weights: {paper} (text: our choice, the "
+            "visual α, since the paper has no text specialist). The sweep fuses one model per grid point and scores "
+            f"it on the **dev** split only ({fuse['dev_chosen'].get('objective', 'mean dev MRR')}); the best is "
+            "`fuse/dev-chosen`, scored once on test above. Recovery and rehearsal continue from the **paper-weight** "
+            "fused model (`fuse/model`), as in the paper.", "", *_markdown_table(header, body)]
+
+
+def _data_lines(data: dict[str, Any]) -> list[str]:
+    sources, skipped = data.get("sources", {}), data.get("skipped", {})
+    body = [[m, s, *(str(c.get(split, 0)) for split in ("train", "dev", "test"))]
+            for m, srcs in sorted(sources.items()) for s, c in sorted(srcs.items())]
+    lines = _markdown_table(["modality", "source", "train", "dev", "test"], body) if body else []
+    if skipped:
+        lines += ["", "Skipped sources (the targets apply to the full run with every source):"]
+        lines += [f"- {m}/{s}: {why}" for m, srcs in sorted(skipped.items()) for s, why in sorted(srcs.items())]
+    elif "skipped" in data:
+        lines += ["", "Skipped sources: none (every source, `../shared` included, was installed)."]
+    else:
+        lines += ["", "Skipped sources: unknown (the data stage of this run did not record them)."]
+    return lines
+
+
+def write_report(out: Path, stages: dict[str, dict[str, Any]], preset: str, seed: int, command: str,
+                 targets: Targets = TARGETS) -> dict[str, str]:
+    """Write `out/report.md`, `out/scores.json` (per-modality and per-source tables) and the PNG plots."""
+    out = Path(out)
+    rows, chance, sources = score_table(stages), chance_levels(stages), source_table(stages)
+    timings = {s: round(v.get("seconds", 0.0)) for s, v in stages.items()}
+    total = sum(v.get("seconds", 0.0) for v in stages.values())
+    if TEACHER not in rows:
+        rows_display = {BASE: rows.get(BASE, {}), TEACHER: {}, **rows}
+    else:
+        rows_display = rows
     lines = [
-        "# Conan-embedding-v3 small pipeline report",
+        "# Conan-embedding-v3 pipeline report",
         "",
         f"Command: `{command}` (preset `{preset}`, seed {seed}). Scores: hit@1 of each modality's held-out test",
-        "queries against all test candidates of that modality (offline proxy on real local data, **not MMEB/MAEB**).",
+        "queries against all test candidates of that modality (offline proxy on real local data, **not MMEB/MAEB**);",
+        "chance = 1 / candidates. Per source, a source's queries rank only that source's candidates (CIFAR-10: its 10",
+        "class names, i.e. zero-shot accuracy; spoken digits: the 10 digit names).",
         "",
-        "| model | " + " | ".join(MODALITIES) + " |",
-        "|---|" + "---|" * len(MODALITIES),
+        "## Scores per modality (hit@1)",
+        "",
+        *_markdown_table(["model", *MODALITIES], [[name, *(_fmt(s.get(m)) for m in MODALITIES)]
+                                                  for name, s in rows_display.items() if name in (BASE, TEACHER)
+                                                  or s]),
+        "| chance | " + " | ".join(_fmt(chance.get(m)) for m in MODALITIES) + " |",
+        "",
+        "## Scores per source (hit@1)",
+        "",
     ]
-    for name, scores in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{scores[m]:.3f}" if m in scores else "-" for m in MODALITIES) + " |")
-    lines += ["", "## What the numbers say", ""] + [f"- {v}" for v in verdicts(rows)]
+    columns = [BASE, "own specialist", FUSED, FUSED_DEV, RECOVERED, REALIGNED, REHEARSED, TEACHER]
+    lines += _markdown_table(
+        ["source", "task", "candidates", "chance", *columns],
+        [[key, e["task"], str(e["n_candidates"]), _fmt(e["chance"]), *(_fmt(e["scores"].get(c)) for c in columns)]
+         for key, e in sources.items()])
+    lines += ["", "## Verdicts against the targets", ""]
+    lines += [f"- {v.line(' s' if v.what.startswith('wall time') else '')}"
+              for v in target_verdicts(rows, chance, total, preset, targets)]
+    lines += ["- held-out generalisation (unseen sources): not measured here (those tasks live outside the repo)."]
+    if stages.get("data", {}).get("skipped"):
+        lines += ["- This run skipped data sources (see Data sources); the targets apply to the full run."]
+    lines += ["", "## What the numbers say", ""] + [f"- {v}" for v in observations(rows)]
+    lines += ["", "## Fusion weights: paper vs dev-chosen", "", *_sweep_lines(stages.get("fuse", {}))]
     drift = stages.get("drift", {}).get("table")
     if drift:
         lines += ["", "## Projector Drift diagnosis (audio specialist vs fused)", "", drift]
     recover = stages.get("recover", {})
     if recover:
+        compact = {k: {kk: vv for kk, vv in (recover.get(k) or {}).items()
+                       if kk != "config" and len(json.dumps(vv, default=str)) <= 200}   # no hashes, no configs
+                   for k in ("recovery", "realign")}
         lines += ["", "## Recovery vs training-free re-alignment", "",
-                  "```json", json.dumps({"recovery": recover.get("recovery"), "realign": recover.get("realign")},
-                                        indent=1, default=str)[:4000], "```"]
-    timings = {s: round(v.get("seconds", 0.0)) for s, v in stages.items()}
+                  "```json", json.dumps(compact, indent=1, default=str), "```"]
+    lines += ["", "## Data sources", "", *_data_lines(stages.get("data", {}))]
     lines += ["", "## Stage wall times (s)", "", " | ".join(f"{k}: {v}" for k, v in timings.items()),
-              f"total: {sum(timings.values())} s", ""]
-    png = plot(rows, out / "scores.png")
+              f"total: {round(total)} s" + (f" (target <= {targets.wall_s[preset]:.0f} s for preset {preset})"
+                                            if preset in targets.wall_s else ""), ""]
+    png = plot(rows, chance, out / "scores.png")
+    png_sources = plot_sources(sources, out / "scores_by_source.png")
     if png:
         lines += ["![per-modality scores](scores.png)", ""]
+    if png_sources:
+        lines += ["![per-source scores](scores_by_source.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
-    (out / "scores.json").write_text(json.dumps(rows, indent=1))
-    return {"report": str(out / "report.md"), "plot": str(png) if png else ""}
+    (out / "scores.json").write_text(json.dumps({"modalities": rows, "chance": chance, "sources": sources}, indent=1))
+    return {"report": str(out / "report.md"), "plot": str(png) if png else "",
+            "plot_sources": str(png_sources) if png_sources else ""}

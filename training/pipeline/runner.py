@@ -1,6 +1,6 @@
 """The end-to-end job: decouple -> fuse -> recover on a small Conan model, on real data, with a report.
 
-    python -m training.pipeline --preset small     # the README's main job (<= 20 min on 2 CPU cores)
+    python -m training.pipeline --preset small     # the README's main job (<= 30 min on 2 CPU cores)
     python -m training.pipeline --preset smoke     # CI-sized (<= 3 min)
 
 Stages (each writes `OUT/<stage>/` and a `stage.json`; a rerun skips finished stages, `--force` redoes them):
@@ -8,12 +8,15 @@ Stages (each writes `OUT/<stage>/` and a `stage.json`; a rerun skips finished st
   base        small base from real parts (Whisper tiny.en encoder, real Qwen2 tokenizer) + text semantics
               distilled from all-MiniLM-L6-v2
   specialists one contrastive LoRA specialist per modality (text anchor, image, video, document, audio)
-  fuse        Decoupled Specialist Fusion (task arithmetic); audio projector copied from the audio specialist
+  fuse        Decoupled Specialist Fusion (task arithmetic) at the paper's weights (fuse/model, which recovery and
+              rehearsal continue from) and at weights chosen by a small sweep on the DEV split (fuse/dev-chosen);
+              audio projector copied from the audio specialist
   drift       Projector Drift diagnosis: the audio specialist vs the fused model
   recover     Projector Recovery: the audio projector alone, backbone frozen
   rehearse    balanced multi-modal rehearsal (LoRA on the fused backbone + projector at a lower LR)
-  report      report.md + PNG plots: per-modality scores after every stage
-Every stage is evaluated on the held-out test pairs (training/evaluation/stage_eval.py: an offline proxy, not MMEB/MAEB).
+  report      report.md + PNG plots: per-modality and per-source scores after every stage, verdicts vs the targets
+Every stage is evaluated on the held-out test pairs, per modality and per source with chance levels
+(training/evaluation/stage_eval.py: an offline proxy, not MMEB/MAEB); only the fusion sweep reads the dev pairs.
 """
 
 from __future__ import annotations
@@ -34,6 +37,13 @@ from training.common.modalities import MODALITIES
 
 logger = logging.getLogger("training.pipeline")
 STAGES = ("data", "base", "specialists", "fuse", "drift", "recover", "rehearse", "report")
+# Fusion weights α_m of θ = θ₀ + Σ α_m τ_m. The paper's "multiway-C" (paper.md §1): 0.3 image/video/document, 0.5
+# audio. The paper has no text specialist (text is the base's skill); ours is one more LLM-only delta like the
+# visual ones, so it gets their 0.3 (the sweep below checks other values on dev).
+PAPER_FUSION_WEIGHTS = {"text": 0.3, "image": 0.3, "video": 0.3, "document": 0.3, "audio": 0.5}
+# The dev sweep: one α for the four non-audio specialists x one α for audio (paper point first: ties keep it).
+FUSION_SWEEP_AXES = {"visual_text": ("text", "image", "video", "document"), "audio": ("audio",)}
+FUSION_SWEEP_VALUES = {"visual_text": (0.3, 0.6, 1.0), "audio": (0.5, 1.0)}
 
 
 @dataclass(frozen=True)
@@ -89,10 +99,11 @@ class Pipeline:
         print(f"[{stage}] finished in {result['seconds']:.0f} s: {summary_line(result)}", flush=True)
         return result
 
-    def evaluate(self, model_dir: Path) -> dict[str, Any]:
+    def evaluate(self, model_dir: Path, split: str = "test") -> dict[str, Any]:
         from training.evaluation.stage_eval import evaluate_model
 
-        return evaluate_model(model_dir, self.data_dir, limit=self.preset.eval_limit, audio_cache_dir=self.audio_cache)
+        return evaluate_model(model_dir, self.data_dir, limit=self.preset.eval_limit, audio_cache_dir=self.audio_cache,
+                              split=split)
 
     @property
     def data_dir(self) -> Path:
@@ -107,7 +118,7 @@ class Pipeline:
         missing = [m for m in MODALITIES if not (out / "pairs" / m / "train.jsonl").exists()]
         if missing:
             raise RuntimeError(f"no training data could be built for {missing}; see {out / 'pairs' / 'manifest.json'}")
-        return {"counts": counts}
+        return {"counts": counts, **data_sources_summary(manifest)}
 
     def stage_base(self, out: Path) -> dict[str, Any]:
         from training.base.distill_text import distill_text
@@ -156,12 +167,26 @@ class Pipeline:
         cfg = FusionConfig(
             base=self.stage_dir("base") / "model", output=out / "model", method="task_arithmetic",
             lambda_=self.preset.fusion_lambda,
-            models=[ModelSpec(path=specialists / m, name=m) for m in MODALITIES], progress=False,
+            models=[ModelSpec(path=specialists / m, name=m, weight=PAPER_FUSION_WEIGHTS[m]) for m in MODALITIES],
+            progress=False,
         )
         manifest = fuse(cfg)
         flagged = sorted({k for k, v in manifest.get("tensors", {}).items() if v.get("needs_recovery")})
-        return {"model": str(out / "model"), "needs_recovery": flagged,
-                "scores": self.evaluate(out / "model")}
+        sweep = self.fusion_sweep(cfg, out / "dev-chosen", out / ".sweep")
+        return {"model": str(out / "model"), "weights": dict(PAPER_FUSION_WEIGHTS), "needs_recovery": flagged,
+                "scores": self.evaluate(out / "model"),
+                "dev_chosen": {"model": str(out / "dev-chosen"), "weights": sweep["weights"],
+                               "objective": "mean dev MRR over modalities", "trials": sweep["trials"]},
+                "scores_dev_chosen": self.evaluate(out / "dev-chosen")}
+
+    def fusion_sweep(self, cfg: Any, output: Path, work_dir: Path) -> dict[str, Any]:
+        """The dev-split weight sweep of `cfg` (training/fusion/sweep.py): each grid point scored by its mean MRR
+        over the modalities' `dev.jsonl` (never `test.jsonl`); the best model is written to `output`."""
+        from training.fusion.sweep import sweep_weights, weight_grid
+
+        grid = weight_grid(PAPER_FUSION_WEIGHTS, FUSION_SWEEP_AXES, FUSION_SWEEP_VALUES)
+        return sweep_weights(cfg, grid, evaluate=lambda model: self.evaluate(model, split="dev"),
+                             objective=mean_mrr, output=output, work_dir=work_dir)
 
     def stage_drift(self, out: Path) -> dict[str, Any]:
         from training.recovery.drift import drift_report, format_table
@@ -228,6 +253,9 @@ class Pipeline:
         from training.pipeline.report import write_report
 
         stages = {s: json.loads((self.stage_dir(s) / "stage.json").read_text()) for s in STAGES[:-1]}
+        manifest = self.data_dir / "manifest.json"
+        if "skipped" not in stages["data"] and manifest.exists():  # a data stage from before sources were recorded
+            stages["data"].update(data_sources_summary(json.loads(manifest.read_text())))
         run_file = self.out / "run.json"  # the command that built the stages (a report-only rerun keeps it)
         command = json.loads(run_file.read_text())["command"] if run_file.exists() else self.command
         paths = write_report(out, stages, self.preset_name, self.seed, command)
@@ -261,6 +289,25 @@ def training_texts(data_dir: Path) -> tuple[list[str], list[str]]:
     return texts, sorted(instructions)
 
 
+def mean_mrr(scores: dict[str, dict[str, Any]]) -> float:
+    """The fusion sweep's objective: mean MRR over the modalities of `evaluate_model` scores (MRR: smoother than
+    hit@1 on a few dev pairs; every modality weighs the same, as in the per-modality targets)."""
+    if not scores:
+        raise ValueError("mean_mrr: no modality was scored (no dev.jsonl under the data folder?)")
+    return sum(v["mrr"] for v in scores.values()) / len(scores)
+
+
+def data_sources_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """{"sources": {modality: {source: counts per split}}, "skipped": {modality: {source: reason}}} of a
+    training/data_sources manifest (a source is skipped where it is not installed, e.g. ../shared absent)."""
+    modalities = manifest.get("modalities", {})
+    skipped = {m: dict(v.get("skipped", {})) for m, v in modalities.items() if v.get("skipped")}
+    for m, why in manifest.get("skipped_modalities", {}).items():
+        skipped[m] = why if isinstance(why, dict) else {"all": str(why)}
+    return {"sources": {m: {s: v.get("counts", {}) for s, v in e.get("sources", {}).items()}
+                        for m, e in modalities.items()}, "skipped": skipped}
+
+
 def _compact(report: dict[str, Any]) -> dict[str, Any]:
     """Scalars and small dicts of a stage report (the full report stays in its own folder)."""
     return {k: v for k, v in report.items() if isinstance(v, (int, float, str, bool)) or (
@@ -268,16 +315,24 @@ def _compact(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def summary_line(result: dict[str, Any]) -> str:
+    """One printed line per finished stage: hit@1 per modality where the result has scores."""
+    def hits(scores: Any) -> str:
+        if isinstance(scores, (int, float)):
+            return f"{scores:.2f}"
+        if isinstance(scores, dict) and "hit@1" in scores:
+            return f"{scores['hit@1']:.2f}"
+        return " ".join(f"{m}={v['hit@1']:.2f}" for m, v in (scores or {}).items()
+                        if isinstance(v, dict) and "hit@1" in v)
+
     if all(isinstance(v, dict) and "scores" in v for v in result.values() if isinstance(v, dict)) and any(
             isinstance(v, dict) for v in result.values()):  # the specialists stage: one entry per modality
         return " ".join(f"{m}->{v['scores'][m]['hit@1']:.2f}" for m, v in result.items()
                         if isinstance(v, dict) and m in v.get("scores", {})) + " (hit@1 on own modality)"
     scores = result.get("scores")
-    if isinstance(scores, dict) and scores and all(isinstance(v, dict) for v in scores.values()):
-        first = next(iter(scores.values()))
-        if "hit@1" in first:
-            return " ".join(f"{m}={v['hit@1']:.2f}" for m, v in scores.items()) + " (hit@1)"
-        return "; ".join(f"{k}: " + " ".join(f"{m}={v['hit@1']:.2f}" for m, v in s.items()) for k, s in scores.items())
+    if isinstance(scores, dict) and scores:
+        if all(isinstance(v, dict) and "hit@1" in v for v in scores.values()):  # {modality: metrics}
+            return hits(scores) + " (hit@1)"
+        return "; ".join(f"{k}: {hits(v)}" for k, v in scores.items())  # {model: {modality: metrics} | number}
     return ", ".join(f"{k}={v}" for k, v in result.items()
                      if isinstance(v, (int, float, str)) and k != "seconds" and len(str(v)) < 120)
 

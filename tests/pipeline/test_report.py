@@ -1,0 +1,136 @@
+"""The pipeline report (training/pipeline/report.py) on synthetic stage results: verdicts, per-source rows, sections."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from training.pipeline import report
+from training.pipeline.report import TARGETS, Verdict, source_table, target_verdicts, write_report
+
+MODS = ("text", "image", "video", "document", "audio")
+
+
+def _scores(hit: dict[str, float], n: dict[str, int] | None = None, sources: dict[str, dict] | None = None) -> dict:
+    n = n or {}
+    out = {}
+    for m, h in hit.items():
+        c = n.get(m, 20)
+        out[m] = {"hit@1": h, "mrr": h, "n_queries": 20, "n_candidates": c, "chance": 1 / c}
+        if sources and m in sources:
+            out[m]["sources"] = sources[m]
+    return out
+
+
+def _src(hit: float, n: int, task: str) -> dict:
+    return {"hit@1": hit, "mrr": hit, "n_queries": 10, "n_candidates": n, "chance": 1 / n, "task": task}
+
+
+def _stages(teacher=None, skipped=None) -> dict:
+    n = {"text": 80, "image": 50, "video": 80, "document": 80, "audio": 63}
+    image_sources = lambda a, b: {"image": {"cifar10-photos": _src(a, 10, "image -> text"),  # noqa: E731
+                                            "noto-emoji-cldr-names": _src(b, 40, "image -> text")}}
+    base = {"text": 0.40, "image": 0.02, "video": 0.02, "document": 0.02, "audio": 0.02}
+    specs = {"text": 0.60, "image": 0.30, "video": 0.10, "document": 0.12, "audio": 0.50}
+    specialists = {m: {"scores": _scores({**base, m: specs[m]}, n, image_sources(0.6, 0.2) if m == "image" else None)}
+                   for m in MODS}
+    fused = {"text": 0.58, "image": 0.20, "video": 0.09, "document": 0.12, "audio": 0.10}
+    return {
+        "data": {"seconds": 10, "sources": {"image": {"cifar10-photos": {"train": 5, "dev": 2, "test": 2}}},
+                 "skipped": skipped or {}},
+        "base": {"seconds": 100, "scores": {"base": _scores(base, n, image_sources(0.1, 0.02)),
+                                            **({"teacher": teacher} if teacher is not None else {})}},
+        "specialists": {"seconds": 300, **specialists},
+        "fuse": {"seconds": 20, "weights": {"text": 0.3, "image": 0.3, "video": 0.3, "document": 0.3, "audio": 0.5},
+                 "scores": _scores(fused, n, image_sources(0.5, 0.1)),
+                 "scores_dev_chosen": _scores({**fused, "image": 0.28}, n),
+                 "dev_chosen": {"weights": {"text": 1.0, "image": 1.0, "video": 1.0, "document": 1.0, "audio": 0.5},
+                                "objective": "mean dev MRR over modalities",
+                                "trials": [{"weights": {"text": 0.3, "image": 0.3, "video": 0.3, "document": 0.3,
+                                                        "audio": 0.5}, "objective": 0.2, "dev": _scores(fused)},
+                                           {"weights": {"text": 1.0, "image": 1.0, "video": 1.0, "document": 1.0,
+                                                        "audio": 0.5}, "objective": 0.3, "dev": _scores(fused)}]}},
+        "drift": {"seconds": 5, "table": "drift table"},
+        "recover": {"seconds": 60, "scores": _scores({**fused, "audio": 0.48}, n),
+                    "scores_realigned": _scores({**fused, "audio": 0.30}, n),
+                    "recovery": {"best_step": 3, "config": {"lr": 1}}, "realign": {"rank": 2}},
+        "rehearse": {"seconds": 90, "scores": _scores({**fused, "audio": 0.47, "image": 0.25}, n)},
+    }
+
+
+def test_verdict_margins():
+    assert Verdict("x", 0.40, 0.45, "r").line() == "x: 0.400 vs target >= 0.450 (r): **not met, by 0.050**"
+    assert Verdict("x", 0.45, 0.45, "r").met and Verdict("x", 0.46, 0.45, "r").shortfall == 0.0
+    slow = Verdict("wall", 2000, 1800, "sum", at_most=True)
+    assert not slow.met and slow.shortfall == 200 and slow.line(" s").endswith("**not met, by 200 s**")
+
+
+def test_target_verdicts_on_synthetic_numbers():
+    stages = _stages(teacher=0.675)
+    verdicts = {v.what: v for v in target_verdicts(report.score_table(stages), report.chance_levels(stages),
+                                                   seconds=585, preset="small")}
+    base = verdicts["base text"]
+    assert not base.met and base.shortfall == pytest.approx(0.05) and "teacher 0.675" in base.rule
+    # text: base 0.40 + 0.15 = 0.55 > 5 x 1/80 -> 0.60 meets it
+    assert verdicts["specialist text"].threshold == pytest.approx(0.55) and verdicts["specialist text"].met
+    # video: max(0.02 + 0.15, 5/80) = 0.17; 0.10 misses by 0.07
+    assert verdicts["specialist video"].shortfall == pytest.approx(0.07)
+    # document uses the 0.10 gain: 0.12 meets 0.12
+    assert verdicts["specialist document"].threshold == pytest.approx(0.12) and verdicts["specialist document"].met
+    # audio: chance 1/63 x 5 = 0.079 < 0.17
+    assert verdicts["specialist audio"].threshold == pytest.approx(0.17)
+    assert verdicts["fused (paper) image"].shortfall == pytest.approx(0.05)     # 0.20 vs 0.30 - 0.05
+    assert verdicts["fused (dev-chosen) image"].met                            # 0.28 >= 0.25
+    assert verdicts["fused (paper) text"].met and "fused (paper) audio" not in verdicts
+    assert verdicts["recovered audio"].met                                      # 0.48 >= 0.95 x 0.50
+    assert verdicts["realigned audio (beside it)"].shortfall == pytest.approx(0.175)
+    worst = verdicts["final worst modality (image)"]                            # 0.25 vs 0.27: the worst margin
+    assert worst.shortfall == pytest.approx(0.02)
+    assert verdicts["wall time (preset small)"].met
+
+
+def test_source_table_columns_and_chance():
+    table = source_table(_stages(teacher={"hit@1": 0.675}))
+    cifar = table["image/cifar10-photos"]
+    assert cifar["chance"] == pytest.approx(0.1) and cifar["task"] == "image -> text"
+    assert cifar["scores"]["own specialist"] == 0.6 and cifar["scores"][report.FUSED] == 0.5
+    assert report.FUSED_DEV not in cifar["scores"]          # no per-source numbers were given for it
+    assert table["image/noto-emoji-cldr-names"]["chance"] == pytest.approx(1 / 40)
+
+
+def test_write_report_sections_teacher_and_skips(tmp_path):
+    paths = write_report(tmp_path, _stages(skipped={"audio": {"fsdd-spoken-digits": "../shared absent"}}),
+                         "small", 0, "python -m training.pipeline --preset small")
+    text = (tmp_path / "report.md").read_text()
+    for section in ("## Scores per modality (hit@1)", "## Scores per source (hit@1)", "## Verdicts against the targets",
+                    "## What the numbers say", "## Fusion weights: paper vs dev-chosen",
+                    "## Projector Drift diagnosis (audio specialist vs fused)",
+                    "## Recovery vs training-free re-alignment", "## Data sources", "## Stage wall times (s)"):
+        assert section in text, section
+    assert "| teacher (all-MiniLM-L6-v2) | - | - | - | - | - |" in text
+    assert "| chance | 0.013 | 0.020 | 0.013 | 0.013 | 0.016 |" in text
+    assert "base text: 0.400 vs target >= 0.450 (absolute; teacher -): **not met, by 0.050**" in text
+    assert "audio/fsdd-spoken-digits: ../shared absent" in text and "skipped data sources" in text
+    assert "**chosen**" in text and "paper-weight" in text
+    assert '"config"' not in text
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["modalities"][report.FUSED_DEV]["image"] == 0.28
+    if paths["plot"]:
+        assert (tmp_path / "scores.png").stat().st_size > 0 and (tmp_path / "scores_by_source.png").exists()
+    text_with_teacher = write_report(tmp_path, _stages(teacher=0.675), "small", 0, "cmd")["report"]
+    assert "| teacher (all-MiniLM-L6-v2) | 0.675 | - |" in open(text_with_teacher).read()
+
+
+@pytest.mark.parametrize("teacher, printed, value", [(0.675, "teacher: 0.68", 0.675),
+                                                     ({"hit@1": 0.6}, "teacher: 0.60", 0.6),
+                                                     ({"text": {"hit@1": 0.6}}, "teacher: text=0.60", 0.6)])
+def test_stage_summary_line_and_report_read_every_teacher_form(teacher, printed, value):
+    from training.pipeline.runner import summary_line
+
+    stages = _stages(teacher=teacher)
+    assert summary_line({"scores": stages["base"]["scores"]}).endswith(printed)
+    assert report.score_table(stages)[report.TEACHER] == {"text": pytest.approx(value)}
+    assert source_table(stages)["image/cifar10-photos"]["scores"].get(report.TEACHER) is None
+    with pytest.raises(ValueError, match="scores.teacher"):
+        report.teacher_scores({"base": {"scores": {"teacher": "high"}}})
