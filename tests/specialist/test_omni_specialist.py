@@ -12,10 +12,10 @@ import torch
 import yaml
 
 from training.common.config import ConfigError
-from training.contrastive.data import load_jsonl
+from training.contrastive.data import ContrastiveBatch, load_jsonl
 from training.contrastive.omni_objectives import BASELINE_WEIGHTS, OmniWeights
-from training.contrastive.omni_training import OmniTupleCollator, omni_train_step
-from training.contrastive.trainer import loss_settings_from
+from training.contrastive.omni_training import OmniBatch, OmniTupleCollator, omni_train_step
+from training.contrastive.trainer import collator_for, loss_settings_from
 from training.data_sources.common import MediaWriter
 from training.specialist import decouple as specialist
 
@@ -100,12 +100,19 @@ def test_gradcache_omni_step_matches_plain_step(tiny_model_and_processor, tuple_
                                 {"tuple_nce", "teacher", "pair", "total"})
 
 
-def test_pair_rows_are_refused_by_the_omni_collator(tiny_model_and_processor, tmp_path):
+def test_pair_rows_are_refused_or_left_to_info_nce(tiny_model_and_processor, tuple_file, tmp_path):
     _, processor = tiny_model_and_processor
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({"query": "a text", "positive": "another text", "source": "s"}) + "\n")
+    pairs = load_jsonl(path, check_media=False)
     with pytest.raises(ValueError, match="tuple rows"):
-        OmniTupleCollator(processor)(load_jsonl(path, check_media=False))
+        OmniTupleCollator(processor)(pairs)  # the specialist: a pair file under the omni objective is an error
+    omni = loss_settings_from({"objective": "omni_retriever"})
+    mixed = collator_for(omni, processor, pair_batches=True)  # rehearsal: pair sources keep info_nce
+    assert isinstance(mixed(pairs), ContrastiveBatch)
+    assert isinstance(mixed(load_jsonl(tuple_file, check_media=False)[:2]), OmniBatch)
+    with pytest.raises(ValueError, match="tuple rows"):  # one batch mixing both is an error
+        mixed(pairs + load_jsonl(tuple_file, check_media=False)[:1])
 
 
 def test_loss_config_is_checked():

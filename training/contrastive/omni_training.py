@@ -57,6 +57,11 @@ def recombine(parsed: Any, **parts: Any) -> Any:
                         audio=parts.get(AUDIO, parsed.audio))
 
 
+def is_tuple_row(example: Example) -> bool:
+    """True when the row's query and positive both hold exactly text, video and audio (docs/omni_tuples.md)."""
+    return all(set(item) == set(MODALITIES) for item in (example.query, example.positive))
+
+
 @dataclass
 class OmniBatch:
     """Parsed (text, video, audio) tuples of one micro-batch; model inputs are prepared per step (`inputs`), since
@@ -102,15 +107,18 @@ class OmniTupleCollator:
     """Tuple rows -> OmniBatch. Decoding errors name the row (`file:line`); in skip mode the row is dropped.
 
     A row whose `query` or `positive` lacks one of text / video / audio is a DataError (a pair file given to the
-    omni objective). `chunk_size` > 0 splits every group into GradCache chunks of that many rows.
+    omni objective), unless `pairs` is given: then a micro-batch with no tuple row goes to that collator (a
+    `ContrastiveBatch`, trained with `info_nce`; rehearsal mixes tuple sources with pair sources, each batch one
+    source). `chunk_size` > 0 splits every group into GradCache chunks of that many rows.
     """
 
     def __init__(self, processor: Any, chunk_size: int = 0, query_instruction: str | None = None,
-                 on_error: OnError = "fatal"):
+                 on_error: OnError = "fatal", pairs: Callable[[Sequence[Example]], Any] | None = None):
         self.processor = processor
         self.chunk_size = chunk_size
         self.query_instruction = query_instruction
         self.on_error = on_error
+        self.pairs = pairs
 
     def prepare(self, parsed: list[Any], instructions: list[str | None]) -> list[dict[str, torch.Tensor]]:
         size = self.chunk_size if self.chunk_size > 0 else max(len(parsed), 1)
@@ -120,8 +128,7 @@ class OmniTupleCollator:
     def _parse(self, example: Example) -> tuple[Any, Any]:
         out = []
         for name, item in (("query", example.query), ("positive", example.positive)):
-            missing = [m for m in MODALITIES if m not in item]
-            if missing or set(item) - set(MODALITIES):
+            if set(item) != set(MODALITIES):
                 raise DataError(f"{example.where}: {name} has keys {sorted(item)}; loss.objective omni_retriever "
                                 f"needs (text, video, audio) tuple rows, each of query and positive with exactly "
                                 f"{list(MODALITIES)} (docs/omni_tuples.md)")
@@ -132,7 +139,9 @@ class OmniTupleCollator:
             out.append(parsed)
         return out[0], out[1]
 
-    def __call__(self, examples: Sequence[Example]) -> OmniBatch:
+    def __call__(self, examples: Sequence[Example]) -> Any:
+        if self.pairs is not None and not any(is_tuple_row(e) for e in examples):
+            return self.pairs(examples)
         good, parsed = [], []
         for example in examples:
             try:
@@ -208,5 +217,5 @@ def omni_train_step(
     return plain_step(encode, query_chunks, target_chunks, loss_fn, backward=backward, extra_loss=extra_loss)
 
 
-__all__ = ["OBJECTIVES", "OmniBatch", "OmniStepOutput", "OmniTupleCollator", "omni_train_step", "recombine",
-           "single_modal"]
+__all__ = ["OBJECTIVES", "OmniBatch", "OmniStepOutput", "OmniTupleCollator", "is_tuple_row", "omni_train_step",
+           "recombine", "single_modal"]

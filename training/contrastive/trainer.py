@@ -204,14 +204,19 @@ def loss_settings_from(raw: dict[str, Any], seed: int = 0, where: str = "config"
 
 def collator_for(settings: LossSettings, processor: Any, num_negatives: int = 0, chunk_size: int = 0,
                  query_instruction: str | None = None, target_instruction: str | None = None,
-                 on_error: OnError = "fatal") -> ContrastiveCollator | OmniTupleCollator:
-    """The collator the objective needs: pairs (`ContrastiveCollator`) or (text, video, audio) tuples."""
+                 on_error: OnError = "fatal", pair_batches: bool = False) -> ContrastiveCollator | OmniTupleCollator:
+    """The collator the objective needs: pairs (`ContrastiveCollator`) or (text, video, audio) tuples.
+
+    `pair_batches` (omni objective only): micro-batches without tuple rows become pair batches trained with
+    `info_nce` at the same temperature (rehearsal: tuple sources next to pair sources); otherwise they are an error.
+    """
+    pairs = ContrastiveCollator(processor, num_negatives=num_negatives, chunk_size=chunk_size,
+                                query_instruction=query_instruction, target_instruction=target_instruction,
+                                on_error=on_error)
     if settings.objective == "omni_retriever":
         return OmniTupleCollator(processor, chunk_size=chunk_size, query_instruction=query_instruction,
-                                 on_error=on_error)
-    return ContrastiveCollator(processor, num_negatives=num_negatives, chunk_size=chunk_size,
-                               query_instruction=query_instruction, target_instruction=target_instruction,
-                               on_error=on_error)
+                                 on_error=on_error, pairs=pairs if pair_batches else None)
+    return pairs
 
 
 def encoder_of(model: nn.Module) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
@@ -254,9 +259,9 @@ def train_step(
     objective's pair and hard negatives depend on it)."""
     encode = encoder_of(model)
     extra = zero_touch(touch)
-    if (settings.objective == "omni_retriever") != isinstance(batch, OmniBatch):
-        raise TypeError(f"loss.objective {settings.objective!r} got a {type(batch).__name__}; build the loader's "
-                        "collator with trainer.collator_for(settings, ...)")
+    if isinstance(batch, OmniBatch) and settings.objective != "omni_retriever":
+        raise TypeError(f"loss.objective {settings.objective!r} got an OmniBatch; build the loader's collator with "
+                        "trainer.collator_for(settings, ...)")
     if isinstance(batch, OmniBatch):
         return omni_train_step(encode, batch, step, settings.weights, settings.temperature, settings.seed,
                                settings.cross_device, gradcache, backward=accelerator.backward,

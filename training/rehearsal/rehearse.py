@@ -230,6 +230,7 @@ def rehearse(cfg: RehearsalConfig, resume: str | None = "auto", stop_after: int 
         losses, processor, num_negatives=int(cfg.loss.get("num_negatives", 0)),
         chunk_size=cfg.train.chunk_size if gradcache else 0, query_instruction=cfg.data.query_instruction,
         target_instruction=cfg.data.target_instruction, on_error=cfg.data.on_error,
+        pair_batches=True,  # omni objective: tuple sources get it, the other modalities' pair sources info_nce
     )
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.lr_projector)
     warmup = cfg.train.warmup_steps if cfg.warmup_ratio is None else int(round(cfg.warmup_ratio * cfg.train.max_steps))
