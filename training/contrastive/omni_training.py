@@ -25,21 +25,19 @@ GradCache: the groups with gradient (fused, z_a as "queries"; augmented, z_b as 
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from training.contrastive.data import DataError, Example, OnError, process_parsed
+from training.contrastive.data import DataError, Example, OnError, parse_rows, process_parsed
 from training.contrastive.gradcache import cached_step, plain_step
 from training.contrastive.loss import LossOutput
 from training.contrastive.omni_objectives import (
     AUDIO, MODALITIES, TEXT, VIDEO, OmniWeights, hard_negative_tuples, modality_pair, omni_retriever_loss,
 )
 
-logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("info_nce", "omni_retriever")
 
@@ -142,17 +140,7 @@ class OmniTupleCollator:
     def __call__(self, examples: Sequence[Example]) -> Any:
         if self.pairs is not None and not any(is_tuple_row(e) for e in examples):
             return self.pairs(examples)
-        good, parsed = [], []
-        for example in examples:
-            try:
-                parsed.append(self._parse(example))
-                good.append(example)
-            except DataError as error:
-                if self.on_error == "fatal":
-                    raise
-                logger.warning("skipping bad row in batch: %s", error)
-        if not good:
-            raise DataError("every row of a micro-batch failed to decode: " + ", ".join(e.where for e in examples))
+        good, parsed = parse_rows(examples, self._parse, self.on_error)
         return OmniBatch(anchors=[p[0] for p in parsed], augmented=[p[1] for p in parsed],
                          instructions=[e.instruction or self.query_instruction for e in good], prepare=self.prepare,
                          sources=[e.source for e in good], where=[e.where for e in good])
