@@ -16,33 +16,7 @@ from training.contrastive.data import ContrastiveBatch, load_jsonl
 from training.contrastive.omni_objectives import BASELINE_WEIGHTS, OmniWeights
 from training.contrastive.omni_training import OmniBatch, OmniTupleCollator, omni_train_step
 from training.contrastive.trainer import collator_for, loss_settings_from
-from training.data_sources.common import MediaWriter
 from training.specialist import decouple as specialist
-
-WORDS = ("red", "green", "blue", "cyan", "magenta", "yellow", "black", "white")
-
-
-@pytest.fixture(scope="module")
-def tuple_file(tmp_path_factory) -> Path:
-    """8 hand-made tuples: a colour name, a 4-frame clip of that colour, a tone at a colour-specific pitch."""
-    root = tmp_path_factory.mktemp("tuples")
-    media = MediaWriter(root)
-    rng = np.random.default_rng(0)
-    rows = []
-    for i, word in enumerate(WORDS):
-        items = []
-        for copy in range(2):
-            frames = np.full((4, 32, 32, 3), 30 * i, dtype=np.uint8) + rng.integers(0, 20, (4, 32, 32, 3), dtype=np.uint8)
-            t = np.arange(8000) / 16000
-            wave = 0.3 * np.sin(2 * np.pi * (200 + 80 * i + 5 * copy) * t)
-            items.append({"text": f"{'the' if copy == 0 else 'a'} {word} tuple",
-                          "video": media.video(frames, f"t/{word}-{copy}.mp4"),
-                          "audio": media.audio(wave, 16000, f"t/{word}-{copy}.wav")})
-        rows.append({"query": items[0], "positive": items[1], "source": "handmade-tuples"})
-    path = root / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
 
 def _config(tmp_path: Path, tiny_repo: Path, data: Path, name: str, loss: dict, **train) -> Path:
     cfg = {
@@ -61,15 +35,15 @@ def _config(tmp_path: Path, tiny_repo: Path, data: Path, name: str, loss: dict, 
 OMNI = {"objective": "omni_retriever", "weights": [1.0, 1.0, 1.0], "temperature": 0.05}
 
 
-def test_omni_objective_trains_and_resumes_exactly(tiny_repo, tuple_file, tmp_path):
-    straight = specialist.load_config(_config(tmp_path, tiny_repo, tuple_file, "straight", OMNI))
+def test_omni_objective_trains_and_resumes_exactly(tiny_repo, omni_tuple_file, tmp_path):
+    straight = specialist.load_config(_config(tmp_path, tiny_repo, omni_tuple_file, "straight", OMNI))
     full = specialist.train(straight, resume="never")
     losses = [h["loss"] for h in full["history"]]
     assert full["steps"] == 3 and len(losses) == 3 and all(np.isfinite(losses))
     assert all({"loss_tuple_nce", "loss_teacher", "loss_pair"} <= set(h) for h in full["history"])
     assert len({round(h["loss_pair"], 6) for h in full["history"]}) == 3  # a different pair each step
 
-    broken = specialist.load_config(_config(tmp_path, tiny_repo, tuple_file, "broken", OMNI))
+    broken = specialist.load_config(_config(tmp_path, tiny_repo, omni_tuple_file, "broken", OMNI))
     first = specialist.train(broken, resume="never", stop_after=2)
     assert first["output"] is None and first["steps"] == 2
     second = specialist.train(broken, resume="auto")
@@ -82,9 +56,9 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("weights", [OmniWeights(), BASELINE_WEIGHTS], ids=["omni", "baseline"])
-def test_gradcache_omni_step_matches_plain_step(tiny_model_and_processor, tuple_file, weights):
+def test_gradcache_omni_step_matches_plain_step(tiny_model_and_processor, omni_tuple_file, weights):
     model, processor = tiny_model_and_processor
-    examples = load_jsonl(tuple_file, check_media=False)[:4]
+    examples = load_jsonl(omni_tuple_file, check_media=False)[:4]
     encode = lambda chunk: model(**chunk).embeddings  # noqa: E731
     results = {}
     for gradcache in (False, True):
@@ -100,7 +74,7 @@ def test_gradcache_omni_step_matches_plain_step(tiny_model_and_processor, tuple_
                                 {"tuple_nce", "teacher", "pair", "total"})
 
 
-def test_pair_rows_are_refused_or_left_to_info_nce(tiny_model_and_processor, tuple_file, tmp_path):
+def test_pair_rows_are_refused_or_left_to_info_nce(tiny_model_and_processor, omni_tuple_file, tmp_path):
     _, processor = tiny_model_and_processor
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({"query": "a text", "positive": "another text", "source": "s"}) + "\n")
@@ -110,9 +84,9 @@ def test_pair_rows_are_refused_or_left_to_info_nce(tiny_model_and_processor, tup
     omni = loss_settings_from({"objective": "omni_retriever"})
     mixed = collator_for(omni, processor, pair_batches=True)  # rehearsal: pair sources keep info_nce
     assert isinstance(mixed(pairs), ContrastiveBatch)
-    assert isinstance(mixed(load_jsonl(tuple_file, check_media=False)[:2]), OmniBatch)
+    assert isinstance(mixed(load_jsonl(omni_tuple_file, check_media=False)[:2]), OmniBatch)
     with pytest.raises(ValueError, match="tuple rows"):  # one batch mixing both is an error
-        mixed(pairs + load_jsonl(tuple_file, check_media=False)[:1])
+        mixed(pairs + load_jsonl(omni_tuple_file, check_media=False)[:1])
 
 
 def test_loss_config_is_checked():

@@ -446,8 +446,9 @@ def run_loop(
                 "samples_per_s": samples / max(time.perf_counter() - t0, 1e-9),
                 "candidates": window[-1].num_candidates,
             }
-            for part in getattr(window[-1], "parts", {}):  # the omni objective's terms
-                record[f"loss_{part}"] = float(torch.stack([o.parts[part] for o in window]).mean())
+            omni = [o for o in window if getattr(o, "parts", None)]  # the omni objective's terms (its batches)
+            for part in omni[-1].parts if omni else ():
+                record[f"loss_{part}"] = float(torch.stack([o.parts[part] for o in omni]).mean())
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
             history.append(record)
