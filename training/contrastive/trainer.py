@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.common.config import ConfigError
+from training.common.config import ConfigError, check_keys
 from training.contrastive.checkpoint import load_training_state, save_training_state
 from training.contrastive.data import ContrastiveBatch, ContrastiveCollator, OnError
 from training.contrastive.gradcache import cached_step, plain_step
@@ -173,9 +173,7 @@ def loss_settings_from(raw: dict[str, Any], seed: int = 0, where: str = "config"
     (temperature 0.01 by default as in OmniRetriever's recipe, `weights: [w1, w2, w3]`, default [1, 1, 1];
     [0, 0, 1] is the plain pairwise baseline). `seed` is the stage seed (the hard negatives' draws).
     """
-    unknown = sorted(set(raw) - set(LOSS_KEYS))
-    if unknown:
-        raise ConfigError(f"{where}: loss has unknown key(s) {unknown}; expected among {list(LOSS_KEYS)}")
+    check_keys(raw, LOSS_KEYS, f"{where}: loss")
     objective = raw.get("objective", "info_nce")
     if objective not in OBJECTIVES:
         raise ConfigError(f"{where}: loss.objective is {objective!r}; expected one of {list(OBJECTIVES)}")
