@@ -58,3 +58,33 @@ def write_fading_mp4(path: Path, n_frames: int = 8, step: int = 30) -> Path:
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
     return path
+
+
+@pytest.fixture(scope="session")
+def omni_tuple_file(tmp_path_factory) -> Path:
+    """8 hand-made (text, video, audio) tuple rows (docs/omni_tuples.md): a colour name, a 4-frame clip of that
+    colour, a tone at a colour-specific pitch; the augmented copy differs in wording, noise and pitch."""
+    import json
+
+    import numpy as np
+
+    from training.data_sources.common import MediaWriter
+
+    root = tmp_path_factory.mktemp("tuples")
+    media = MediaWriter(root)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, word in enumerate(("red", "green", "blue", "cyan", "magenta", "yellow", "black", "white")):
+        items = []
+        for copy in range(2):
+            noise = rng.integers(0, 20, (4, 32, 32, 3), dtype=np.uint8)
+            frames = np.full((4, 32, 32, 3), 30 * i, dtype=np.uint8) + noise
+            t = np.arange(8000) / 16000
+            wave = 0.3 * np.sin(2 * np.pi * (200 + 80 * i + 5 * copy) * t)
+            items.append({"text": f"{'the' if copy == 0 else 'a'} {word} tuple",
+                          "video": media.video(frames, f"t/{word}-{copy}.mp4"),
+                          "audio": media.audio(wave, 16000, f"t/{word}-{copy}.wav")})
+        rows.append({"query": items[0], "positive": items[1], "source": "handmade-tuples"})
+    path = root / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -178,3 +178,22 @@ def test_shipped_rehearsal_configs_parse():
         cfg = B.load_config(path)
         assert cfg.train.lr_projector == pytest.approx(cfg.projector_lr_scale * cfg.train.lr), path
         assert set(cfg.data.dev) <= set(cfg.specialists) | set(cfg.specialist_scores), path
+
+
+def test_rehearsal_with_the_omni_objective_mixes_tuple_and_pair_batches(tiny_repo, rehearsal_data, omni_tuple_file,
+                                                                        tmp_path):
+    """`loss.objective: omni_retriever` in rehearsal: tuple batches get the omni step, pair batches keep info_nce."""
+    cfg = B.load_config(None, raw={
+        "model": str(tiny_repo), "output": str(tmp_path / "omni"), "seed": 0,
+        "data": {"train": [str(omni_tuple_file), str(rehearsal_data / "words.jsonl")], "check_media": False},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "loss": {"objective": "omni_retriever", "weights": [1.0, 1.0, 1.0], "temperature": 0.05},
+        "train": {"per_device_batch_size": 3, "chunk_size": 0, "max_steps": 4, "lr": 1e-3, "log_every": 1,
+                  "mixed_precision": "no"},
+    })
+    report = B.rehearse(cfg, stop_after=4)
+    history = report["history"]
+    assert len(history) == 4 and all(np.isfinite(h["loss"]) for h in history)
+    omni_steps = [h for h in history if "loss_tuple_nce" in h]
+    assert 0 < len(omni_steps) < 4  # both kinds of batch were drawn (2 groups: audio tuples, text pairs)
+    assert all(h["loss"] == pytest.approx(h["loss_total"]) for h in omni_steps)

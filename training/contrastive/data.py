@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -233,6 +233,24 @@ def process_parsed(processor: Any, parsed: Sequence[tuple[Any, list[bool]]], ins
     return dict(processor.prepare_parsed(list(parsed), list(instructions)))
 
 
+def parse_rows(examples: Sequence[Example], parse: Callable[[Example], Any], on_error: OnError
+               ) -> tuple[list[Example], list[Any]]:
+    """(kept rows, their `parse` results) of a micro-batch: a row whose `parse` raises DataError is fatal or, with
+    `on_error="skip"`, logged and dropped. Raises DataError when no row is left."""
+    good, parsed = [], []
+    for example in examples:
+        try:
+            parsed.append(parse(example))
+            good.append(example)
+        except DataError as error:
+            if on_error == "fatal":
+                raise
+            logger.warning("skipping bad row in batch: %s", error)
+    if not good:
+        raise DataError("every row of a micro-batch failed to decode: " + ", ".join(e.where for e in examples))
+    return good, parsed
+
+
 class ContrastiveCollator:
     """Examples -> ContrastiveBatch. Decoding errors name the row (`file:line`); in skip mode the row is dropped.
 
@@ -275,17 +293,7 @@ class ContrastiveCollator:
         return parsed
 
     def __call__(self, examples: Sequence[Example]) -> ContrastiveBatch:
-        good, parsed = [], []
-        for example in examples:
-            try:
-                parsed.append(self._parse_row(example))
-                good.append(example)
-            except DataError as error:
-                if self.on_error == "fatal":
-                    raise
-                logger.warning("skipping bad row in batch: %s", error)
-        if not good:
-            raise DataError("every row of a micro-batch failed to decode: " + ", ".join(e.where for e in examples))
+        good, parsed = parse_rows(examples, self._parse_row, self.on_error)
         q_instr = [e.instruction or self.query_instruction for e in good]
         negatives = [n for e in good for n in e.negatives[: self.num_negatives]]
         target_parsed = [p[1] for p in parsed] + [n for p in parsed for n in p[2:]]
@@ -332,5 +340,5 @@ def load_sources(
 
 __all__ = [
     "ContrastiveBatch", "ContrastiveCollator", "DataError", "Example", "ExampleDataset",
-    "load_jsonl", "load_sources", "normalise_item", "parse_row", "process_parsed",
+    "load_jsonl", "load_sources", "normalise_item", "parse_row", "parse_rows", "process_parsed",
 ]

@@ -25,8 +25,8 @@ What is ours (differences from their code, all deliberate):
   concatenation + linear head).
 - "Text swapped" takes another tuple's caption from the same batch (a derangement, like audio and video).
 
-Inputs are expected L2-normalised (Conan's embeddings are), as `info_nce` expects. Not yet wired into a stage: the
-specialist trainer, rehearsal (with GradCache), tuple data and the evaluation are later increments of issue 17.
+Inputs are expected L2-normalised (Conan's embeddings are), as `info_nce` expects. The training loop's side (tuple
+collator, the per-step forwards, GradCache) is `omni_training.py`, turned on by `loss.objective: omni_retriever`.
 """
 
 from __future__ import annotations

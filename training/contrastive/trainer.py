@@ -23,15 +23,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.common.config import ConfigError
+from training.common.config import ConfigError, check_keys
 from training.contrastive.checkpoint import load_training_state, rng_state, save_training_state, set_rng_state
-from training.contrastive.data import ContrastiveBatch
+from training.contrastive.data import ContrastiveBatch, ContrastiveCollator, OnError
 from training.contrastive.gradcache import cached_step, plain_step
 from training.contrastive.loop import (
     CHECKPOINT_PREFIX, LoopSettings, TrainState, checkpoint_dirs, checkpoint_folder, prune_checkpoints, resolve_resume,
     run_steps,
 )
 from training.contrastive.loss import LossOutput, info_nce
+from training.contrastive.omni_objectives import DEFAULT_TEMPERATURE as OMNI_TEMPERATURE
+from training.contrastive.omni_objectives import OmniWeights
+from training.contrastive.omni_training import OBJECTIVES, OmniBatch, OmniTupleCollator, omni_train_step
 
 logger = logging.getLogger(__name__)
 
@@ -152,14 +155,71 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_steps: i
 
 
 # ------------------------------------------------------------------------------------------------- one step
-LOSS_KEYS = ("temperature", "symmetric", "num_negatives")  # a stage config's `loss:` mapping
+LOSS_KEYS = ("temperature", "symmetric", "num_negatives", "objective", "weights")  # a stage config's `loss:` mapping
 
 
 @dataclass
 class LossSettings:
+    """`objective` "info_nce" (pairs, `info_nce`) or "omni_retriever" (tuples, `omni_training.omni_train_step`, with
+    `weights` = OmniWeights (w1, w2, w3) and `seed` drawing the per-step hard negatives)."""
+
     temperature: float = 0.02
     symmetric: bool = False
     cross_device: bool = True
+    objective: str = "info_nce"
+    weights: OmniWeights = field(default_factory=OmniWeights)
+    seed: int = 0
+
+
+def loss_settings_from(raw: dict[str, Any], seed: int = 0, where: str = "config") -> LossSettings:
+    """A stage config's `loss:` mapping -> LossSettings; ConfigError names `where` and the bad key.
+
+    `objective: info_nce` (default; temperature 0.02, symmetric, num_negatives) or `objective: omni_retriever`
+    (temperature 0.01 by default as in OmniRetriever's recipe, `weights: [w1, w2, w3]`, default [1, 1, 1];
+    [0, 0, 1] is the plain pairwise baseline). `seed` is the stage seed (the hard negatives' draws).
+    """
+    check_keys(raw, LOSS_KEYS, f"{where}: loss")
+    objective = raw.get("objective", "info_nce")
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"{where}: loss.objective is {objective!r}; expected one of {list(OBJECTIVES)}")
+    if objective == "info_nce":
+        if "weights" in raw:
+            raise ConfigError(f"{where}: loss.weights applies to objective omni_retriever only")
+        return LossSettings(temperature=float(raw.get("temperature", 0.02)), symmetric=bool(raw.get("symmetric", False)),
+                            seed=seed)
+    extra = sorted({"symmetric", "num_negatives"} & set(raw))
+    if extra:
+        raise ConfigError(f"{where}: loss {extra} do not apply to objective omni_retriever (its terms are fixed: "
+                          "symmetric pair terms, one hard negative per tuple built each step)")
+    weights = raw.get("weights", [1.0, 1.0, 1.0])
+    if not isinstance(weights, (list, tuple)) or len(weights) != 3:
+        raise ConfigError(f"{where}: loss.weights is {weights!r}; expected [w1, w2, w3] (Tuple-InfoNCE, "
+                          "fusion-as-teacher, pairwise)")
+    try:
+        omni = OmniWeights(*(float(w) for w in weights))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where}: loss.weights: {error}") from None
+    temperature = float(raw.get("temperature", OMNI_TEMPERATURE))
+    if temperature <= 0:
+        raise ConfigError(f"{where}: loss.temperature must be > 0, got {temperature}")
+    return LossSettings(temperature=temperature, objective=objective, weights=omni, seed=seed)
+
+
+def collator_for(settings: LossSettings, processor: Any, num_negatives: int = 0, chunk_size: int = 0,
+                 query_instruction: str | None = None, target_instruction: str | None = None,
+                 on_error: OnError = "fatal", pair_batches: bool = False) -> ContrastiveCollator | OmniTupleCollator:
+    """The collator the objective needs: pairs (`ContrastiveCollator`) or (text, video, audio) tuples.
+
+    `pair_batches` (omni objective only): micro-batches without tuple rows become pair batches trained with
+    `info_nce` at the same temperature (rehearsal: tuple sources next to pair sources); otherwise they are an error.
+    """
+    pairs = ContrastiveCollator(processor, num_negatives=num_negatives, chunk_size=chunk_size,
+                                query_instruction=query_instruction, target_instruction=target_instruction,
+                                on_error=on_error)
+    if settings.objective == "omni_retriever":
+        return OmniTupleCollator(processor, chunk_size=chunk_size, query_instruction=query_instruction,
+                                 on_error=on_error, pairs=pairs if pair_batches else None)
+    return pairs
 
 
 def encoder_of(model: nn.Module) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
@@ -192,14 +252,23 @@ def zero_touch(params: Sequence[nn.Parameter]) -> Callable[[], torch.Tensor] | N
 def train_step(
     accelerator: Any,
     model: nn.Module,
-    batch: ContrastiveBatch,
+    batch: ContrastiveBatch | OmniBatch,
     settings: LossSettings,
     gradcache: bool,
     touch: Sequence[nn.Parameter] = (),
+    step: int = 0,
 ) -> LossOutput:
-    """Forward + backward of one contrastive micro-batch (no optimizer step)."""
+    """Forward + backward of one contrastive micro-batch (no optimizer step) at optimiser step `step` (the omni
+    objective's pair and hard negatives depend on it)."""
     encode = encoder_of(model)
     extra = zero_touch(touch)
+    if isinstance(batch, OmniBatch) and settings.objective != "omni_retriever":
+        raise TypeError(f"loss.objective {settings.objective!r} got an OmniBatch; build the loader's collator with "
+                        "trainer.collator_for(settings, ...)")
+    if isinstance(batch, OmniBatch):
+        return omni_train_step(encode, batch, step, settings.weights, settings.temperature, settings.seed,
+                               settings.cross_device, gradcache, backward=accelerator.backward,
+                               no_sync=lambda: accelerator.no_sync(model), extra_loss=extra)
     if gradcache:
         return cached_step(
             encode, batch.query_chunks, batch.target_chunks, loss_for(batch, settings),
@@ -311,7 +380,7 @@ def run_loop(
 
     def forward_backward(step: int) -> dict[str, Any]:
         batch = next(iterator).to(accelerator.device)
-        out = train_step(accelerator, model, batch, loss_settings, loop.gradcache, touch)
+        out = train_step(accelerator, model, batch, loss_settings, loop.gradcache, touch, step=step)
         window.append(out)
         clock["samples"] += out.num_queries
         return {"loss": out.value}
@@ -328,6 +397,8 @@ def run_loop(
                 "samples_per_s": clock["samples"] / max(time.perf_counter() - clock["t0"], 1e-9),
                 "candidates": window[-1].num_candidates,
             }
+            for part in getattr(window[-1], "parts", {}):  # the omni objective's terms
+                record[f"loss_{part}"] = float(torch.stack([o.parts[part] for o in window]).mean())
             if "grad_norm" in logs:
                 record["grad_norm"] = logs["grad_norm"]
             history.append(record)
@@ -352,7 +423,7 @@ def run_loop(
 
 
 __all__ = [
-    "DEFAULT_LORA_TARGETS", "LOSS_KEYS", "LoraSettings", "LossSettings", "LoopSettings", "TrainConfig", "TrainState", "apply_lora", "build_optimizer",
+    "DEFAULT_LORA_TARGETS", "LOSS_KEYS", "LoraSettings", "LossSettings", "LoopSettings", "TrainConfig", "TrainState", "apply_lora", "build_optimizer", "collator_for", "loss_settings_from",
     "build_scheduler", "checkpoint_dirs", "encoder_of", "load_checkpoint", "lora_target_regex", "mixed_precision_for", "resolve_resume", "run_loop",
     "save_checkpoint", "set_frozen_modules_eval", "train_step", "trainable_parameters", "unwrap_conan",
 ]

@@ -36,15 +36,16 @@ import torch
 from training.common import hub_code
 from training.common.calibration import CALIBRATION_FILE, calibrate
 from training.common.cli import run_training_stage
-from training.common.config import ConfigError, build_dataclass, check_keys, merged, require, resolve_path
+from training.common.config import ConfigError, build_dataclass, merged, require, resolve_path
 from training.common.io_utils import atomic_output_dir, write_json_atomic
 from training.common.modalities import MODALITY_GROUPS
 from training.common.repo import save_conan_repo
-from training.contrastive.data import ContrastiveCollator, ExampleDataset, load_jsonl, load_sources
+from training.contrastive.data import ExampleDataset, load_jsonl, load_sources
 from training.contrastive.sampling import BalancedModalitySampler, modality_of_pair
 from training.contrastive.trainer import (
-    LOSS_KEYS, LoopSettings, LoraSettings, LossSettings, TrainConfig, TrainState, apply_lora, build_optimizer,
-    build_scheduler, load_checkpoint, mixed_precision_for, resolve_resume, run_loop, trainable_parameters, unwrap_conan,
+    LoopSettings, LoraSettings, TrainConfig, TrainState, apply_lora, build_optimizer, build_scheduler, collator_for,
+    load_checkpoint, loss_settings_from, mixed_precision_for, resolve_resume, run_loop, trainable_parameters,
+    unwrap_conan,
 )
 from training.evaluation.embed import embed_keyed as embed_inputs
 from training.evaluation.metrics import retrieval_scores
@@ -109,7 +110,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
                  - set(MODALITY_GROUPS))
     if bad:
         raise ConfigError(f"{where}: unknown modality group(s) {bad}; expected among {MODALITY_GROUPS}")
-    check_keys(cfg.loss, LOSS_KEYS, f"{where}: loss")
+    loss_settings_from(cfg.loss, cfg.seed, where)  # ConfigError on bad loss keys / objective / weights
     if cfg.train.lr_projector is None:
         cfg.train.lr_projector = cfg.projector_lr_scale * cfg.train.lr
     fix = resolve_path
@@ -225,10 +226,12 @@ def rehearse(cfg: RehearsalConfig, resume: str | None = "auto", stop_after: int 
         dataset.by_source(), groups, cfg.train.per_device_batch_size, rank=accelerator.process_index,
         world_size=accelerator.num_processes, seed=cfg.seed, alpha=cfg.data.alpha, max_steps=cfg.train.max_steps,
     )
-    collator = ContrastiveCollator(
-        processor, num_negatives=int(cfg.loss.get("num_negatives", 0)),
+    losses = loss_settings_from(cfg.loss, cfg.seed)
+    collator = collator_for(
+        losses, processor, num_negatives=int(cfg.loss.get("num_negatives", 0)),
         chunk_size=cfg.train.chunk_size if gradcache else 0, query_instruction=cfg.data.query_instruction,
         target_instruction=cfg.data.target_instruction, on_error=cfg.data.on_error,
+        pair_batches=True,  # omni objective: tuple sources get it, the other modalities' pair sources info_nce
     )
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.lr_projector)
     warmup = cfg.train.warmup_steps if cfg.warmup_ratio is None else int(round(cfg.warmup_ratio * cfg.train.max_steps))
@@ -282,8 +285,7 @@ def rehearse(cfg: RehearsalConfig, resume: str | None = "auto", stop_after: int 
         segment_end = min((state.step // every + 1) * every, cfg.train.max_steps)
         history += run_loop(
             accelerator, model, optimizer, scheduler, loader, state,
-            LossSettings(temperature=float(cfg.loss.get("temperature", 0.02)),
-                         symmetric=bool(cfg.loss.get("symmetric", False))),
+            losses,
             LoopSettings(max_steps=segment_end, gradcache=gradcache, max_grad_norm=cfg.train.max_grad_norm,
                          log_every=cfg.train.log_every, save_every=cfg.train.save_every,
                          keep_checkpoints=cfg.train.keep_checkpoints, checkpoint_dir=str(ckpt_root),

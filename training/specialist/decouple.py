@@ -29,14 +29,15 @@ import torch
 
 from training.common import hub_code
 from training.common.cli import run_training_stage
-from training.common.config import ConfigError, build_dataclass, check_keys, merged, require, resolve_path
+from training.common.config import ConfigError, build_dataclass, merged, require, resolve_path
 from training.common.io_utils import atomic_output_dir, write_json_atomic
 from training.common.modalities import MODALITIES
-from training.contrastive.data import ContrastiveCollator, load_sources
+from training.contrastive.data import load_sources
 from training.contrastive.sampling import SourceMixtureSampler
 from training.contrastive.trainer import (
-    LOSS_KEYS, LoopSettings, LoraSettings, LossSettings, TrainConfig, TrainState, apply_lora, build_optimizer,
-    build_scheduler, load_checkpoint, mixed_precision_for, resolve_resume, run_loop, trainable_parameters, unwrap_conan,
+    LoopSettings, LoraSettings, TrainConfig, TrainState, apply_lora, build_optimizer, build_scheduler, collator_for,
+    load_checkpoint, loss_settings_from, mixed_precision_for, resolve_resume, run_loop, trainable_parameters,
+    unwrap_conan,
 )
 
 logger = logging.getLogger("training.specialist")
@@ -90,7 +91,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     }, where)
     if cfg.modality not in MODALITIES:
         raise ConfigError(f"{where}: modality {cfg.modality!r}; expected one of {MODALITIES}")
-    check_keys(cfg.loss, LOSS_KEYS, f"{where}: loss")
+    loss_settings_from(cfg.loss, cfg.seed, where)  # ConfigError on bad loss keys / objective / weights
     if not cfg.data.train:
         raise ConfigError(f"{where}: data.train lists no JSONL file")
     if cfg.train_audio_projector is None:
@@ -171,8 +172,9 @@ def train(cfg: SpecialistConfig, resume: str | None = "auto", stop_after: int | 
         dataset.by_source(), cfg.data.weights, cfg.train.per_device_batch_size, rank=accelerator.process_index,
         world_size=accelerator.num_processes, seed=cfg.seed, mode=cfg.data.batch_mode, max_steps=cfg.train.max_steps,
     )
-    collator = ContrastiveCollator(
-        processor, num_negatives=int(cfg.loss.get("num_negatives", 0)),
+    losses = loss_settings_from(cfg.loss, cfg.seed)
+    collator = collator_for(
+        losses, processor, num_negatives=int(cfg.loss.get("num_negatives", 0)),
         chunk_size=cfg.train.chunk_size if gradcache else 0, query_instruction=cfg.data.query_instruction,
         target_instruction=cfg.data.target_instruction, on_error=cfg.data.on_error,
     )
@@ -195,8 +197,7 @@ def train(cfg: SpecialistConfig, resume: str | None = "auto", stop_after: int | 
         touch = [p for n, p in model.named_parameters() if p.requires_grad and "audio_projector" in n]
     history = run_loop(
         accelerator, model, optimizer, scheduler, loader, state,
-        LossSettings(temperature=float(cfg.loss.get("temperature", 0.02)),
-                     symmetric=bool(cfg.loss.get("symmetric", False))),
+        losses,
         LoopSettings(max_steps=cfg.train.max_steps, gradcache=gradcache, max_grad_norm=cfg.train.max_grad_norm,
                      log_every=cfg.train.log_every, save_every=cfg.train.save_every,
                      keep_checkpoints=cfg.train.keep_checkpoints, checkpoint_dir=cfg.checkpoint_dir,
