@@ -29,6 +29,8 @@ def test_every_stage_finished_and_was_evaluated(smoke_run):
 
     for stage in STAGES:
         assert (smoke_run / stage / "stage.json").exists(), stage
+    base = json.loads((smoke_run / "base" / "stage.json").read_text())["scores"]
+    assert set(base["base"]) == set(MODALITIES) and 0.0 <= base["teacher"]["text"]["hit@1"] <= 1.0
     for stage in ("fuse", "recover", "rehearse"):
         scores = json.loads((smoke_run / stage / "stage.json").read_text())["scores"]
         assert set(scores) == set(MODALITIES)

@@ -2,16 +2,27 @@
 
 The paper starts from a pretrained VLM; nothing like it installs offline, so the pipeline's small backbone learns
 text semantics from all-MiniLM-L6-v2 (a real pretrained embedder shipped in a PyPI wheel) before the specialists.
-Loss: cosine to the teacher's vector through a throw-away linear head, plus matching the teacher's in-batch
-similarity matrix (relational, dimension-free). Only the LLM trains; vision tower and audio path stay as they are.
 
-    python -m training.distill_text --model BASE_DIR --texts texts.txt --out DIR [--steps 300]
+Data: *groups* of texts that belong together (a WordNet synset's definition, lemmas and example sentences; see
+`training.data_sources.wordnet.distillation_synsets`) plus loose texts (the pipeline's own training texts). Each step
+draws `batch_size // 2` groups and two texts of each (e.g. a definition and its word), so every batch holds the
+pairs that retrieval asks about next to unrelated ones.
+Loss (`distillation_loss`): the student's in-batch similarity distribution matched to the teacher's (row-wise KL of
+softmax(sim / temperature), the diagonal left out: contrastive KD, which is what last-token-pooled retrieval needs)
+plus cosine to the teacher's vector through a throw-away linear head. Only the LLM's layers train (the token table
+gets the teacher's lexical vectors by `transplant_token_embeddings` and stays frozen; vision and audio stay as they
+are). Every `eval_every` steps the student is scored on held-out definition -> word pairs (WordNet *dev* nouns) with
+the teacher's score beside it, and the best step's weights are the ones saved.
+
+    python -m training.distill_text --model BASE_DIR --texts texts.txt --out DIR [--steps 300] [--wordnet]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +33,8 @@ from tqdm.auto import tqdm
 from training.common import hub_code
 from training.common.repo import save_conan_repo
 from training.common.io_utils import atomic_output_dir, write_json_atomic
+from training.evaluation.embed import embed_items
+from training.evaluation.metrics import gold_ranks, rank_metrics
 
 
 def transplant_token_embeddings(model: torch.nn.Module, tokenizer: Any, seed: int = 0) -> dict[str, float]:
@@ -64,12 +77,110 @@ def transplant_token_embeddings(model: torch.nn.Module, tokenizer: Any, seed: in
 
 
 def teacher_embeddings(texts: list[str], batch_size: int = 128) -> torch.Tensor:
-    """Normalised all-MiniLM-L6-v2 vectors for `texts` (computed once: the teacher never changes)."""
+    """(N, 384) normalised all-MiniLM-L6-v2 vectors for `texts` (computed once: the teacher never changes)."""
     from training.base.real_parts.minilm import load_minilm
 
     teacher = load_minilm(device="cpu")
     vectors = teacher.encode(texts, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True)
     return vectors.float().cpu()
+
+
+def retrieval_hit_at_1(queries: torch.Tensor, candidates: torch.Tensor, gold: list[int]) -> float:
+    """hit@1 of `queries` (Q, D) ranking `candidates` (C, D) by dot product; ties counted against (as stage_eval)."""
+    scores = (queries @ candidates.T).numpy()
+    return float(rank_metrics(gold_ranks(scores, gold), ks=(1,))["hit@1"])
+
+
+def _pairs_as_retrieval(pairs: list[tuple[str, str]]) -> tuple[list[str], list[str], list[int]]:
+    """(queries, distinct candidates, gold index of each query's candidate)."""
+    candidates = sorted({doc for _, doc in pairs})
+    index = {c: i for i, c in enumerate(candidates)}
+    return [q for q, _ in pairs], candidates, [index[d] for _, d in pairs]
+
+
+def teacher_hit_at_1(pairs: list[tuple[str, str]]) -> float:
+    """The teacher's hit@1 on (query, document) text pairs, every distinct document a candidate (its ceiling)."""
+    queries, candidates, gold = _pairs_as_retrieval(pairs)
+    vectors = teacher_embeddings(queries + candidates)
+    return retrieval_hit_at_1(vectors[: len(queries)], vectors[len(queries):], gold)
+
+
+def teacher_text_scores(data_dir: str | Path, modality: str = "text", limit: int | None = None) -> dict[str, float]:
+    """The teacher's {"hit@1", "n_queries", "n_candidates"} on the pipeline's `data_dir/<modality>/test.jsonl`, with
+    the protocol of `training.evaluation.stage_eval` (the first `limit` rows; every distinct test positive is a
+    candidate; text rows only). The teacher sees no instruction (it has none). Raises FileNotFoundError if the file
+    is absent."""
+    path = Path(data_dir) / modality / "test.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:limit]
+    pairs = [(r["query"]["text"], r["positive"]["text"]) for r in rows
+             if isinstance(r["query"].get("text"), str) and isinstance(r["positive"].get("text"), str)]
+    queries, candidates, _ = _pairs_as_retrieval(pairs)
+    return {"hit@1": teacher_hit_at_1(pairs), "n_queries": len(queries), "n_candidates": len(candidates)}
+
+
+def distillation_loss(student: torch.Tensor, projected: torch.Tensor, teacher: torch.Tensor,
+                      temperature: float = 0.05, cosine_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """Contrastive KD: KL(teacher || student) of the in-batch similarity distributions, plus cosine via the head.
+
+    student: (B, H) normalised student embeddings; projected: (B, D) the head's image of them; teacher: (B, D)
+    normalised teacher vectors. Row i's distribution is softmax over j != i of sim(i, j) / `temperature` (the
+    diagonal is always 1 and carries nothing). Returns {"loss", "kd", "cosine"} (scalars).
+    """
+    if student.shape[0] != teacher.shape[0] or student.shape[0] < 3:
+        raise ValueError(f"distillation_loss: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} "
+                         "need the same batch size, at least 3")
+    mask = torch.eye(student.shape[0], dtype=torch.bool, device=student.device)
+    s_logits = (student @ student.T / temperature).masked_fill(mask, float("-inf"))
+    t_logits = (teacher @ teacher.T / temperature).masked_fill(mask, float("-inf"))
+    t_prob = t_logits.softmax(-1)
+    kd = (t_prob * (t_logits.log_softmax(-1) - s_logits.log_softmax(-1)).masked_fill(mask, 0.0)).sum(-1).mean()
+    cosine = (1 - F.cosine_similarity(projected, teacher, dim=-1)).mean()
+    return {"loss": kd + cosine_weight * cosine, "kd": kd, "cosine": cosine}
+
+
+class BestStep:
+    """Keeps a copy of the trainable weights at the best dev score seen so far (ties keep the earlier step)."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.score = float("-inf")
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def update(self, step: int, score: float, model: torch.nn.Module) -> bool:
+        """Record `score` at `step`; copy `model`'s trainable parameters if it beats the best. Returns whether it did."""
+        if score <= self.score:
+            return False
+        self.step, self.score = step, score
+        self.state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return True
+
+    def restore(self, model: torch.nn.Module) -> None:
+        """Put the best step's weights back into `model` (no-op when nothing was recorded)."""
+        if self.state is None:
+            return
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in self.state.items():
+                params[name].copy_(value)
+
+
+def _draw_batches(groups: list[list[str]], steps: int, batch_size: int, rng: random.Random) -> list[list[str]]:
+    """Per step, `batch_size` distinct texts: from each drawn group its first text (a definition) and one other
+    (a word or an example sentence); a one-text group gives its text once."""
+    batches = []
+    for _ in range(steps):
+        batch: list[str] = []
+        seen: set[str] = set()
+        for g in rng.sample(range(len(groups)), min(len(groups), batch_size)):
+            group = groups[g]
+            for text in [group[0], rng.choice(group[1:])] if len(group) > 1 else group:
+                if text not in seen and len(batch) < batch_size:
+                    seen.add(text)
+                    batch.append(text)
+            if len(batch) >= batch_size:
+                break
+        batches.append(batch)
+    return batches
 
 
 def distill_text(
@@ -79,74 +190,153 @@ def distill_text(
     steps: int = 300,
     batch_size: int = 32,
     lr: float = 1e-3,
-    relational_weight: float = 1.0,
     seed: int = 0,
     overwrite: bool = False,
     transplant: bool = True,
     instructions: list[str | None] | None = None,
+    groups: list[list[str]] | None = None,
+    dev_pairs: list[tuple[str, str]] | None = None,
+    dev_instruction: str | None = None,
+    eval_every: int = 100,
+    temperature: float = 0.05,
+    cosine_weight: float = 1.0,
 ) -> dict:
-    """Train the LLM of `model_dir` towards the teacher on `texts`; write the result to `out`; return the log.
+    """Train the LLM of `model_dir` towards the teacher; write the best step's model to `out`; return the log.
 
+    texts: loose texts (each its own group); groups: lists of texts that belong together (see the module doc).
+    instructions: system instructions drawn per text (None = the processor default), so the student's semantics
+    hold under the instructions the later stages and evaluation use. dev_pairs: (query, document) text pairs
+    disjoint from training and test, scored every `eval_every` steps (query under `dev_instruction`, documents
+    under the default) beside the teacher's score; the best step is saved. Without dev_pairs the last step is saved.
     With `transplant`, the token table first gets the teacher's lexical vectors (`transplant_token_embeddings`).
-    `instructions`: system instructions drawn per batch (None = the processor default), so the student's text
-    semantics hold under the instructions the later stages and evaluation use.
+    Raises ValueError when there are fewer distinct texts than `batch_size`.
     """
-    texts = sorted({t.strip() for t in texts if t and t.strip()})
-    if len(texts) < batch_size:
-        raise ValueError(f"distill_text needs at least batch_size={batch_size} distinct texts, got {len(texts)}.")
+    all_groups = [list(dict.fromkeys(t.strip() for t in g if t and t.strip())) for g in (groups or [])]
+    all_groups += [[t] for t in sorted({t.strip() for t in texts if t and t.strip()})]
+    all_groups = [g for g in all_groups if g]
+    n_texts = len({t for g in all_groups for t in g})
+    if n_texts < batch_size or batch_size < 3:
+        raise ValueError(f"distill_text needs batch_size >= 3 and at least batch_size={batch_size} distinct texts, "
+                         f"got {n_texts}.")
     torch.manual_seed(seed)
     rng = random.Random(seed)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    batches = _draw_batches(all_groups, steps, batch_size, rng)
+    used = sorted({t for b in batches for t in b})
+    targets = teacher_embeddings(used)
+    # Definitions and loose texts are queries (drawn instructions); words and examples are documents (default).
+    queries = {g[0] for g in all_groups}
+    row = {t: i for i, t in enumerate(used)}
+    teacher_seconds, teacher_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     model = hub_code.ConanModel.from_pretrained(model_dir, dtype=torch.float32)
     processor = hub_code.ConanProcessor.from_pretrained(model_dir, trust_remote_code=True)
-    targets = teacher_embeddings(texts)
     coverage = transplant_token_embeddings(model, processor.tokenizer, seed) if transplant else None
     for name, param in model.named_parameters():
-        # The 151k-row embedding table stays frozen: updating it costs more than the rest of the step together.
+        # The 151k-row embedding table stays frozen: updating it costs more than the rest of the step together,
+        # and it keeps the transplanted lexical vectors of words never seen in distillation (all test words).
         param.requires_grad = name.startswith("backbone.language_model.") and "embed_tokens" not in name
     head = torch.nn.Linear(model.config.text_config.hidden_size, targets.shape[1])
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / steps))
+    warmup = max(1, min(50, steps // 10))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1 - s / steps))
+    dev = None
+    if dev_pairs:
+        dev_queries, dev_candidates, dev_gold = _pairs_as_retrieval(dev_pairs)
+        dev = {"teacher_hit@1": teacher_hit_at_1(dev_pairs), "n_queries": len(dev_queries),
+               "n_candidates": len(dev_candidates), "log": []}
+    best = BestStep()
+
+    def check_dev(step: int) -> None:
+        model.eval()
+        q = embed_items(model, processor, dev_queries, [dev_instruction] * len(dev_queries), batch_size=64)
+        c = embed_items(model, processor, dev_candidates, None, batch_size=64)
+        model.train()
+        score = retrieval_hit_at_1(q, c, dev_gold)
+        dev["log"].append({"step": step, "hit@1": score})
+        best.update(step, score, model)
+        print(f"[distill text] step {step}: dev hit@1 {score:.3f} (teacher {dev['teacher_hit@1']:.3f})", flush=True)
+
+    if dev is not None:
+        check_dev(0)
     model.train()
     log = []
+    choices = instructions or [None]
     progress = tqdm(range(steps), desc="distill text", leave=False)
     for step in progress:
-        idx = rng.sample(range(len(texts)), batch_size)
-        batch = processor.prepare([texts[i] for i in idx], instruction=rng.choice(instructions or [None]))
+        batch_texts = batches[step]
+        parsed = [processor.parse_input(t, i) for i, t in enumerate(batch_texts)]
+        batch = processor.prepare_parsed(parsed, [rng.choice(choices) if t in queries else None for t in batch_texts])
         student = model(**batch).embeddings
-        teacher = targets[idx]
-        cosine_loss = (1 - F.cosine_similarity(head(student), teacher, dim=-1)).mean()
-        relational_loss = F.mse_loss(student @ student.T, teacher @ teacher.T)
-        loss = cosine_loss + relational_weight * relational_loss
+        parts = distillation_loss(student, head(student), targets[[row[t] for t in batch_texts]], temperature,
+                                  cosine_weight)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        parts["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         if step % 20 == 0 or step == steps - 1:
-            log.append({"step": step, "loss": loss.item(), "cosine": cosine_loss.item(), "relational": relational_loss.item()})
-            progress.set_postfix(loss=f"{loss.item():.4f}")
+            log.append({"step": step, **{k: v.item() for k, v in parts.items()}})
+            progress.set_postfix(loss=f"{parts['loss'].item():.4f}")
+        if dev is not None and ((step + 1) % eval_every == 0 or step == steps - 1):
+            check_dev(step + 1)
+    best.restore(model)
     model.eval()
+    result = {"texts": n_texts, "texts_used": len(used), "groups": len(all_groups), "steps": steps,
+              "batch_size": batch_size, "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"],
+              "transplant": coverage, "teacher_seconds": round(teacher_seconds, 1),
+              "teacher_cpu_seconds": round(teacher_cpu, 1), "seconds": round(time.perf_counter() - start, 1),
+              "cpu_seconds": round(time.process_time() - cpu_start, 1)}
+    if dev is not None:
+        result["dev"] = {"best_step": best.step, "best_hit@1": best.score, **{k: v for k, v in dev.items()}}
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         save_conan_repo(model, processor, tmp)
-        write_json_atomic(tmp / "distill_log.json", {"teacher": "all-MiniLM-L6-v2", "texts": len(texts), "log": log})
-    return {"texts": len(texts), "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"], "transplant": coverage}
+        write_json_atomic(tmp / "distill_log.json", {"teacher": "all-MiniLM-L6-v2", **result, "log": log})
+    return result
+
+
+def wordnet_distillation_data(limit_groups: int | None = None, dev_limit: int = 300,
+                              seed: int = 0) -> tuple[list[list[str]], list[tuple[str, str]]]:
+    """(groups, dev_pairs) from WordNet: one group per `distillation_synsets` synset (definition, lemmas, examples;
+    never a dev/test noun), `limit_groups` of them drawn at random if given; dev pairs = definition -> word of the
+    most frequent dev-split nouns. Raises SourceMissing when WordNet is not installed."""
+    from training.data_sources.wordnet import dev_definition_pairs, distillation_synsets
+
+    synsets = distillation_synsets()
+    if limit_groups is not None and limit_groups < len(synsets):
+        synsets = random.Random(seed).sample(synsets, limit_groups)
+    groups = [[s.gloss, *s.lemmas, *s.examples] for s in synsets]
+    return groups, dev_definition_pairs(limit=dev_limit)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--texts", required=True, help="a text file, one sentence per line")
+    parser.add_argument("--texts", default=None, help="a text file, one sentence per line")
     parser.add_argument("--output", "--out", dest="out", required=True)
+    parser.add_argument("--wordnet", action="store_true",
+                        help="add WordNet's distillation corpus and check on WordNet dev nouns (needs wordnet-base)")
+    parser.add_argument("--wordnet-groups", type=int, default=None, help="draw at most this many WordNet synsets")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--temperature", type=float, default=0.05)
+    parser.add_argument("--cosine-weight", type=float, default=1.0)
+    parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
-    texts = Path(args.texts).read_text().splitlines()
+    if not args.texts and not args.wordnet:
+        parser.error("give --texts FILE, --wordnet or both")
+    texts = Path(args.texts).read_text().splitlines() if args.texts else []
+    groups, dev_pairs = wordnet_distillation_data(args.wordnet_groups, seed=args.seed) if args.wordnet else ([], None)
+    from training.data_sources.wordnet import INSTRUCTION
+
     print(distill_text(args.model, texts, args.out, args.steps, args.batch_size, args.lr, seed=args.seed,
-                       overwrite=args.force))
+                       overwrite=args.force, instructions=[None, INSTRUCTION], groups=groups, dev_pairs=dev_pairs,
+                       dev_instruction=INSTRUCTION, eval_every=args.eval_every, temperature=args.temperature,
+                       cosine_weight=args.cosine_weight))
 
 
 if __name__ == "__main__":

@@ -108,3 +108,66 @@ def build(split: str, cap: int, ctx: BuildContext) -> list[dict]:
                                INFO.name, INSTRUCTION, key=s.key, negative_keys=[negpool[j].key for j in neg],
                                label=s.lemma, lexname=s.lexname))
     return pairs
+
+
+# ------------------------------------------------------------------------------------- distillation text corpus
+POS_FILES = {"n": "data.noun", "v": "data.verb", "a": "data.adj", "r": "data.adv"}
+_MARKER = re.compile(r"\([a-z]+\)$")  # adjective syntactic markers: "galore(ip)"
+
+
+@dataclass(frozen=True)
+class GlossedSynset:
+    """One synset of any part of speech, as the distillation corpus reads it."""
+
+    key: str                    # "wordnet:n02084071" / "wordnet:v00001740" (nouns: the key `build` splits on)
+    lemmas: tuple[str, ...]     # "take a breath" (underscores as spaces, adjective markers dropped)
+    gloss: str                  # the definition without the examples
+    examples: tuple[str, ...]   # the quoted example sentences of the gloss
+
+
+def read_glossed_synsets(pos: str, wordnet_dir: Path | None = None) -> list[GlossedSynset]:
+    """Every synset of `pos` ("n", "v", "a", "r") in `data.<pos>`, in file order. Raises SourceMissing if absent."""
+    if pos not in POS_FILES:
+        raise ValueError(f"read_glossed_synsets: pos={pos!r}; expected one of {sorted(POS_FILES)}")
+    path = Path(wordnet_dir or WORDNET_DIR) / POS_FILES[pos]
+    if not path.exists():
+        raise SourceMissing(f"WordNet not found at {path.parent}: {INSTALL['wordnet']}")
+    out = []
+    with path.open(encoding="latin-1") as fh:
+        for line in fh:
+            if line.startswith(" "):
+                continue
+            head, _, gloss = line.partition(" | ")
+            f = head.split()
+            lemmas = tuple(dict.fromkeys(_MARKER.sub("", f[4 + 2 * k]).replace("_", " ")
+                                         for k in range(int(f[3], 16))))
+            parts = [p.strip().strip(";").strip() for p in gloss.strip().split('; "')]
+            examples = tuple(p.strip('"').strip() for p in parts[1:] if p.strip('"').strip())
+            out.append(GlossedSynset(f"wordnet:{pos}{line[:8]}", lemmas, parts[0], examples))
+    return out
+
+
+def distillation_synsets(wordnet_dir: Path | None = None) -> list[GlossedSynset]:
+    """The WordNet synsets a text distillation may train on without touching the held-out noun pairs.
+
+    Verbs, adjectives and adverbs: all (the definition->word pairs of `build` are nouns only). Nouns: only those whose
+    key is in the *train* split (`split_of("wordnet:n<offset>")`, the key `build` uses) and none of whose lemmas is a
+    word that a dev/test pair of `build` asks for (so another sense of a test word does not teach it either). Any
+    synset whose definition is word for word a dev/test definition (WordNet repeats some) is left out too.
+    """
+    held_out = [s for s in load_synsets(wordnet_dir) if split_of(s.key) != "train"]
+    held_words, held_glosses = {s.lemma for s in held_out}, {s.gloss for s in held_out}
+    out = []
+    for pos in POS_FILES:
+        for s in read_glossed_synsets(pos, wordnet_dir):
+            if s.gloss in held_glosses or pos == "n" and (
+                    split_of(s.key) != "train" or held_words.intersection(w.lower() for w in s.lemmas)):
+                continue
+            out.append(s)
+    return out
+
+
+def dev_definition_pairs(wordnet_dir: Path | None = None, limit: int = 300) -> list[tuple[str, str]]:
+    """(definition, word) of the `limit` most frequent usable *dev*-split nouns: a held-out check during distillation
+    that is disjoint from both the distillation corpus and the test pairs."""
+    return [(s.gloss, s.lemma) for s in load_synsets(wordnet_dir) if split_of(s.key) == "dev"][:limit]

@@ -60,13 +60,21 @@ class Preset:
     eval_limit: int | None
     lora_r: int = 8
     fusion_lambda: float = 1.0
+    distill_batch: int = 32
+    # WordNet synsets drawn for text distillation (None: all ~90k). The teacher's forward pass (~8 ms CPU a text)
+    # costs more than the student's step, so distinct texts, not steps, bound the stage's time.
+    distill_groups: int | None = None
+    distill_dev: int = 300              # WordNet dev-noun definition -> word pairs checked during distillation
+    distill_eval_every: int = 100
 
 
 PRESETS = {
     "smoke": Preset(data="smoke", backbone="smoke", distill_steps=30, specialist_steps=12, batch_size=8,
-                    recover_steps=20, rehearse_steps=10, eval_limit=8),
-    "small": Preset(data="small", backbone="small", distill_steps=300, specialist_steps=150, batch_size=16,
-                    recover_steps=150, rehearse_steps=60, eval_limit=None, lora_r=16),
+                    recover_steps=20, rehearse_steps=10, eval_limit=8, distill_batch=16, distill_groups=500,
+                    distill_dev=40, distill_eval_every=15),
+    "small": Preset(data="small", backbone="small", distill_steps=1500, specialist_steps=150, batch_size=16,
+                    recover_steps=150, rehearse_steps=60, eval_limit=None, lora_r=16, distill_batch=64,
+                    distill_groups=5000, distill_eval_every=250),
 }
 
 
@@ -121,16 +129,30 @@ class Pipeline:
         return {"counts": counts, **data_sources_summary(manifest)}
 
     def stage_base(self, out: Path) -> dict[str, Any]:
-        from training.base.distill_text import distill_text
+        from training.base.distill_text import distill_text, teacher_text_scores, wordnet_distillation_data
         from training.base.small_base import build_small_base
+        from training.data_sources.common import SourceMissing
+        from training.data_sources.wordnet import INSTRUCTION
 
         raw = build_small_base(out / "undistilled", size=self.preset.backbone, seed=self.seed)
         texts, instructions = training_texts(self.data_dir)
+        try:  # WordNet (Debian wordnet-base) is a registry source; without it only the pipeline's texts are used
+            groups, dev_pairs = wordnet_distillation_data(self.preset.distill_groups, self.preset.distill_dev,
+                                                          seed=self.seed)
+            skipped = None
+        except SourceMissing as err:
+            groups, dev_pairs, skipped = [], None, str(err)
         log = distill_text(raw, texts, out / "model", steps=self.preset.distill_steps,
-                           batch_size=min(32, len(texts)), seed=self.seed, instructions=[None, *instructions])
+                           batch_size=min(self.preset.distill_batch, len(texts) + len(groups)), seed=self.seed,
+                           instructions=[None, *instructions], groups=groups, dev_pairs=dev_pairs,
+                           dev_instruction=INSTRUCTION, eval_every=self.preset.distill_eval_every)
+        if skipped:
+            log["wordnet_skipped"] = skipped
         shutil.rmtree(raw)
-        return {"model": str(out / "model"), "distill": log,
-                "scores": {"base": self.evaluate(out / "model")}}
+        scores: dict[str, Any] = {"base": self.evaluate(out / "model")}
+        if (self.data_dir / "text" / "test.jsonl").exists():  # the teacher's ceiling on the same text test
+            scores["teacher"] = {"text": teacher_text_scores(self.data_dir, limit=self.preset.eval_limit)}
+        return {"model": str(out / "model"), "distill": log, "scores": scores}
 
     def stage_specialists(self, out: Path) -> dict[str, Any]:
         from training.specialist import decouple as specialist

