@@ -93,3 +93,14 @@ def test_vision_lora_deltas_survive_merge_and_fusion(tiny_repo, pairs, tmp_path)
     for key in visual:
         expected = base[key].float() + 0.3 * delta[key]
         assert torch.allclose(fused[key].float(), expected, atol=1e-2), key
+
+
+def test_patch_embed_as_linear_matches_the_conv(tiny_model_and_processor):
+    from training.base.distill_vision import patch_embed_as_linear
+
+    visual = tiny_model_and_processor[0].backbone.visual
+    pixels = torch.randn(8, visual.patch_embed.proj.weight[0].numel())
+    reference = visual.patch_embed(pixels)
+    with patch_embed_as_linear(visual):
+        fast = visual.patch_embed(pixels)
+    assert torch.allclose(fast, reference, atol=1e-5) and "forward" not in vars(visual.patch_embed)
