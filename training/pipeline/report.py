@@ -60,8 +60,9 @@ def verdicts(rows: dict[str, dict[str, float]]) -> list[str]:
             and best_specialist(rows, m) - base[m] < 0.02]
     if flat:
         lines.append(f"The {', '.join(flat)} specialist(s) did not beat the base by 0.02 hit@1 at this scale, so "
-                     "fusion has little to compose there; the small backbone's vision tower is random (no pretrained "
-                     "vision tower installs offline) and specialists train only LoRA on the LLM.")
+                     "fusion has little to compose there; the small backbone's vision tower (2 blocks, 64 wide) only has "
+                     "what a few hundred train images of EfficientNet-Lite0 distillation give it (no pretrained "
+                     "vision tower installs offline).")
     for modality in ("image", "video", "document", "text"):
         spec = best_specialist(rows, modality)
         if spec is not None and modality in fused:
