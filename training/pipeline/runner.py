@@ -6,8 +6,9 @@
 Stages (each writes `OUT/<stage>/` and a `stage.json`; a rerun skips finished stages, `--force` redoes them):
   data        real train/dev/test pairs per modality (training/data_sources; splits never overlap)
   base        small base from real parts (Whisper tiny.en encoder, real Qwen2 tokenizer) + text semantics
-              distilled from all-MiniLM-L6-v2
-  specialists one contrastive LoRA specialist per modality (text anchor, image, video, document, audio)
+              distilled from all-MiniLM-L6-v2 + a vision tower distilled from EfficientNet-Lite0 (train images)
+  specialists one contrastive LoRA specialist per modality (text anchor, image, video, document, audio); the
+              visual ones put LoRA on the vision tower too (the paper's recipe), merged into dense weights
   fuse        Decoupled Specialist Fusion (task arithmetic) at the paper's weights (fuse/model, which recovery and
               rehearsal continue from) and at weights chosen by a small sweep on the DEV split (fuse/dev-chosen);
               audio projector copied from the audio specialist
@@ -34,6 +35,8 @@ from typing import Any, Callable
 
 from training.common.io_utils import write_json_atomic
 from training.common.modalities import MODALITIES
+
+VISUAL_MODALITIES = ("image", "video", "document")  # the specialists that may put LoRA on the vision tower
 
 logger = logging.getLogger("training.pipeline")
 STAGES = ("data", "base", "specialists", "fuse", "drift", "recover", "rehearse", "report")
@@ -66,15 +69,20 @@ class Preset:
     distill_groups: int | None = None
     distill_dev: int = 300              # WordNet dev-noun definition -> word pairs checked during distillation
     distill_eval_every: int = 100
+    vision_distill_steps: int = 0  # EfficientNet-Lite0 -> vision tower (training/base/distill_vision.py); 0 = skip
+    vision_distill_image_size: int = 160  # the teacher's input size (px; 224 native, 160 ~2x cheaper)
+    visual_lora_scopes: tuple[str, ...] = ("llm",)  # LoRA scopes of the image/video/document specialists
 
 
 PRESETS = {
     "smoke": Preset(data="smoke", backbone="smoke", distill_steps=30, specialist_steps=12, batch_size=8,
                     recover_steps=20, rehearse_steps=10, eval_limit=8, distill_batch=16, distill_groups=500,
-                    distill_dev=40, distill_eval_every=15),
+                    distill_dev=40, distill_eval_every=15, vision_distill_steps=4, vision_distill_image_size=64,
+                    visual_lora_scopes=("llm", "vision")),
     "small": Preset(data="small", backbone="small", distill_steps=1500, specialist_steps=150, batch_size=16,
                     recover_steps=150, rehearse_steps=60, eval_limit=None, lora_r=16, distill_batch=64,
-                    distill_groups=5000, distill_eval_every=250),
+                    distill_groups=5000, distill_eval_every=250, vision_distill_steps=300,
+                    visual_lora_scopes=("llm", "vision")),
 }
 
 
@@ -149,10 +157,23 @@ class Pipeline:
         if skipped:
             log["wordnet_skipped"] = skipped
         shutil.rmtree(raw)
+        vision_log = self.distill_vision(out / "model")
         scores: dict[str, Any] = {"base": self.evaluate(out / "model")}
         if (self.data_dir / "text" / "test.jsonl").exists():  # the teacher's ceiling on the same text test
             scores["teacher"] = {"text": teacher_text_scores(self.data_dir, limit=self.preset.eval_limit)}
-        return {"model": str(out / "model"), "distill": log, "scores": scores}
+        return {"model": str(out / "model"), "distill": log, "distill_vision": vision_log, "scores": scores}
+
+    def distill_vision(self, model_dir: Path) -> dict[str, Any] | None:
+        """EfficientNet-Lite0 -> the base's vision tower, in place, on the train split's images (None when off)."""
+        from training.base.distill_vision import distill_vision, training_visual_items
+
+        if not self.preset.vision_distill_steps:
+            return None
+        log = distill_vision(model_dir, training_visual_items(self.data_dir), model_dir, overwrite=True,
+                             steps=self.preset.vision_distill_steps, seed=self.seed, progress=False,
+                             teacher_cache_dir=self.out / "cache" / "vision_teacher",
+                             teacher_image_size=self.preset.vision_distill_image_size)
+        return {k: v for k, v in log.items() if k != "log"}
 
     def stage_specialists(self, out: Path) -> dict[str, Any]:
         from training.specialist import decouple as specialist
@@ -163,7 +184,9 @@ class Pipeline:
             cfg = specialist.SpecialistConfig(
                 name=f"specialist-{modality}", modality=modality, base=str(base), output=str(out / modality),
                 data=specialist.DataConfig(train=[str(self.data_dir / modality / "train.jsonl")], on_error="skip"),
-                lora=specialist.LoraSettings(r=self.preset.lora_r, alpha=2.0 * self.preset.lora_r, dropout=0.0),
+                lora=specialist.LoraSettings(r=self.preset.lora_r, alpha=2.0 * self.preset.lora_r, dropout=0.0,
+                                             scopes=list(self.preset.visual_lora_scopes if modality in VISUAL_MODALITIES
+                                                         else ("llm",))),
                 train=specialist.TrainConfig(per_device_batch_size=self.preset.batch_size,
                                              max_steps=self.preset.specialist_steps, lr=2e-3, lr_projector=1e-3,
                                              warmup_steps=5, log_every=10),

