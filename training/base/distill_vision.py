@@ -216,14 +216,42 @@ def distill_vision(
         log = _train(model, head, targets, loaded, processor, optimizer, schedule, params, steps, batch_size,
                      relational_weight, rng, progress)
     model.eval()
+    scale = match_text_token_scale(model, [_prepared({}, i, loaded, processor) for i in range(min(64, len(loaded)))])
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         save_conan_repo(model, processor, tmp)
         write_json_atomic(tmp / "distill_vision_log.json",
                           {"teacher": TEACHER, "items": len(items), "teacher_image_size": teacher_image_size,
-                           "log": log})
+                           "merger_rescale": scale, "log": log})
     counts = {k: sum(1 for i in items if k in i) for k in VISUAL_KEYS}
     return {"items": counts, "teacher": TEACHER, "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"],
-            "log": log}
+            "merger_rescale": scale, "log": log}
+
+
+@torch.no_grad()
+def match_text_token_scale(model: torch.nn.Module, rows: list[dict[str, torch.Tensor]]) -> float:
+    """Rescale the merger's last linear layer so merged visual tokens have the mean norm of the text token embeddings.
+
+    Why: distillation leaves the merger's tokens ~40x longer than the (MiniLM-transplanted) token embeddings the LLM
+    was trained on (measured 10.6 vs 0.25 on the small base); the scale is a pure multiplier (directions and the
+    relational structure are unchanged). Returns the factor applied.
+    """
+    visual = model.backbone.visual
+    batch = _collate(rows)
+    with patch_embed_as_linear(visual):
+        tokens = []
+        for pixels, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+            if batch.get(pixels) is not None:
+                tokens.append(visual(batch[pixels], grid_thw=batch[grid]).pooler_output)
+    visual_norm = torch.cat(tokens).norm(dim=-1).mean()
+    table = model.get_input_embeddings().weight
+    text_norm = table.norm(dim=-1)
+    text_norm = text_norm[text_norm > 0].mean()
+    factor = float(text_norm / visual_norm)
+    last = [m for m in visual.merger.modules() if isinstance(m, torch.nn.Linear)][-1]
+    last.weight.mul_(factor)
+    if last.bias is not None:
+        last.bias.mul_(factor)
+    return factor
 
 
 def _train(model, head, targets, loaded, processor, optimizer, schedule, params, steps, batch_size,
