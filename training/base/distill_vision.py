@@ -19,7 +19,7 @@ cores): forward / forward+backward 168 / 431 ms for qwen2_vl vs 259 / 641 ms for
 budget cannot pay ~50% more per step, and the distillation target (the merger's tokens) is the same idea in both
 families. The paper's Qwen3-VL remains a supported family (training/base/families.py) for real checkpoints.
 
-    python -m training.distill_vision --model BASE_DIR --data DATA_DIR --out DIR [--steps 300]
+    python -m training.distill_vision --model BASE_DIR --data DATA_DIR --out DIR [--steps 150]
 """
 
 from __future__ import annotations
@@ -178,8 +178,8 @@ def distill_vision(
     model_dir: str | Path,
     items: list[dict[str, str]],
     out: str | Path,
-    steps: int = 300,
-    batch_size: int = 32,
+    steps: int = 150,
+    batch_size: int = 16,
     lr: float = 2e-3,
     relational_weight: float = 1.0,
     seed: int = 0,
@@ -293,8 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, help="a Conan model folder (e.g. the small base)")
     parser.add_argument("--data", required=True, help="the pipeline's pairs folder (<data>/<modality>/train.jsonl)")
     parser.add_argument("--output", "--out", dest="out", required=True)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--teacher-cache", default=None, help="folder for the cached teacher features")
     parser.add_argument("--seed", type=int, default=0)

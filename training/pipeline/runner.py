@@ -63,7 +63,7 @@ PRESETS = {
                     recover_steps=20, rehearse_steps=10, eval_limit=8, vision_distill_steps=4,
                     vision_distill_image_size=64, visual_lora_scopes=("llm", "vision")),
     "small": Preset(data="small", backbone="small", distill_steps=300, specialist_steps=150, batch_size=16,
-                    recover_steps=150, rehearse_steps=60, eval_limit=None, lora_r=16, vision_distill_steps=300,
+                    recover_steps=150, rehearse_steps=60, eval_limit=None, lora_r=16, vision_distill_steps=150,
                     visual_lora_scopes=("llm", "vision")),
 }
 
