@@ -70,6 +70,15 @@ def test_distillation_loss_falls_and_moves_only_the_vision_tower(tiny_repo, pair
     before, after = load_file(tiny_repo / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("backbone.visual.") for k in changed)
+    # the merger was rescaled to the token table's norm: measuring again gives a factor of ~1
+    from training.base.distill_vision import _prepared, load_visual, match_text_token_scale
+    from training.common import hub_code
+
+    model = hub_code.ConanModel.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    processor = hub_code.ConanProcessor.from_pretrained(tmp_path / "out")
+    loaded = [load_visual(item, processor) for item in training_visual_items(pairs)]
+    again = match_text_token_scale(model, [_prepared({}, i, loaded, processor) for i in range(len(loaded))])
+    assert result["merger_rescale"] > 0 and abs(again - 1) < 0.3, (result["merger_rescale"], again)
 
 
 def test_vision_lora_deltas_survive_merge_and_fusion(tiny_repo, pairs, tmp_path):

@@ -19,7 +19,7 @@ cores): forward / forward+backward 168 / 431 ms for qwen2_vl vs 259 / 641 ms for
 budget cannot pay ~50% more per step, and the distillation target (the merger's tokens) is the same idea in both
 families. The paper's Qwen3-VL remains a supported family (training/base/families.py) for real checkpoints.
 
-    python -m training.distill_vision --model BASE_DIR --data DATA_DIR --out DIR [--steps 300]
+    python -m training.distill_vision --model BASE_DIR --data DATA_DIR --out DIR [--steps 150]
 """
 
 from __future__ import annotations
@@ -178,8 +178,8 @@ def distill_vision(
     model_dir: str | Path,
     items: list[dict[str, str]],
     out: str | Path,
-    steps: int = 300,
-    batch_size: int = 32,
+    steps: int = 150,
+    batch_size: int = 16,
     lr: float = 2e-3,
     relational_weight: float = 1.0,
     seed: int = 0,
@@ -216,14 +216,42 @@ def distill_vision(
         log = _train(model, head, targets, loaded, processor, optimizer, schedule, params, steps, batch_size,
                      relational_weight, rng, progress)
     model.eval()
+    scale = match_text_token_scale(model, [_prepared({}, i, loaded, processor) for i in range(min(64, len(loaded)))])
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         save_conan_repo(model, processor, tmp)
         write_json_atomic(tmp / "distill_vision_log.json",
                           {"teacher": TEACHER, "items": len(items), "teacher_image_size": teacher_image_size,
-                           "log": log})
+                           "merger_rescale": scale, "log": log})
     counts = {k: sum(1 for i in items if k in i) for k in VISUAL_KEYS}
     return {"items": counts, "teacher": TEACHER, "first_loss": log[0]["loss"], "last_loss": log[-1]["loss"],
-            "log": log}
+            "merger_rescale": scale, "log": log}
+
+
+@torch.no_grad()
+def match_text_token_scale(model: torch.nn.Module, rows: list[dict[str, torch.Tensor]]) -> float:
+    """Rescale the merger's last linear layer so merged visual tokens have the mean norm of the text token embeddings.
+
+    Why: distillation leaves the merger's tokens ~40x longer than the (MiniLM-transplanted) token embeddings the LLM
+    was trained on (measured 10.6 vs 0.25 on the small base); the scale is a pure multiplier (directions and the
+    relational structure are unchanged). Returns the factor applied.
+    """
+    visual = model.backbone.visual
+    batch = _collate(rows)
+    with patch_embed_as_linear(visual):
+        tokens = []
+        for pixels, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+            if batch.get(pixels) is not None:
+                tokens.append(visual(batch[pixels], grid_thw=batch[grid]).pooler_output)
+    visual_norm = torch.cat(tokens).norm(dim=-1).mean()
+    table = model.get_input_embeddings().weight
+    text_norm = table.norm(dim=-1)
+    text_norm = text_norm[text_norm > 0].mean()
+    factor = float(text_norm / visual_norm)
+    last = [m for m in visual.merger.modules() if isinstance(m, torch.nn.Linear)][-1]
+    last.weight.mul_(factor)
+    if last.bias is not None:
+        last.bias.mul_(factor)
+    return factor
 
 
 def _train(model, head, targets, loaded, processor, optimizer, schedule, params, steps, batch_size,
@@ -265,8 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, help="a Conan model folder (e.g. the small base)")
     parser.add_argument("--data", required=True, help="the pipeline's pairs folder (<data>/<modality>/train.jsonl)")
     parser.add_argument("--output", "--out", dest="out", required=True)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--teacher-cache", default=None, help="folder for the cached teacher features")
     parser.add_argument("--seed", type=int, default=0)

@@ -81,7 +81,7 @@ PRESETS = {
                     visual_lora_scopes=("llm", "vision")),
     "small": Preset(data="small", backbone="small", distill_steps=1500, specialist_steps=150, batch_size=16,
                     recover_steps=150, rehearse_steps=60, eval_limit=None, lora_r=16, distill_batch=64,
-                    distill_groups=5000, distill_eval_every=250, vision_distill_steps=300,
+                    distill_groups=5000, distill_eval_every=250, vision_distill_steps=150,
                     visual_lora_scopes=("llm", "vision")),
 }
 
