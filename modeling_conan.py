@@ -119,7 +119,9 @@ def _backbone_samples(
     values, codes = [], []
     for tensor in floats:
         flat = tensor.detach().reshape(-1)
+        # fp32 linspace rounds the last index up past the end for tensors over 2**24 elements: clamp it.
         index = torch.linspace(0, flat.numel() - 1, min(per_tensor, flat.numel())).round().long()
+        index = index.clamp_(max=flat.numel() - 1)
         values.append(flat[index.to(flat.device)].cpu().float())
         code = _SAMPLE_DTYPES.index(tensor.dtype) if tensor.dtype in _SAMPLE_DTYPES else 0
         codes.append(torch.full((index.numel(),), code, dtype=torch.uint8))

@@ -337,3 +337,18 @@ def test_projector_drift_warning_on_load(tiny_repo, tmp_path, caplog):
         drifted = hub_code.ConanModel.from_pretrained(calibrated)
     assert not drifted.check_projector_calibration()
     assert "Projector Drift" in caplog.text
+
+
+def test_backbone_fingerprint_samples_stay_in_bounds_past_2_pow_24_elements():
+    """fp32 linspace rounds the last sample index of a 19,415,040-element table (151,680 x 128: the small base's
+    token table with the audio tokens) up to 19,415,040, one past the end; the fingerprint must not crash there."""
+    from torch import nn
+
+    from training.common import hub_code
+
+    modeling = hub_code.load("modeling_conan")
+    model = nn.Module()
+    model.backbone = nn.Module()
+    model.backbone.table = nn.Parameter(torch.zeros(151_680, 128))
+    digest, per_tensor, values, codes = modeling._backbone_samples(model, "backbone.", 2048)
+    assert values.shape == (per_tensor,) and codes.shape == (per_tensor,)
