@@ -233,6 +233,14 @@ def process_parsed(processor: Any, parsed: Sequence[tuple[Any, list[bool]]], ins
     return dict(processor.prepare_parsed(list(parsed), list(instructions)))
 
 
+def process_in_chunks(processor: Any, parsed: Sequence[tuple[Any, list[bool]]], instructions: Sequence[str | None],
+                      chunk_size: int = 0) -> list[dict[str, torch.Tensor]]:
+    """`process_parsed` over consecutive chunks of `chunk_size` rows (GradCache's sub-batches); 0 = one chunk."""
+    size = chunk_size if chunk_size > 0 else max(len(parsed), 1)
+    return [process_parsed(processor, parsed[i : i + size], instructions[i : i + size])
+            for i in range(0, len(parsed), size)]
+
+
 def parse_rows(examples: Sequence[Example], parse: Callable[[Example], Any], on_error: OnError
                ) -> tuple[list[Example], list[Any]]:
     """(kept rows, their `parse` results) of a micro-batch: a row whose `parse` raises DataError is fatal or, with
@@ -275,11 +283,7 @@ class ContrastiveCollator:
         self.on_error = on_error
 
     def _chunks(self, parsed: list[Any], instructions: list[str | None]) -> list[dict[str, torch.Tensor]]:
-        size = self.chunk_size if self.chunk_size > 0 else max(len(parsed), 1)
-        return [
-            process_parsed(self.processor, parsed[i : i + size], instructions[i : i + size])
-            for i in range(0, len(parsed), size)
-        ]
+        return process_in_chunks(self.processor, parsed, instructions, self.chunk_size)
 
     def _parse_row(self, example: Example) -> list[Any]:
         """Decode every item of the row (query, positive, first k negatives); errors name this row."""

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from training.contrastive.data import DataError, Example, OnError, parse_rows, process_parsed
+from training.contrastive.data import DataError, Example, OnError, parse_rows, process_in_chunks
 from training.contrastive.gradcache import cached_step, plain_step
 from training.contrastive.loss import LossOutput
 from training.contrastive.omni_objectives import (
@@ -119,9 +119,7 @@ class OmniTupleCollator:
         self.pairs = pairs
 
     def prepare(self, parsed: list[Any], instructions: list[str | None]) -> list[dict[str, torch.Tensor]]:
-        size = self.chunk_size if self.chunk_size > 0 else max(len(parsed), 1)
-        return [process_parsed(self.processor, [(p, []) for p in parsed[i: i + size]], instructions[i: i + size])
-                for i in range(0, len(parsed), size)]
+        return process_in_chunks(self.processor, [(p, []) for p in parsed], instructions, self.chunk_size)
 
     def _parse(self, example: Example) -> tuple[Any, Any]:
         out = []
