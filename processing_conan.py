@@ -564,8 +564,23 @@ class ConanProcessor(ProcessorMixin):
         where = name or f"inputs[{index}]"
         if raw is None:
             raise TypeError(f"{where} is None; expected a str, a PIL image or a dict with keys {INPUT_KEYS}.")
-        if isinstance(raw, str):
-            kind = media_kind_of_path(raw) if os.path.isfile(raw) else None
+        if isinstance(raw, os.PathLike):  # a Path is always a file reference, never text
+            path = os.fspath(raw)
+            kind = media_kind_of_path(path)
+            if kind is None:
+                raise ValueError(f"{where} is the path {path!r}, which has no image/audio/video/PDF extension; pass "
+                                 "text as a str, or the file as {'image' | 'audio' | 'video' | 'document': path}.")
+            raw = {"document" if kind == "pdf" else kind: path}
+        elif isinstance(raw, str):
+            kind = media_kind_of_path(raw)
+            if kind is not None and not os.path.isfile(raw):
+                if not any(char.isspace() for char in raw.strip()):
+                    # Documented: a str is text unless it names an existing media file. A typo'd path would be
+                    # embedded silently as the text of the path, so say so.
+                    quoted = where if repr(raw) in where else f"{where} {raw!r}"  # describe_input may quote it
+                    logger.warning("%s looks like a media file path but no such file exists; it is embedded as text.",
+                                   quoted)
+                kind = None
             if kind is None:
                 return ParsedInput(text=self._check_text(raw, where)), []
             raw = {"document" if kind == "pdf" else kind: raw}
@@ -629,10 +644,10 @@ class ConanProcessor(ProcessorMixin):
 
     def _load_document(self, document: Any, page: Any, where: str) -> Image.Image:
         if isinstance(document, (str, os.PathLike)) and media_kind_of_path(os.fspath(document)) == "pdf":
-            if page is not None and (not isinstance(page, int) or isinstance(page, bool)):
+            if page is not None and (not isinstance(page, (int, np.integer)) or isinstance(page, bool)):
                 raise TypeError(f"{where}: page must be an int (0-based), got {page!r}.")
             try:
-                return render_pdf_page(os.fspath(document), page or 0, self.pdf_render_scale,
+                return render_pdf_page(os.fspath(document), int(page or 0), self.pdf_render_scale,
                                        max_pixels=PDF_RENDER_HEADROOM * self.document_max_pixels)
             except ValueError as error:
                 raise ValueError(f"{where}: {error}") from error
@@ -660,10 +675,23 @@ class ConanProcessor(ProcessorMixin):
             if frame.ndim != 3 or frame.shape[-1] != 3 or frame.shape[0] == 0 or frame.shape[1] == 0:
                 raise ValueError(f"{where} frame {i} has shape {frame.shape}; expected non-empty (H, W, 3) RGB.")
         check_image_size(frames[0].shape[1], frames[0].shape[0], f"{where} frame 0")
+        self._check_frame_sizes(frames, where)
         if len(frames) > self.video_max_frames:
             picks = np.linspace(0, len(frames) - 1, self.video_max_frames).round().astype(int)
             frames = [frames[i] for i in picks]
         return [frame_to_uint8(f, f"{where} frame {i}") for i, f in enumerate(frames)]
+
+    def _check_frame_sizes(self, frames: list[np.ndarray], where: str) -> None:
+        """Frames must resize to one size (what `process_videos` stacks); the error names the input and frame."""
+        patch, merge, _ = self._patch
+        sizes = [smart_resize(f.shape[0], f.shape[1], factor=patch * merge, min_pixels=self.video_min_pixels,
+                              max_pixels=self.video_max_pixels) for f in frames]
+        for i, size in enumerate(sizes):
+            if size != sizes[0]:
+                raise ValueError(
+                    f"{where} frame {i} is {frames[i].shape[1]}x{frames[i].shape[0]} pixels and frame 0 is "
+                    f"{frames[0].shape[1]}x{frames[0].shape[0]}; the frames of one video must share one size."
+                )
 
     @staticmethod
     def _load_audio(audio: Any, where: str) -> np.ndarray:

@@ -237,3 +237,53 @@ def test_old_format_records_are_still_read(tiny_repo):
     assert not modeling.backbone_matches("0" * 64, model)
     record = modeling.backbone_fingerprint(model)
     assert record.startswith("conan-fp2:") and len(record) < 16_000  # stays small enough for config.json
+
+
+# ------------------------------------------------------------------------------------------------ paths and frames
+def test_missing_media_path_is_embedded_as_text_with_a_warning(tiny_model_and_processor, tmp_path, caplog):
+    _, processor = tiny_model_and_processor
+    missing = str(tmp_path / "holiday" / "photo.jpg")  # a typo'd path: nothing on disk
+    with caplog.at_level("WARNING"):
+        batch = processor.prepare([missing, "a photo.jpg of a cat"], return_tensors="np")
+    assert batch["input_ids"].shape[0] == 2 and "pixel_values" not in batch  # still text, as documented
+    assert f"inputs[0] {missing!r} looks like a media file path" in caplog.text
+    assert "inputs[1]" not in caplog.text  # text with spaces is plain text
+
+
+def test_missing_media_path_warning_quotes_it_once_through_sentence_transformers(tiny_st, tmp_path, caplog):
+    missing = str(tmp_path / "scan.pdf")
+    with caplog.at_level("WARNING"):
+        tiny_st.encode([missing])
+    assert caplog.text.count(repr(missing)) == 1 and "looks like a media file path" in caplog.text
+
+
+def test_pathlib_path_input_is_that_file(tiny_model_and_processor, tmp_path):
+    from pathlib import Path
+
+    model, processor = tiny_model_and_processor
+    path = tmp_path / "red.png"
+    IMAGE.save(path)
+    torch.testing.assert_close(_embed(model, processor, [path]), _embed(model, processor, [str(path)]))
+    with pytest.raises(ValueError, match=r"inputs\[0\]\['image'\]: image file '.*nothing.png' does not exist"):
+        processor.prepare([Path(tmp_path / "nothing.png")])
+    with pytest.raises(ValueError, match=r"inputs\[0\] is the path '.*notes.txt', which has no image/audio/video/PDF"):
+        processor.prepare([tmp_path / "notes.txt"])
+
+
+def test_video_frames_of_different_sizes_name_the_input_and_frame(tiny_model_and_processor):
+    _, processor = tiny_model_and_processor
+    frames = [np.zeros((48, 64, 3), np.uint8), np.zeros((48, 64, 3), np.uint8), np.zeros((96, 32, 3), np.uint8)]
+    with pytest.raises(ValueError, match=r"inputs\[1\]\['video'\] frame 2 is 32x96 pixels .*frame 0 is 64x48"):
+        processor.prepare(["text", {"video": frames}])
+
+
+def test_pdf_page_may_be_a_numpy_integer(tiny_model_and_processor, tmp_path):
+    pdfium = pytest.importorskip("pypdfium2")
+    model, processor = tiny_model_and_processor
+    document = pdfium.PdfDocument.new()
+    for width in (200, 300):
+        document.new_page(width, 300)
+    document.save(str(tmp_path / "two.pdf"))
+    path = str(tmp_path / "two.pdf")
+    torch.testing.assert_close(_embed(model, processor, [{"document": path, "page": np.int64(1)}]),
+                               _embed(model, processor, [{"document": path, "page": 1}]))
