@@ -137,6 +137,8 @@ class MediaPolicy:
             return from_mime
         if hint == "image" and from_mime == "document":  # a PDF sent as image_url: embed its page as a document
             return from_mime
+        if hint == "audio" and from_mime == "video":  # a video's soundtrack: the processor decodes its audio track
+            return hint
         if from_mime is not None and from_mime != hint and not (hint == "document" and from_mime == "image"):
             raise RequestError(400, f"{where} is {mime!r} but was sent as {hint!r}.", where)
         return hint

@@ -277,11 +277,14 @@ def materialize(spec: ItemSpec, policy: MediaPolicy, processor: Any) -> dict[str
             parsed, doc_flags = processor.parse_input(raw, 0)
         except (ValueError, TypeError, OSError) as error:
             message = str(error)
+            # `param` names the part at fault when the processor's message names one (`inputs[0]['audio']`)
+            param = next((new for old, new in names.items() if old.startswith("inputs[0]") and old in message),
+                         spec.where)
             for old, new in sorted(names.items(), key=lambda kv: -len(kv[0])):
                 message = message.replace(repr(old), new).replace(old, new)
             message = message.replace("inputs[0]", spec.where)
             message = message if spec.where in message else f"{spec.where}: {message}"
-            raise RequestError(400, message, spec.where) from error
+            raise RequestError(400, message, param) from error
     item: dict[str, Any] = {}
     if parsed.text is not None:
         item["text"] = parsed.text

@@ -91,3 +91,64 @@ def test_url_fetch_when_allowed(tiny_st, tmp_path):
     np.testing.assert_allclose(ok.json()["data"][0]["embedding"], tiny_st.encode([image])[0], atol=1e-5, rtol=0)
     assert missing.status_code == 400 and "input[0]" in missing.json()["error"]["message"]
     assert "404" in missing.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------------------------------------------- soundtracks
+def _mp4_with_soundtrack(path) -> str:
+    """A 1 s, 64x48 H.264 clip with a 440 Hz AAC track (PyAV); returns it as a video/mp4 data URI."""
+    import base64
+
+    import av
+
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("mpeg4", rate=4)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        audio = container.add_stream("aac", rate=16000)
+        for i in range(4):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 40, dtype=np.uint8), format="rgb24")
+            container.mux(video.encode(frame))
+        container.mux(video.encode())
+        tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)).astype(np.float32)[None]
+        samples = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
+        samples.sample_rate = 16000
+        container.mux(audio.encode(samples))
+        container.mux(audio.encode())
+    return "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def test_audio_part_may_be_a_videos_soundtrack(tiny_st, tmp_path):
+    """The processor reads the audio track of a video file as audio (README: "the audio track of .mov/.mp4/.mkv"),
+    so "a video + its soundtrack" can be sent as the same video/* data URI in a video part and an audio part."""
+    from serving.requests import materialize, parse_request
+
+    uri = _mp4_with_soundtrack(tmp_path / "clip.mp4")
+    path = str(tmp_path / "clip.mp4")
+    processor = tiny_st[0].processor
+    bodies = [
+        {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": uri}},
+                                                   {"type": "audio_url", "audio_url": {"url": uri}}]}]},
+        {"input": [uri], "modality": "audio"},
+    ]
+    wants = [{"video": path, "audio": path}, {"audio": path}]
+    for body, want in zip(bodies, wants):
+        request = parse_request(body, tiny_st.prompts, tiny_st.get_embedding_dimension(), 16)
+        item = materialize(request.items[0], MediaPolicy(), processor)
+        np.testing.assert_allclose(tiny_st.encode([item]), tiny_st.encode([want]), atol=1e-5, rtol=0)
+
+
+def test_decode_error_param_names_the_part(tiny_st, tmp_path):
+    """A media part that fails to decode names the part in `param` (as in the message), not the whole request."""
+    import base64
+
+    from serving.media import RequestError
+    from serving.requests import materialize, parse_request
+
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "page.pdf")  # a 1-page PDF
+    uri = "data:application/pdf;base64," + base64.b64encode((tmp_path / "page.pdf").read_bytes()).decode()
+    body = {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "page eight"},
+        {"type": "document_url", "document_url": {"url": uri, "page": 7}}]}]}
+    request = parse_request(body, tiny_st.prompts, tiny_st.get_embedding_dimension(), 16)
+    with pytest.raises(RequestError, match=r"messages\[0\].content\[1\]: PDF file <document data> has 1 pages") as raised:
+        materialize(request.items[0], MediaPolicy(), tiny_st[0].processor)
+    assert raised.value.param == "messages[0].content[1]"
