@@ -42,6 +42,15 @@ def _stat(path: str) -> list[int]:
     return [int(st.st_size), int(st.st_mtime_ns)]
 
 
+def pdf_pages(path: str) -> range:
+    """The page numbers of a PDF; page 0 alone when pypdfium2 cannot open it (corrupt, password-protected), so that
+    record fails at encoding time like any other undecodable file: named in the error, or left out by --skip-errors."""
+    try:
+        return range(count_pdf_pages(path))
+    except ValueError:
+        return range(1)
+
+
 def file_records(path: str, record_id: str, meta: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The records of one file: one per PDF page, one otherwise. Raises ValueError for an unknown file type."""
     kind = kind_of_path(path)
@@ -52,7 +61,7 @@ def file_records(path: str, record_id: str, meta: dict[str, Any] | None = None) 
     if kind == "pdf":
         return [
             {**base, "id": f"{record_id}#page={page}", "page": page, "input": {"document": path, "page": page}}
-            for page in range(count_pdf_pages(path))
+            for page in pdf_pages(path)
         ]
     if kind == "text":
         with open(path, encoding="utf-8") as handle:
@@ -135,7 +144,7 @@ def jsonl_records(jsonl: str | os.PathLike) -> list[dict[str, Any]]:
                            "stat": stat, "meta": meta}
             document = item.get("document")
             if document is not None and kind_of_path(document) == "pdf" and item.get("page") is None:
-                for page in range(count_pdf_pages(document)):
+                for page in pdf_pages(document):
                     records.append({**base_record, "id": f"{record_id}#page={page}", "page": page,
                                     "input": {**item, "page": page}})
             else:

@@ -216,3 +216,21 @@ def test_two_gloo_processes_match_one(tiny_repo, built, gallery, tmp_path):
     assert [r["id"] for r in two.records] == [r["id"] for r in one.records] == EXPECTED_IDS
     np.testing.assert_allclose(two.embeddings(), one.embeddings(), atol=1e-5)
     assert two.manifest["shards"] == 3 and (out / "shards" / "00001.jsonl").is_file()
+
+
+def test_unreadable_pdf_is_skipped_by_skip_errors(tiny_repo, tiny_st, tmp_path):
+    """A PDF that pypdfium2 cannot open (corrupt, or password-protected) fails like any other undecodable file: named
+    in the error without --skip-errors, left out and counted with it (it used to stop the build while listing pages)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    colour_image("red").save(corpus / "ok.png")
+    (corpus / "broken.pdf").write_bytes(b"%PDF-1.7\nnot really a pdf\n")
+    with pytest.raises(ValueError, match=r"\['broken.pdf#page=0', 'ok.png'\] failed.*broken.pdf' could not be opened"):
+        build_index(tiny_repo, corpus, tmp_path / "idx", encoder=tiny_st, show_progress=False)
+    out = build_index(tiny_repo, corpus, tmp_path / "idx", encoder=tiny_st, show_progress=False, skip_errors=True)
+    index = CorpusIndex.load(out)
+    assert [r["id"] for r in index.records] == ["ok.png"] and index.manifest["errors"] == 1
+    jsonl = tmp_path / "corpus.jsonl"
+    jsonl.write_text(json.dumps({"id": "manual", "document": "corpus/broken.pdf"}) + "\n" + '{"text": "fine"}\n')
+    out = build_index(tiny_repo, jsonl, tmp_path / "j-idx", encoder=tiny_st, show_progress=False, skip_errors=True)
+    assert [r["id"] for r in CorpusIndex.load(out).records] == ["line-2"]
