@@ -16,7 +16,7 @@ text plus at most one image, one document page, one video and one audio clip (wh
 
 Other fields: `model`, `dimensions` (Matryoshka truncation, re-normalised; Cohere's `output_dimension` too),
 `encoding_format` `float` | `base64` (little-endian float32), `input_type` `query` | `document` (also `search_query`,
-`search_document`, `passage`) selecting the model's prompts, and `instruction` (a free-form system instruction).
+`search_document`, `passage`) selecting the model's prompts, or `instruction` (a free-form system instruction; not both).
 """
 
 from __future__ import annotations
@@ -88,6 +88,9 @@ def parse_request(body: Any, prompts: dict[str, str], embedding_dim: int, max_it
         items = [item]
     else:
         items = _parse_inputs(body["inputs"])
+    if instruction is not None and body.get("input_type") is not None:
+        raise _fail("input_type", f"{body['input_type']!r} selects a prompt, and the request also has an instruction "
+                                  "(`instruction` or a system message), which replaces it; give one.")
     if len(items) > max_items:
         raise RequestError(413, f"the request holds {len(items)} inputs; this server takes at most {max_items} per "
                                 "request.", forms[0], "too_many_inputs")

@@ -152,3 +152,19 @@ def test_decode_error_param_names_the_part(tiny_st, tmp_path):
     with pytest.raises(RequestError, match=r"messages\[0\].content\[1\]: PDF file <document data> has 1 pages") as raised:
         materialize(request.items[0], MediaPolicy(), tiny_st[0].processor)
     assert raised.value.param == "messages[0].content[1]"
+
+
+def test_instruction_and_input_type_together_are_refused():
+    """`instruction` replaces the prompt `input_type` selects: a request with both used to drop `input_type` silently."""
+    from serving.media import RequestError
+    from serving.requests import parse_request
+
+    prompts = {"query": "Q", "document": "D"}
+    with pytest.raises(RequestError, match=r"input_type: 'query' selects a prompt.*give one") as raised:
+        parse_request({"input": "a", "instruction": "Find it.", "input_type": "query"}, prompts, 8, 4)
+    assert raised.value.status == 400 and raised.value.param == "input_type"
+    with pytest.raises(RequestError, match=r"input_type: 'document' selects a prompt"):
+        parse_request({"messages": [{"role": "system", "content": "Find it."}, {"role": "user", "content": "a"}],
+                       "input_type": "document"}, prompts, 8, 4)
+    assert parse_request({"input": "a", "instruction": "Find it."}, prompts, 8, 4).prompt == "Find it."
+    assert parse_request({"input": "a", "input_type": "query"}, prompts, 8, 4).prompt == "Q"
