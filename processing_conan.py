@@ -341,12 +341,15 @@ class ConanProcessor(ProcessorMixin):
         document_images: list[bool] | None = None,
         max_length: int | None = None,
         input_names: list[str] | None = None,
+        sampling_rate: int | None = None,
         **kwargs,
     ) -> BatchFeature:
         """Tokenise `text`, expanding each placeholder for the matching image/video/audio item (in order).
 
-        `images`: PIL images; `videos`: lists of RGB frames or (T,H,W,C) uint8 arrays; `audio`: 16 kHz 1-D float
-        arrays or `{"array", "sampling_rate"}` dicts. `document_images[i]` selects the document resolution preset.
+        `images`: PIL images; `videos`: lists of RGB frames or (T,H,W,C) uint8 arrays; `audio`: 1-D float or
+        integer-PCM arrays at `sampling_rate` (default 16 kHz; resampled like `prepare`), `{"array", "sampling_rate"}`
+        dicts or audio file paths, validated as in `prepare` (errors name `audio[i]`). `document_images[i]` selects
+        the document resolution preset.
         A row of `text` may also be a list of `(text, literal)` segments (what `prepare` builds): placeholders are
         expanded only in non-literal segments, and literal segments are tokenised with special-token strings as
         plain text.
@@ -379,9 +382,10 @@ class ConanProcessor(ProcessorMixin):
                 temporal = self._patch[2]
                 data["second_per_grid_ts"] = np.full(len(videos), temporal / self.video_fps, dtype=np.float32)
         if audio:
-            arrays = [pcm_to_float32(a, f"audio[{i}]") if isinstance(a, np.ndarray) else resample_audio(
-                pcm_to_float32(a["array"], f"audio[{i}]['array']"), int(a["sampling_rate"]), SAMPLING_RATE)
-                for i, a in enumerate(audio)]
+            rate = SAMPLING_RATE if sampling_rate is None else sampling_rate
+            arrays = [self._load_audio(a if isinstance(a, (dict, str, os.PathLike)) else
+                                       {"array": a, "sampling_rate": rate}, f"audio[{i}]")
+                      for i, a in enumerate(audio)]
             audio_data, expansions[self.audio_token] = self.process_audio(arrays)
             data.update(audio_data)
         if self.backbone_family == "qwen3_vl":

@@ -287,3 +287,32 @@ def test_pdf_page_may_be_a_numpy_integer(tiny_model_and_processor, tmp_path):
     path = str(tmp_path / "two.pdf")
     torch.testing.assert_close(_embed(model, processor, [{"document": path, "page": np.int64(1)}]),
                                _embed(model, processor, [{"document": path, "page": 1}]))
+
+
+# ------------------------------------------------------------------------------------------------ HF-call audio
+def _audio_text(processor) -> list[str]:
+    return [f"a clip {processor.audio_start_token or ''}{processor.audio_token}{processor.audio_end_token or ''}"]
+
+
+def test_hf_call_audio_takes_sampling_rate_like_hf_processors(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(8000) / 8000)).astype(np.float32)  # 1 s at 8 kHz
+    with torch.no_grad():
+        as_dict = model(**processor(text=_audio_text(processor), audio=[{"array": tone, "sampling_rate": 8000}]))
+        with_kwarg = model(**processor(text=_audio_text(processor), audio=[tone], sampling_rate=8000))
+        at_16k = model(**processor(text=_audio_text(processor), audio=[tone]))  # a bare array is 16 kHz by default
+        as_list = model(**processor(text=_audio_text(processor), audio=[tone.tolist()]))
+    torch.testing.assert_close(with_kwarg.embeddings, as_dict.embeddings)
+    torch.testing.assert_close(as_list.embeddings, at_16k.embeddings)
+    assert not torch.allclose(at_16k.embeddings, as_dict.embeddings)
+
+
+@pytest.mark.parametrize("bad, error", [
+    (np.zeros((2, 800), np.float32), r"audio\[0\]\['array'\] has shape \(2, 800\); expected a 1-D"),
+    (np.full(800, np.nan, np.float32), r"audio\[0\] contains NaN"),
+    ({"array": np.zeros(800, np.float32)}, r"audio\[0\] lacks \['sampling_rate'\]"),
+])
+def test_hf_call_audio_is_validated_like_prepare(tiny_model_and_processor, bad, error):
+    _, processor = tiny_model_and_processor
+    with pytest.raises(ValueError, match=error):
+        processor(text=_audio_text(processor), audio=[bad])
