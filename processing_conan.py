@@ -361,11 +361,10 @@ class ConanProcessor(ProcessorMixin):
         expansions: dict[str, list[int]] = {}
         if images:
             docs = document_images or [False] * len(images)
-            for i, im in enumerate(images):
-                check_image_size(im.width, im.height, f"images[{i}]")
+            images = [self._load_image(im, f"images[{i}]") for i, im in enumerate(images)]  # paths, checks, RGB
             resized = [
                 self._resize(
-                    to_rgb(im),
+                    im,
                     self.document_min_pixels if doc else self.image_min_pixels,
                     self.document_max_pixels if doc else self.image_max_pixels,
                 )
@@ -374,8 +373,7 @@ class ConanProcessor(ProcessorMixin):
             data.update(self.process_images(resized))
             expansions[self.image_token] = [int(g.prod()) // self._patch[1] ** 2 for g in data["image_grid_thw"]]
         if videos:
-            data.update(self.process_videos([[frame_to_uint8(np.asarray(f), f"videos[{i}] frame {j}")
-                                              for j, f in enumerate(v)] for i, v in enumerate(videos)]))
+            data.update(self.process_videos([self._load_video(v, f"videos[{i}]") for i, v in enumerate(videos)]))
             if self.backbone_family != "qwen3_vl":
                 expansions[self.video_token] = [int(g.prod()) // self._patch[1] ** 2 for g in data["video_grid_thw"]]
             if self.backbone_family == "qwen2_5_vl":
@@ -660,6 +658,8 @@ class ConanProcessor(ProcessorMixin):
         return self._load_image(document, where)
 
     def _load_video(self, video: Any, where: str) -> list[np.ndarray]:
+        if hasattr(video, "detach"):  # a torch tensor of (T, H, W, 3) frames
+            video = video.detach().cpu().numpy()
         if isinstance(video, (str, os.PathLike)):
             try:
                 frames = load_video_file(os.fspath(video), self.video_fps, self.video_max_frames)

@@ -316,3 +316,24 @@ def test_hf_call_audio_is_validated_like_prepare(tiny_model_and_processor, bad, 
     _, processor = tiny_model_and_processor
     with pytest.raises(ValueError, match=error):
         processor(text=_audio_text(processor), audio=[bad])
+
+
+def test_hf_call_images_and_videos_are_validated_like_prepare(tiny_model_and_processor, tmp_path):
+    model, processor = tiny_model_and_processor
+    image_text = ["a <|vision_start|><|image_pad|><|vision_end|>"]
+    video_text = ["a <|vision_start|><|video_pad|><|vision_end|>"]
+    IMAGE.save(tmp_path / "photo.png")
+    with torch.no_grad():
+        from_path = model(**processor(text=image_text, images=[str(tmp_path / "photo.png")])).embeddings
+        from_pil = model(**processor(text=image_text, images=[IMAGE])).embeddings
+        frames = np.stack([np.asarray(IMAGE)] * 2)
+        from_tensor = model(**processor(text=video_text, videos=[torch.from_numpy(frames)])).embeddings
+        from_array = model(**processor(text=video_text, videos=[frames])).embeddings
+    torch.testing.assert_close(from_path, from_pil)
+    torch.testing.assert_close(from_tensor, from_array)
+    with pytest.raises(TypeError, match=r"images\[1\] has type ndarray; expected a PIL image or an image path"):
+        processor(text=[image_text[0] * 2], images=[IMAGE, np.asarray(IMAGE)])
+    with pytest.raises(ValueError, match=r"images\[0\] is a PIL image of mode 'I'"):
+        processor(text=image_text, images=[Image.new("I", (30, 30))])
+    with pytest.raises(ValueError, match=r"videos\[0\] has shape \(2, 30, 30\); expected \(T, H, W, 3\)"):
+        processor(text=video_text, videos=[np.zeros((2, 30, 30), np.uint8)])
