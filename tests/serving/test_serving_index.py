@@ -135,13 +135,19 @@ def test_jsonl_corpus_and_errors(tiny_repo, tiny_st, gallery, tmp_path):
     with pytest.raises(FileNotFoundError, match="no finished index"):
         CorpusIndex.load(tmp_path / "bad-idx")
 
-    corrupt = tmp_path / "corrupt"
-    corrupt.mkdir()
-    colour_image("red").save(corrupt / "ok.png")
-    (corrupt / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match=r"\['broken.png', 'ok.png'\] failed"):
-        build_index(tiny_repo, corrupt, tmp_path / "c-idx", encoder=tiny_st, show_progress=False)
-    out = build_index(tiny_repo, corrupt, tmp_path / "c-idx", encoder=tiny_st, show_progress=False, skip_errors=True)
+    _assert_broken_file_fails_or_is_skipped(tiny_repo, tiny_st, tmp_path / "corrupt", "broken.png", b"not a png",
+                                            r"\['broken.png', 'ok.png'\] failed")
+
+
+def _assert_broken_file_fails_or_is_skipped(tiny_repo, tiny_st, folder, name, data, error) -> None:
+    """A folder of ok.png + an undecodable file: the build fails with `error`; --skip-errors indexes ok.png alone."""
+    folder.mkdir()
+    colour_image("red").save(folder / "ok.png")
+    (folder / name).write_bytes(data)
+    with pytest.raises(ValueError, match=error):
+        build_index(tiny_repo, folder, folder.with_name(folder.name + "-idx"), encoder=tiny_st, show_progress=False)
+    out = build_index(tiny_repo, folder, folder.with_name(folder.name + "-idx"), encoder=tiny_st, show_progress=False,
+                      skip_errors=True)
     index = CorpusIndex.load(out)
     assert [r["id"] for r in index.records] == ["ok.png"] and index.manifest["errors"] == 1
 
@@ -221,15 +227,9 @@ def test_two_gloo_processes_match_one(tiny_repo, built, gallery, tmp_path):
 def test_unreadable_pdf_is_skipped_by_skip_errors(tiny_repo, tiny_st, tmp_path):
     """A PDF that pypdfium2 cannot open (corrupt, or password-protected) fails like any other undecodable file: named
     in the error without --skip-errors, left out and counted with it (it used to stop the build while listing pages)."""
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    colour_image("red").save(corpus / "ok.png")
-    (corpus / "broken.pdf").write_bytes(b"%PDF-1.7\nnot really a pdf\n")
-    with pytest.raises(ValueError, match=r"\['broken.pdf#page=0', 'ok.png'\] failed.*broken.pdf' could not be opened"):
-        build_index(tiny_repo, corpus, tmp_path / "idx", encoder=tiny_st, show_progress=False)
-    out = build_index(tiny_repo, corpus, tmp_path / "idx", encoder=tiny_st, show_progress=False, skip_errors=True)
-    index = CorpusIndex.load(out)
-    assert [r["id"] for r in index.records] == ["ok.png"] and index.manifest["errors"] == 1
+    _assert_broken_file_fails_or_is_skipped(
+        tiny_repo, tiny_st, tmp_path / "corpus", "broken.pdf", b"%PDF-1.7\nnot really a pdf\n",
+        r"\['broken.pdf#page=0', 'ok.png'\] failed.*broken.pdf' could not be opened")
     jsonl = tmp_path / "corpus.jsonl"
     jsonl.write_text(json.dumps({"id": "manual", "document": "corpus/broken.pdf"}) + "\n" + '{"text": "fine"}\n')
     out = build_index(tiny_repo, jsonl, tmp_path / "j-idx", encoder=tiny_st, show_progress=False, skip_errors=True)
