@@ -30,6 +30,7 @@ import torch
 from training.common import hub_code
 from training.common.audio_cache import AudioFrameCache
 from training.common.repo import load_conan
+from training.common.visual_cache import SUPPORTED_FAMILIES, VisualTokenCache, vision_tower
 from training.contrastive.data import load_jsonl
 from training.evaluation.embed import embed_items
 from training.evaluation.metrics import gold_ranks, rank_metrics
@@ -152,6 +153,9 @@ def evaluate_model(
         raise ValueError(f"evaluate_model: split must be one of {SPLITS}, got {split!r}")
     data_dir = Path(data_dir)
     model, processor = load_for_eval(model_dir)
+    if model.config.backbone_model_type in SUPPORTED_FAMILIES:  # evaluation never trains the tower: encode items once
+        vision_tower(model).requires_grad_(False)
+        VisualTokenCache.install(model)
     model.audio_frames_hook = AudioFrameCache.for_model(model, audio_cache_dir)
     results = {}
     for modality in modalities or sorted(p.name for p in data_dir.iterdir() if (p / f"{split}.jsonl").exists()):
