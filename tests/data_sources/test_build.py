@@ -245,3 +245,12 @@ def test_build_context_rng_depends_only_on_seed_source_split(tmp_path):
     b = BuildContext(root=tmp_path, seed=3).rng("src", "train").integers(0, 1 << 30, 4)
     c = BuildContext(root=tmp_path, seed=3).rng("src", "dev").integers(0, 1 << 30, 4)
     assert (a == b).all() and not (a == c).all()
+
+
+def test_train_caps_replace_the_train_cap_of_one_modality_only():
+    preset = B.Preset("p", {"train": 30, "dev": 4, "test": 8}, train_caps={"image": 500})
+    assert B.resolve_preset(preset) is preset
+    assert preset.cap("image", "train") == 500 and preset.cap("image", "test") == 8
+    assert preset.cap("text", "train") == 30
+    with pytest.raises(ValueError, match="train_caps"):
+        B.resolve_preset(B.Preset("p", {"train": 30, "dev": 4, "test": 8}, train_caps={"imgae": 5}))

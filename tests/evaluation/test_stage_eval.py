@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from training.evaluation import stage_eval
-from training.evaluation.stage_eval import evaluate_model, input_kind, score_similarity, source_scores
+from training.evaluation.stage_eval import (evaluate_model, input_kind, kind_pool_scores, score_similarity,
+                                           source_scores)
 
 
 def test_source_scores_rank_each_source_within_its_own_candidates():
@@ -41,6 +42,30 @@ def test_source_scores_shared_label_candidates_count_once():
     per = source_scores(similarity, [0, 1, 0, 1], ["digits"] * 4)
     assert per["digits"]["n_candidates"] == 2 and per["digits"]["chance"] == pytest.approx(0.5)
     assert per["digits"]["hit@1"] == pytest.approx(3 / 4) and "task" not in per["digits"]
+
+
+def test_kind_pool_scores_rank_each_query_within_its_gold_kind():
+    # The image modality's mix: 2 CIFAR photos -> class names (text columns 0-1) and 2 emoji names -> glyphs (image
+    # columns 2-3). Over the whole pool every query loses to a column of its own kind (the modality gap); within its
+    # gold's kind, queries 0, 1 and 2 win.
+    similarity = np.array([
+        [0.3, 0.1, 0.9, 0.8],   # photo, gold text 0: beats text 1, loses to the glyphs
+        [0.1, 0.2, 0.9, 0.9],   # photo, gold text 1
+        [0.9, 0.9, 0.5, 0.4],   # emoji name, gold image 2
+        [0.9, 0.9, 0.5, 0.4],   # emoji name, gold image 3 -> rank 2 within the images
+    ])
+    gold = [0, 1, 2, 3]
+    kinds = ["text", "text", "image", "image"]
+    assert score_similarity(similarity, gold)["hit@1"] == 0.0
+    pooled = kind_pool_scores(similarity, gold, kinds)
+    assert pooled["hit@1"] == pytest.approx(3 / 4) and pooled["mrr"] == pytest.approx((1 + 1 + 1 + 0.5) / 4)
+    assert pooled["n_candidates"] == 4 and pooled["chance"] == pytest.approx(1 / 2)
+    # Unequal pools: chance is the query mean of 1 / pool size (3 queries over 1 text, 1 query over 3 images).
+    uneven = kind_pool_scores(np.zeros((4, 4)), [0, 0, 0, 1], ["text", "image", "image", "image"])
+    assert uneven["chance"] == pytest.approx((3 * 1.0 + 1 / 3) / 4)
+    assert uneven["hit@1"] == pytest.approx(3 / 4)   # a 1-candidate pool always hits; the tie ranks the image 3rd
+    with pytest.raises(ValueError, match="kind_pool_scores"):
+        kind_pool_scores(similarity, gold, kinds[:3])
 
 
 def test_source_scores_rejects_mismatched_lengths():

@@ -18,7 +18,8 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+import dataclasses
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -47,12 +48,19 @@ MANIFEST = "manifest.json"
 
 @dataclass(frozen=True)
 class Preset:
-    """Size caps: ``caps[split]`` pairs per modality (shared out evenly over its installed sources)."""
+    """Size caps: ``caps[split]`` pairs per modality (shared out evenly over its installed sources);
+    ``train_caps[modality]`` replaces ``caps["train"]`` for that modality (dev and test stay the same, and the
+    split rule keeps them disjoint from any train size)."""
 
     name: str
     caps: dict[str, int]
     n_negatives: int = 3
     pdf_max_pages: int = 40   # pages scanned per manual (the --max-pages cap)
+    train_caps: dict[str, int] = field(default_factory=dict)
+
+    def cap(self, modality: str, split: str) -> int:
+        """Pairs of `modality` in `split`."""
+        return self.train_caps.get(modality, self.caps[split]) if split == "train" else self.caps[split]
 
 
 PRESETS = {
@@ -66,6 +74,9 @@ def resolve_preset(preset: str | Preset) -> Preset:
     if isinstance(preset, Preset):
         if set(preset.caps) != set(SPLITS) or any(v < 0 for v in preset.caps.values()):
             raise ValueError(f"Preset.caps must give a non-negative cap for each of {SPLITS}, got {preset.caps}")
+        if set(preset.train_caps) - set(MODALITIES) or any(v < 0 for v in preset.train_caps.values()):
+            raise ValueError(f"Preset.train_caps must map modalities of {MODALITIES} to non-negative caps, got "
+                             f"{preset.train_caps}")
         return preset
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)} or a Preset")
@@ -90,7 +101,7 @@ def _build_modality(modality: str, preset: Preset, ctx: BuildContext, bar: tqdm)
     out: dict[str, list[dict]] = {}
     for split in SPLITS:
         got: dict[str, list[dict]] = {}
-        remaining = preset.caps[split]
+        remaining = preset.cap(modality, split)
         for k, (info, fn) in enumerate(active):
             share = math.ceil(remaining / (len(active) - k)) if remaining > 0 else 0
             bar.set_postfix_str(f"{modality}/{split}/{info.name}")
@@ -213,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_pages is not None:
         if args.max_pages < 1:
             ap.error(f"--max-pages must be >= 1, got {args.max_pages}")
-        preset = Preset(preset.name, preset.caps, preset.n_negatives, args.max_pages)
+        preset = dataclasses.replace(preset, pdf_max_pages=args.max_pages)
     res = build_datasets(args.out, preset, [m.strip() for m in args.modalities.split(",") if m.strip()], args.seed)
     print(summary(res))
     return 0

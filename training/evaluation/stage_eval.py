@@ -1,8 +1,13 @@
 """Per-modality and per-source retrieval scores of one model folder on the pipeline's held-out pairs.
 
 For each modality's `<split>.jsonl` (`test` for the reported scores; `dev` for model selection such as the fusion
-weight sweep), every query ranks all distinct positives of that modality (its own positive is the gold candidate),
-the MMEB protocol: hit@1 and MRR, ties counted pessimistically. Each modality result also breaks the score down by
+weight sweep), every query ranks all distinct positives of that modality *of its own positive's input kind* (its own
+positive is the gold candidate), the MMEB protocol: hit@1 and MRR, ties counted pessimistically. The kind restriction
+matters where a modality mixes directions: the image modality holds CIFAR-10 image -> class-name queries and emoji
+name -> glyph queries, and a pool of both kinds would let a CIFAR photo rank emoji glyphs (image-image similarity
+beats image-text across the modality gap) and an emoji name rank CIFAR class names, which measured 0.013 hit@1 for
+an image specialist that scored 0.225 and 0.050 per source. A task's candidates are always of the kind it retrieves,
+as in MMEB where each task has its own candidate list. Each modality result also breaks the score down by
 SOURCE (the `source` field of each row): a source's queries rank only the distinct positives of that source, so
 CIFAR-10 photos are zero-shot classified over its 10 class names, spoken digits over the 10 digit names, emoji
 glyphs over the emoji names of the split, manual page text over the page images. Every score carries its chance
@@ -25,6 +30,7 @@ import torch
 from training.common import hub_code
 from training.common.audio_cache import AudioFrameCache
 from training.common.repo import load_conan
+from training.common.visual_cache import SUPPORTED_FAMILIES, VisualTokenCache, vision_tower
 from training.contrastive.data import load_jsonl
 from training.evaluation.embed import embed_items
 from training.evaluation.metrics import gold_ranks, rank_metrics
@@ -75,6 +81,33 @@ def score_similarity(similarity: np.ndarray, gold: Sequence[int]) -> dict[str, f
             "n_candidates": int(s.shape[1]), "chance": 1.0 / s.shape[1]}
 
 
+def kind_pool_scores(similarity: np.ndarray, gold: Sequence[int], candidate_kinds: Sequence[str]) -> dict[str, Any]:
+    """hit@1, MRR, sizes and chance where each query ranks only the columns of its gold column's input kind.
+
+    `similarity` is (Q, C), `gold[i]` the column of query i's positive, `candidate_kinds[c]` the input kind of column
+    c ("text", "image", ... from :func:`input_kind`). Query i's pool is {c : candidate_kinds[c] ==
+    candidate_kinds[gold[i]]}; "chance" is the mean over queries of 1 / pool size (the hit@1 of a random ranking),
+    "n_candidates" the number of all columns. Raises ValueError when the lengths disagree.
+    """
+    s = np.asarray(similarity, dtype=np.float64)
+    gold = np.asarray(gold, dtype=np.int64)
+    if s.ndim != 2 or len(gold) != s.shape[0] or len(candidate_kinds) != s.shape[1]:
+        raise ValueError(f"kind_pool_scores: expected similarity [Q, C], Q gold indices and C candidate kinds; got "
+                         f"{s.shape}, {len(gold)}, {len(candidate_kinds)}")
+    kinds = np.asarray(candidate_kinds)
+    ranks = np.empty(len(gold), dtype=np.float64)
+    pool_sizes = np.empty(len(gold), dtype=np.float64)
+    for kind in sorted(set(kinds[gold].tolist())):
+        rows = np.flatnonzero(kinds[gold] == kind)
+        columns = np.flatnonzero(kinds == kind)
+        column_of = {int(c): j for j, c in enumerate(columns)}
+        ranks[rows] = gold_ranks(s[np.ix_(rows, columns)], [column_of[int(gold[i])] for i in rows])
+        pool_sizes[rows] = len(columns)
+    metrics = rank_metrics(ranks, ks=(1,))
+    return {"hit@1": metrics["hit@1"], "mrr": metrics["mrr"], "n_queries": int(s.shape[0]),
+            "n_candidates": int(s.shape[1]), "chance": float(np.mean(1.0 / pool_sizes))}
+
+
 def source_scores(similarity: np.ndarray, gold: Sequence[int], sources: Sequence[str],
                   tasks: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     """{source: score_similarity(...)} where each source's queries rank only the candidates that are gold for some
@@ -120,6 +153,9 @@ def evaluate_model(
         raise ValueError(f"evaluate_model: split must be one of {SPLITS}, got {split!r}")
     data_dir = Path(data_dir)
     model, processor = load_for_eval(model_dir)
+    if model.config.backbone_model_type in SUPPORTED_FAMILIES:  # evaluation never trains the tower: encode items once
+        vision_tower(model).requires_grad_(False)
+        VisualTokenCache.install(model)
     model.audio_frames_hook = AudioFrameCache.for_model(model, audio_cache_dir)
     results = {}
     for modality in modalities or sorted(p.name for p in data_dir.iterdir() if (p / f"{split}.jsonl").exists()):
@@ -137,6 +173,6 @@ def evaluate_model(
         c = embed_items(model, processor, candidates, None, batch_size, desc=f"eval {modality} candidates")
         similarity = (q @ c.T).numpy()
         tasks = [f"{input_kind(r.query)} -> {input_kind(r.positive)}" for r in rows]
-        results[modality] = {**score_similarity(similarity, gold),
+        results[modality] = {**kind_pool_scores(similarity, gold, [input_kind(c) for c in candidates]),
                              "sources": source_scores(similarity, gold, [r.source for r in rows], tasks)}
     return results

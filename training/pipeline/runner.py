@@ -72,6 +72,8 @@ class Preset:
     vision_distill_steps: int = 0  # EfficientNet-Lite0 -> vision tower (training/base/distill_vision.py); 0 = skip
     vision_distill_image_size: int = 160  # the teacher's input size (px; 224 native, 160 ~2x cheaper)
     visual_lora_scopes: tuple[str, ...] = ("llm",)  # LoRA scopes of the image/video/document specialists
+    specialist_lr: float = 2e-3         # LoRA learning rate of every specialist (the audio projector keeps 1e-3)
+    specialist_temperature: float = 0.05  # InfoNCE temperature of every specialist
 
 
 PRESETS = {
@@ -191,9 +193,10 @@ class Pipeline:
                                              scopes=list(self.preset.visual_lora_scopes if modality in VISUAL_MODALITIES
                                                          else ("llm",))),
                 train=specialist.TrainConfig(per_device_batch_size=self.preset.batch_size,
-                                             max_steps=self.preset.specialist_steps, lr=2e-3, lr_projector=1e-3,
+                                             max_steps=self.preset.specialist_steps, lr=self.preset.specialist_lr,
+                                             lr_projector=1e-3,
                                              warmup_steps=5, log_every=10),
-                loss={"temperature": 0.05, "num_negatives": 1}, train_audio_projector=modality == "audio",
+                loss={"temperature": self.preset.specialist_temperature, "num_negatives": 1}, train_audio_projector=modality == "audio",
                 checkpoint_dir=str(out / f".{modality}-checkpoints"), seed=self.seed,
                 audio_cache_dir=str(self.audio_cache),
             )
@@ -288,7 +291,7 @@ class Pipeline:
             lora=specialist.LoraSettings(r=self.preset.lora_r, alpha=2.0 * self.preset.lora_r, dropout=0.0),
             train=specialist.TrainConfig(per_device_batch_size=self.preset.batch_size,
                                          max_steps=self.preset.rehearse_steps, lr=3e-4, log_every=10),
-            loss={"temperature": 0.05, "num_negatives": 1},
+            loss={"temperature": self.preset.specialist_temperature, "num_negatives": 1},
             specialists={m: str(self.stage_dir("specialists") / m) for m in MODALITIES},
             checkpoint_dir=str(out / ".checkpoints"), seed=self.seed,
         )

@@ -32,6 +32,7 @@ from training.common.cli import run_training_stage
 from training.common.config import ConfigError, build_dataclass, merged, require, resolve_path
 from training.common.io_utils import atomic_output_dir, write_json_atomic
 from training.common.modalities import MODALITIES
+from training.common.visual_cache import SUPPORTED_FAMILIES, VisualTokenCache
 from training.contrastive.data import load_sources
 from training.contrastive.sampling import SourceMixtureSampler
 from training.contrastive.trainer import (
@@ -70,6 +71,9 @@ class SpecialistConfig:
     checkpoint_dir: str | None = None  # default: <output>.checkpoints
     save_dtype: str = "float32"
     audio_cache_dir: str | None = None  # share cached frozen-Whisper frames across stages (training/common/audio_cache.py)
+    # Encode each image / page / video once with the frozen vision tower (training/common/visual_cache.py); applies
+    # only where lora.scopes leaves the tower frozen (no "vision") and the backbone family is supported.
+    visual_token_cache: bool = True
     seed: int = 0
     notes: str | None = None
 
@@ -145,6 +149,9 @@ def build_model(cfg: SpecialistConfig) -> tuple[torch.nn.Module, Any]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets,
                        train_audio_projector=bool(cfg.train_audio_projector), scopes=cfg.lora.scopes)
+    if cfg.visual_token_cache and "vision" not in cfg.lora.scopes and cfg.modality in ("image", "video", "document") \
+            and unwrap_conan(model).config.backbone_model_type in SUPPORTED_FAMILIES:
+        VisualTokenCache.install(unwrap_conan(model))
     return model, processor
 
 
