@@ -106,14 +106,17 @@ def test_an_interrupted_distillation_resumes_to_the_same_weights(tiny_repo, tmp_
                   eval_every=4, teacher_cache_dir=tmp_path / "teacher", progress=False, instructions=[None, "Find it."])
     full = distill_text(tiny_repo, [], tmp_path / "full", **common)
 
-    import training.base.distill_text as module
+    from training.base import steps as module
     from training.contrastive import loop
 
-    def interrupted_after_8(**kwargs):  # as if the job were killed after step 8
-        return loop.LoopSettings(**{**kwargs, "stop_after": 8})
+    def interrupted_after_8(*args):  # as if the job were killed after step 8
+        settings = make_loop_settings(*args)
+        settings.stop_after = 8
+        return settings
 
+    make_loop_settings = module.make_loop_settings
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(module, "LoopSettings", interrupted_after_8)
+        patch.setattr(module, "make_loop_settings", interrupted_after_8)
         distill_text(tiny_repo, [], tmp_path / "half", checkpoint_dir=tmp_path / "ckpt", save_every=4, **common)
     assert [p.name for p in loop.checkpoint_dirs(tmp_path / "ckpt")] == ["step_00000008"]
     resumed = distill_text(tiny_repo, [], tmp_path / "resumed", checkpoint_dir=tmp_path / "ckpt", save_every=4,

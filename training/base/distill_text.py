@@ -29,10 +29,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from training.base.steps import DistillSteps
 from training.common import hub_code
 from training.common.repo import save_conan_repo
 from training.common.io_utils import atomic_output_dir, write_json_atomic
-from training.contrastive.loop import LoopSettings, TrainState, load_state_folder, resolve_resume, run_steps, save_state_folder
 from training.evaluation.embed import embed_items
 from training.evaluation.metrics import gold_ranks, rank_metrics
 
@@ -306,23 +306,13 @@ def distill_text(
     choices = instructions or [None]
     # Drawn up front with the batches, so a resumed run sees the same instructions as an uninterrupted one.
     prompts = [[rng.choice(choices) if t in queries else None for t in b] for b in batches]
-    state = TrainState()
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    resume_from = resolve_resume("auto" if resume else None, ckpt_dir) if ckpt_dir is not None else None
-    if resume_from is not None:
-        saved = load_state_folder(resume_from, state)
-        params_by_name = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in saved["student"].items():
-                params_by_name[name].copy_(value)
-        head.load_state_dict(saved["head"])
-        optimizer.load_state_dict(saved["optimizer"])
-        schedule.load_state_dict(saved["scheduler"])
+    runner = DistillSteps(model, head, optimizer, schedule, checkpoint_dir, save_every)
+    saved = runner.resume(resume)
+    if saved is not None:
         log = saved["log"]
         if dev is not None:
             dev["log"] = saved["dev_log"]
         best.step, best.score, best.state = saved["best_step"], saved["best_score"], saved["best_state"]
-        print(f"[distill text] resumed from {resume_from} at step {state.step}", flush=True)
     elif dev is not None:
         check_dev(0)
     model.train()
@@ -343,19 +333,9 @@ def distill_text(
             check_dev(done)
         return False
 
-    def checkpoint(done: int) -> None:
-        save_state_folder(ckpt_dir, done, {
-            "student": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
-            "head": head.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
-            "log": log, "dev_log": dev["log"] if dev is not None else [], "best_step": best.step,
-            "best_score": best.score, "best_state": best.state}, keep=1)
-
-    from accelerate import Accelerator
-
-    loop = LoopSettings(max_steps=steps, max_grad_norm=1.0, save_every=save_every if ckpt_dir is not None else 0,
-                        checkpoint_dir=str(ckpt_dir) if ckpt_dir is not None else None)
-    run_steps(Accelerator(), state, loop, optimizer, schedule, params, forward_backward, after_step, checkpoint,
-              desc="distill text", progress=progress)
+    runner.run(steps, params, forward_backward, after_step, desc="distill text", progress=progress,
+               extra_state=lambda: {"log": log, "dev_log": dev["log"] if dev is not None else [],
+                                    "best_step": best.step, "best_score": best.score, "best_state": best.state})
     best.restore(model)
     model.eval()
     result = {"texts": n_texts, "texts_used": len(used), "groups": len(all_groups), "steps": steps,
