@@ -307,7 +307,8 @@ def distill_text(
     # Drawn up front with the batches, so a resumed run sees the same instructions as an uninterrupted one.
     prompts = [[rng.choice(choices) if t in queries else None for t in b] for b in batches]
     runner = DistillSteps(model, head, optimizer, schedule, checkpoint_dir, save_every)
-    saved = runner.resume(resume)
+    saved = runner.resume(resume, {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "texts": n_texts,
+                                   "temperature": temperature, "cosine_weight": cosine_weight})
     if saved is not None:
         log = saved["log"]
         if dev is not None:

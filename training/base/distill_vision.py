@@ -219,7 +219,8 @@ def distill_vision(
     batch_size = min(batch_size, len(items))
     model.train()
     runner = DistillSteps(model, head, optimizer, schedule, checkpoint_dir, save_every)
-    saved = runner.resume(resume)
+    saved = runner.resume(resume, {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+                                   "items": len(items), "relational_weight": relational_weight})
     log = saved["log"] if saved is not None else []
     with patch_embed_as_linear(model.backbone.visual):
         _train(runner, model, head, targets, loaded, processor, params, steps, batch_size, relational_weight, seed,

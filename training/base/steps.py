@@ -26,16 +26,23 @@ class DistillSteps:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.save_every = save_every if self.checkpoint_dir is not None else 0
         self.state = TrainState()
+        self.config: dict[str, Any] = {}
 
-    def resume(self, enabled: bool = True) -> dict[str, Any] | None:
+    def resume(self, enabled: bool = True, config: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """Load the newest checkpoint under `checkpoint_dir` (when `enabled` and one exists) into the model, head,
-        optimizer and schedule; returns the caller's extra state saved with it, or None when starting fresh."""
+        optimizer and schedule; returns the caller's extra state saved with it, or None when starting fresh.
+        `config` (JSON values) is saved with every checkpoint by `run`; resuming one saved under another config raises
+        ValueError naming the folder (a stale checkpoint of another run must not be continued silently)."""
+        self.config = config or {}
         if not enabled or self.checkpoint_dir is None:
             return None
         folder = resolve_resume("auto", self.checkpoint_dir)
         if folder is None:
             return None
         saved = load_state_folder(folder, self.state)
+        if saved.get("config", {}) != self.config:
+            raise ValueError(f"{folder} was saved by a distillation with config {saved.get('config')}, not "
+                             f"{self.config}; delete {self.checkpoint_dir} to start afresh")
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, value in saved["student"].items():
@@ -58,7 +65,7 @@ class DistillSteps:
             save_state_folder(self.checkpoint_dir, done, {
                 "student": {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad},
                 "head": self.head.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "extra": extra_state()}, keep=1)
+                "scheduler": self.scheduler.state_dict(), "extra": extra_state(), "config": self.config}, keep=1)
 
         loop = make_loop_settings(steps, max_grad_norm, self.save_every, self.checkpoint_dir)
         return run_steps(Accelerator(), self.state, loop, self.optimizer, self.scheduler, params, forward_backward,

@@ -68,7 +68,8 @@ class Preset:
     # costs more than the student's step, so distinct texts, not steps, bound the stage's time.
     distill_groups: int | None = None
     distill_dev: int = 300              # WordNet dev-noun definition -> word pairs checked during distillation
-    distill_eval_every: int = 100
+    distill_eval_every: int = 100  # also the text distillation's checkpoint interval (OUT/cache; resumable)
+    distill_lr: float = 1e-3
     vision_distill_steps: int = 0  # EfficientNet-Lite0 -> vision tower (training/base/distill_vision.py); 0 = skip
     vision_distill_image_size: int = 160  # the teacher's input size (px; 224 native, 160 ~2x cheaper)
     visual_lora_scopes: tuple[str, ...] = ("llm",)  # LoRA scopes of the image/video/document specialists
@@ -156,7 +157,11 @@ class Pipeline:
         log = distill_text(raw, texts, out / "model", steps=self.preset.distill_steps,
                            batch_size=min(self.preset.distill_batch, len(texts) + len(groups)), seed=self.seed,
                            instructions=[None, *instructions], groups=groups, dev_pairs=dev_pairs,
-                           dev_instruction=INSTRUCTION, eval_every=self.preset.distill_eval_every)
+                           dev_instruction=INSTRUCTION, eval_every=self.preset.distill_eval_every,
+                           lr=self.preset.distill_lr, teacher_cache_dir=self.out / "cache" / "text_teacher",
+                           checkpoint_dir=self.out / "cache" / "base-text-checkpoints",
+                           save_every=self.preset.distill_eval_every, progress=False)
+        shutil.rmtree(self.out / "cache" / "base-text-checkpoints", ignore_errors=True)
         if skipped:
             log["wordnet_skipped"] = skipped
         shutil.rmtree(raw)
@@ -175,7 +180,9 @@ class Pipeline:
         log = distill_vision(model_dir, training_visual_items(self.data_dir), model_dir, overwrite=True,
                              steps=self.preset.vision_distill_steps, seed=self.seed, progress=False,
                              teacher_cache_dir=self.out / "cache" / "vision_teacher",
-                             teacher_image_size=self.preset.vision_distill_image_size)
+                             teacher_image_size=self.preset.vision_distill_image_size,
+                             checkpoint_dir=self.out / "cache" / "base-vision-checkpoints", save_every=50)
+        shutil.rmtree(self.out / "cache" / "base-vision-checkpoints", ignore_errors=True)
         return {k: v for k, v in log.items() if k != "log"}
 
     def stage_specialists(self, out: Path) -> dict[str, Any]:
