@@ -103,7 +103,8 @@ def test_an_interrupted_distillation_resumes_to_the_same_weights(tiny_repo, tmp_
     groups = [[f"a thing called {w}", w, f"I saw the {w}"] for w in ("apple", "river", "chair", "cloud", "piano", "lamp")]
     dev_pairs = [("a fruit", "pear"), ("a seat", "stool"), ("a body of water", "lake")]
     common = dict(steps=12, batch_size=6, lr=3e-3, transplant=False, groups=groups, dev_pairs=dev_pairs,
-                  eval_every=4, teacher_cache_dir=tmp_path / "teacher", progress=False, instructions=[None, "Find it."])
+                  eval_every=4, teacher_cache_dir=tmp_path / "teacher", progress=False, instructions=[None, "Find it."],
+                  pair_weight=0.5)
     full = distill_text(tiny_repo, [], tmp_path / "full", **common)
 
     from training.base import steps as module
@@ -124,3 +125,14 @@ def test_an_interrupted_distillation_resumes_to_the_same_weights(tiny_repo, tmp_
     assert resumed["dev"]["log"] == full["dev"]["log"]
     a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_pair_loss_is_low_when_each_definition_is_nearest_its_partner():
+    from training.base.distill_text import pair_contrastive_loss
+
+    basis = torch.eye(4)
+    aligned = F.normalize(torch.cat([basis, basis + 0.01]), dim=-1)[[0, 4, 1, 5, 2, 6, 3, 7]]  # def, partner, ...
+    pairs = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]])
+    wrong = torch.tensor([[0, 3], [2, 5], [4, 7], [6, 1]])
+    assert pair_contrastive_loss(aligned, pairs).item() < 0.01 < pair_contrastive_loss(aligned, wrong).item()
+    assert pair_contrastive_loss(aligned, torch.zeros(0, 2, dtype=torch.long)).item() == 0.0

@@ -163,6 +163,17 @@ def distillation_loss(student: torch.Tensor, projected: torch.Tensor, teacher: t
     return {"loss": kd + cosine_weight * cosine, "kd": kd, "cosine": cosine}
 
 
+def pair_contrastive_loss(student: torch.Tensor, pairs: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+    """InfoNCE of each pair's first row (a definition) against every other row of the batch, its partner (a word or
+    example of the same synset) the target: the hard-label counterpart of the KD term for the pairs retrieval asks
+    about. student: (B, H) normalised; pairs: (P, 2) long row indices. Returns a scalar (0 when P = 0)."""
+    if pairs.numel() == 0:
+        return student.sum() * 0.0
+    logits = student[pairs[:, 0]] @ student.T / temperature
+    logits = logits.masked_fill(F.one_hot(pairs[:, 0], student.shape[0]).bool(), float("-inf"))
+    return F.cross_entropy(logits, pairs[:, 1])
+
+
 class BestStep:
     """Keeps a copy of the trainable weights at the best dev score seen so far (ties keep the earlier step)."""
 
@@ -233,6 +244,7 @@ def distill_text(
     eval_every: int = 100,
     temperature: float = 0.05,
     cosine_weight: float = 1.0,
+    pair_weight: float = 0.0,
     teacher_cache_dir: str | Path | None = None,
     checkpoint_dir: str | Path | None = None,
     save_every: int = 0,
@@ -246,6 +258,8 @@ def distill_text(
     hold under the instructions the later stages and evaluation use. dev_pairs: (query, document) text pairs
     disjoint from training and test, scored every `eval_every` steps (query under `dev_instruction`, documents
     under the default) beside the teacher's score; the best step is saved. Without dev_pairs the last step is saved.
+    pair_weight: weight of `pair_contrastive_loss` (definition -> its partner in the batch, hard labels) added to
+    the KD loss (0 = KD only).
     With `transplant`, the token table first gets the teacher's lexical vectors (`transplant_token_embeddings`).
     teacher_cache_dir: where the teacher's vectors are kept across runs (`teacher_embeddings`).
     The optimizer steps run on the shared loop (`training.contrastive.loop.run_steps`: gradient clipping at 1.0,
@@ -270,6 +284,14 @@ def distill_text(
     targets = teacher_embeddings(used, cache_dir=teacher_cache_dir)
     # Definitions and loose texts are queries (drawn instructions); words and examples are documents (default).
     queries = {g[0] for g in all_groups}
+    group_of: dict[str, int] = {}
+    for index, group in enumerate(all_groups):
+        for text in group:
+            group_of.setdefault(text, index)
+    # (definition row, partner row) of each batch: `_draw_batches` puts a group's partner right after its definition.
+    batch_pairs = [torch.tensor([[i, i + 1] for i in range(len(b) - 1) if b[i] in queries
+                                 and group_of[b[i]] == group_of[b[i + 1]]], dtype=torch.long).reshape(-1, 2)
+                   for b in batches]
     row = {t: i for i, t in enumerate(used)}
     teacher_seconds, teacher_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     model = hub_code.ConanModel.from_pretrained(model_dir, dtype=torch.float32)
@@ -308,7 +330,8 @@ def distill_text(
     prompts = [[rng.choice(choices) if t in queries else None for t in b] for b in batches]
     runner = DistillSteps(model, head, optimizer, schedule, checkpoint_dir, save_every)
     saved = runner.resume(resume, {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "texts": n_texts,
-                                   "temperature": temperature, "cosine_weight": cosine_weight})
+                                   "temperature": temperature, "cosine_weight": cosine_weight,
+                                   "pair_weight": pair_weight})
     if saved is not None:
         log = saved["log"]
         if dev is not None:
@@ -324,12 +347,15 @@ def distill_text(
         student = model(**processor.prepare_parsed(parsed, prompts[step])).embeddings
         parts = distillation_loss(student, head(student), targets[[row[t] for t in batch_texts]], temperature,
                                   cosine_weight)
+        if pair_weight:
+            parts["pair"] = pair_contrastive_loss(student, batch_pairs[step], temperature)
+            parts["loss"] = parts["loss"] + pair_weight * parts["pair"]
         parts["loss"].backward()
         return {k: v.item() for k, v in parts.items()}
 
     def after_step(done: int, logs: dict[str, Any]) -> bool:
         if done % 20 == 1 or done == steps:
-            log.append({"step": done - 1, **{k: logs[k] for k in ("loss", "kd", "cosine")}})
+            log.append({"step": done - 1, **{k: logs[k] for k in ("loss", "kd", "cosine", "pair") if k in logs}})
         if dev is not None and (done % eval_every == 0 or done == steps):
             check_dev(done)
         return False
