@@ -100,7 +100,8 @@ def test_an_interrupted_distillation_resumes_to_the_same_weights(tiny_repo, tmp_
 
     from training.base.distill_text import distill_text
 
-    groups = [[f"a thing called {w}", w, f"I saw the {w}"] for w in ("apple", "river", "chair", "cloud", "piano", "lamp")]
+    words = ("apple", "river", "chair", "cloud", "piano", "lamp")
+    groups = [[f"a thing called {w}", w, f"I saw the {w}"] for w in words]
     dev_pairs = [("a fruit", "pear"), ("a seat", "stool"), ("a body of water", "lake")]
     common = dict(steps=12, batch_size=6, lr=3e-3, transplant=False, groups=groups, dev_pairs=dev_pairs,
                   eval_every=4, teacher_cache_dir=tmp_path / "teacher", progress=False, instructions=[None, "Find it."],

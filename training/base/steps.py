@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
-from training.contrastive.loop import LoopSettings, TrainState, load_state_folder, resolve_resume, run_steps, save_state_folder
+from training.contrastive.loop import (
+    LoopSettings, TrainState, load_state_folder, resolve_resume, run_steps, save_state_folder,
+)
 
 
 class DistillSteps:
