@@ -405,6 +405,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--cosine-weight", type=float, default=1.0)
+    parser.add_argument("--pair-weight", type=float, default=0.0,
+                        help="weight of the definition -> partner InfoNCE beside the KD (0 = KD only)")
+    parser.add_argument("--teacher-cache", default=None, help="folder that keeps the teacher's vectors across runs")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true")
@@ -418,7 +421,8 @@ def main(argv: list[str] | None = None) -> None:
     print(distill_text(args.model, texts, args.out, args.steps, args.batch_size, args.lr, seed=args.seed,
                        overwrite=args.force, instructions=[None, INSTRUCTION], groups=groups, dev_pairs=dev_pairs,
                        dev_instruction=INSTRUCTION, eval_every=args.eval_every, temperature=args.temperature,
-                       cosine_weight=args.cosine_weight))
+                       cosine_weight=args.cosine_weight, pair_weight=args.pair_weight,
+                       teacher_cache_dir=args.teacher_cache))
 
 
 if __name__ == "__main__":
