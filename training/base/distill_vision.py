@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from training.base.steps import DistillSteps
 from training.common import hub_code
 from training.common.io_utils import atomic_output_dir, write_json_atomic
 from training.common.repo import save_conan_repo
@@ -187,17 +188,22 @@ def distill_vision(
     teacher_cache_dir: str | Path | None = None,
     teacher_image_size: int = 160,
     progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    save_every: int = 0,
+    resume: bool = True,
 ) -> dict[str, Any]:
     """Train `backbone.visual.*` of `model_dir` towards EfficientNet-Lite0 on `items`; write the model to `out`.
 
     `items`: `training_visual_items(data_dir)` (train split only). `out` may equal `model_dir` (with overwrite=True):
     the model is read before anything is written. Returns {"items", "first_loss", "last_loss", "teacher", "log"}.
+    The steps run on the shared loop (`training.base.steps.DistillSteps` over `loop.run_steps`: clipping at 1.0,
+    non-finite loss check, progress); with `checkpoint_dir` and `save_every` > 0 they are checkpointed and, with
+    `resume`, a rerun continues from the newest checkpoint (batches are drawn per step from `seed`).
     Raises ValueError when there are fewer than 2 items.
     """
     if len(items) < 2:
         raise ValueError(f"distill_vision needs at least 2 visual items, got {len(items)}.")
     torch.manual_seed(seed)
-    rng = random.Random(seed)
     model = hub_code.ConanModel.from_pretrained(model_dir, dtype=torch.float32)
     processor = hub_code.ConanProcessor.from_pretrained(model_dir, trust_remote_code=True)
     loaded = [load_visual(item, processor) for item in tqdm(items, desc="load media", leave=False,
@@ -212,9 +218,13 @@ def distill_vision(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / steps))
     batch_size = min(batch_size, len(items))
     model.train()
+    runner = DistillSteps(model, head, optimizer, schedule, checkpoint_dir, save_every)
+    saved = runner.resume(resume, {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+                                   "items": len(items), "relational_weight": relational_weight})
+    log = saved["log"] if saved is not None else []
     with patch_embed_as_linear(model.backbone.visual):
-        log = _train(model, head, targets, loaded, processor, optimizer, schedule, params, steps, batch_size,
-                     relational_weight, rng, progress)
+        _train(runner, model, head, targets, loaded, processor, params, steps, batch_size, relational_weight, seed,
+               log, progress)
     model.eval()
     scale = match_text_token_scale(model, [_prepared({}, i, loaded, processor) for i in range(min(64, len(loaded)))])
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
@@ -254,24 +264,26 @@ def match_text_token_scale(model: torch.nn.Module, rows: list[dict[str, torch.Te
     return factor
 
 
-def _train(model, head, targets, loaded, processor, optimizer, schedule, params, steps, batch_size,
-           relational_weight, rng, progress) -> list[dict[str, float]]:
+def _train(runner: DistillSteps, model, head, targets, loaded, processor, params, steps, batch_size,
+           relational_weight, seed, log, progress) -> None:
     prepared: dict[int, dict[str, torch.Tensor]] = {}  # per-item processor output (pixel patches), built once
-    log = []
-    for step in tqdm(range(steps), desc="distill vision", leave=False, disable=not progress):
-        idx = rng.sample(range(len(loaded)), batch_size)
+
+    def forward_backward(step: int) -> dict[str, Any]:
+        idx = random.Random(seed * 1_000_003 + step).sample(range(len(loaded)), batch_size)  # resumable draw
         batch = _collate([_prepared(prepared, i, loaded, processor) for i in idx])
         kinds = [next(iter(loaded[i])) for i in idx]
         student = student_pooled(model, batch, kinds)
         parts = relational_kd_loss(student, head(student), targets[idx], relational_weight)
-        optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % 20 == 0 or step == steps - 1:
-            log.append({"step": step, **{k: round(v.item(), 5) for k, v in parts.items()}})
-    return log
+        return {k: v.item() for k, v in parts.items()}
+
+    def after_step(done: int, logs: dict[str, Any]) -> bool:
+        if done % 20 == 1 or done == steps:
+            log.append({"step": done - 1, **{k: round(logs[k], 5) for k in ("loss", "cosine", "relational")}})
+        return False
+
+    runner.run(steps, params, forward_backward, after_step, extra_state=lambda: {"log": log}, desc="distill vision",
+               progress=progress)
 
 
 def _prepared(cache: dict[int, dict[str, torch.Tensor]], index: int, inputs: list[dict[str, Any]],
