@@ -30,6 +30,26 @@ def tiny_model_and_processor(tiny_repo):
     return model, processor
 
 
+COMPRESSION_K = 4  # compression tokens of the tiny compression_mean repo (CoMa uses 32; 4 keeps rows short)
+
+
+@pytest.fixture(scope="session")
+def tiny_compression_repo(tmp_path_factory) -> Path:
+    """The tiny repo built with `compression_tokens=COMPRESSION_K` (embedding_pooling="compression_mean")."""
+    from training.base.build_base import build_tiny_repo
+
+    return build_tiny_repo(tmp_path_factory.mktemp("conan-coma") / "tiny", compression_tokens=COMPRESSION_K)
+
+
+@pytest.fixture(scope="session")
+def tiny_compression_model_and_processor(tiny_compression_repo):
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(tiny_compression_repo, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(tiny_compression_repo, trust_remote_code=True)
+    return model, processor
+
+
 @pytest.fixture(scope="session")
 def tiny_st(tiny_repo):
     from sentence_transformers import SentenceTransformer
