@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,36 +14,20 @@ import yaml
 from safetensors.torch import load_file
 
 from training.coma import stage
-from training.coma.data import CompressionCollator, QARow, load_qa_rows
+from training.coma.data import CompressionCollator, load_qa_rows
 from training.contrastive.compression import ANSWER, COMPRESSION, IGNORE_INDEX, INPUT, QUESTION
 from training.contrastive.trainer import checkpoint_dirs
 
-K = 4
-
-
-def add_compression_tokens(repo: Path, out: Path, k: int = K) -> Path:
-    """A copy of the tiny base whose tokenizer holds `<|ctoken_pad_i|>` (ids inside the tiny embedding table's
-    spare rows) and whose config lists them: what the base builder's compression-token option produces."""
-    from transformers import AutoTokenizer
-
-    shutil.copytree(repo, out)
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    tokens = [f"<|ctoken_pad_{i}|>" for i in range(k)]
-    tokenizer.add_tokens(tokens, special_tokens=True)
-    tokenizer.save_pretrained(out)
-    config = json.loads((out / "config.json").read_text())
-    vocab = config["backbone_config"]["text_config"]["vocab_size"]
-    ids = tokenizer.convert_tokens_to_ids(tokens)
-    assert max(ids) < vocab
-    config.update(compression_token_ids=ids, num_compression_tokens=k)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    return out
 
 
 @pytest.fixture(scope="module")
-def coma_base(tiny_repo, tmp_path_factory) -> Path:
-    return add_compression_tokens(tiny_repo, tmp_path_factory.mktemp("coma") / "base")
+def coma_base(tiny_compression_repo) -> Path:
+    """The tiny base built with compression tokens (tests/conftest.py, `compression_tokens=COMPRESSION_K`)."""
+    return Path(tiny_compression_repo)
 
+
+def _k(base: Path) -> int:
+    return len(json.loads((base / "config.json").read_text())["compression_token_ids"])
 
 @pytest.fixture(scope="module")
 def pair_file(tmp_path_factory) -> Path:
@@ -123,6 +106,8 @@ def test_answer_reads_the_input_only_through_the_compression_tokens(coma_base):
 
     model = hub_code.ConanModel.from_pretrained(coma_base, dtype=torch.float32).eval()
     ids = json.loads((coma_base / "config.json").read_text())["compression_token_ids"]
+    K = _k(coma_base)
+    comp, held, answer = slice(6, 6 + K), slice(6, 8 + K), slice(8 + K, None)  # C, C + question, answer
     seg = torch.tensor([[INPUT] * 6 + [COMPRESSION] * K + [QUESTION] * 2 + [ANSWER] * 3])
     a = torch.tensor([[101, 102, 103, 104, 105, 106, *ids, 121, 122, 131, 132, 133]])  # plain text ids
     b = a.clone()
@@ -137,27 +122,28 @@ def test_answer_reads_the_input_only_through_the_compression_tokens(coma_base):
 
     with torch.no_grad():
         ha, hb = hidden(a, True), hidden(b, True)
-        assert not torch.allclose(ha[0, 6:10], hb[0, 6:10])  # the compression tokens read the input
+        assert not torch.allclose(ha[0, comp], hb[0, comp])  # the compression tokens read the input
         # the answer reads the changed compression states, so with nothing held fixed it changes too
-        assert not torch.allclose(ha[0, 12:], hb[0, 12:])
+        assert not torch.allclose(ha[0, answer], hb[0, answer])
         # fix the compression tokens' per-layer keys/values: record them in run a, replay them in run b
         layers = model.backbone.language_model.layers
         saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def record(i):
             def hook(module, args, kwargs):
-                saved[i] = kwargs["hidden_states"][:, 6:12].clone() if "hidden_states" in kwargs else args[0][:, 6:12].clone()
+                states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                saved[i] = states[:, held].clone()
             return hook
 
         def replay(i):
             def hook(module, args, kwargs):
                 if "hidden_states" in kwargs:
                     h = kwargs["hidden_states"].clone()
-                    h[:, 6:12] = saved[i]
+                    h[:, held] = saved[i]
                     kwargs["hidden_states"] = h
                     return args, kwargs
                 h = args[0].clone()
-                h[:, 6:12] = saved[i]
+                h[:, held] = saved[i]
                 return (h, *args[1:]), kwargs
             return hook
 
@@ -170,9 +156,9 @@ def test_answer_reads_the_input_only_through_the_compression_tokens(coma_base):
             hb = hidden(b, use_mask)
             for h in handles:
                 h.remove()
-            # compression + question positions (6..11) enter every layer equal in both runs; the answer then matches
+            # compression + question positions enter every layer equal in both runs; the answer then matches
             # only if it cannot see the input positions
-            assert torch.allclose(ha[0, 12:], hb[0, 12:], atol=1e-6) == should_match, use_mask
+            assert torch.allclose(ha[0, answer], hb[0, answer], atol=1e-6) == should_match, use_mask
 
 
 def _config(tmp_path: Path, base: Path, data: Path, name: str, **train) -> stage.ComaConfig:
