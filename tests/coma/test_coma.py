@@ -211,3 +211,9 @@ def _write(tmp_path: Path, cfg: stage.ComaConfig) -> Path:
     raw = cfg.to_dict()
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def test_the_shipped_config_loads():
+    cfg = stage.load_config(Path(__file__).resolve().parents[2] / "training/configs/coma_small.yaml")
+    assert cfg.train_compression_tokens and cfg.lora.r == 16 and len(cfg.data.train) == 5
+    assert all(p.endswith("/train.jsonl") for p in cfg.data.train)  # stage 1 never reads dev/test
