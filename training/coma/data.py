@@ -95,25 +95,6 @@ def load_qa_rows(paths: Sequence[str | os.PathLike], on_error: OnError = "fatal"
     return rows
 
 
-class QADataset(torch.utils.data.Dataset):
-    """QA rows by index, grouped by `source` for `SourceMixtureSampler`."""
-
-    def __init__(self, rows: Sequence[QARow]):
-        self.rows = list(rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> QARow:
-        return self.rows[index]
-
-    def by_source(self) -> dict[str, list[int]]:
-        groups: dict[str, list[int]] = {}
-        for i, row in enumerate(self.rows):
-            groups.setdefault(row.source, []).append(i)
-        return groups
-
-
 class CompressionCollator:
     """QA rows -> model inputs for [input | C | question | answer] plus `segment_ids` (B, L).
 
@@ -173,5 +154,5 @@ class CompressionCollator:
         return inputs
 
 
-__all__ = ["QUESTIONS", "CompressionCollator", "QADataset", "QARow", "input_kind", "load_qa_rows",
+__all__ = ["QUESTIONS", "CompressionCollator", "QARow", "input_kind", "load_qa_rows",
            "qa_row_from_pair"]

@@ -46,6 +46,7 @@ from training.common.cli import run_training_stage
 from training.common.config import ConfigError, build_dataclass, merged, require, resolve_path
 from training.common.io_utils import atomic_output_dir, write_json_atomic
 from training.contrastive.compression import IGNORE_INDEX, answer_labels, compression_attention_mask
+from training.contrastive.data import ExampleDataset
 from training.contrastive.sampling import SourceMixtureSampler
 from training.contrastive.trainer import (
     LoopSettings, LoraSettings, TrainConfig, TrainState, apply_lora, build_scheduler, load_checkpoint,
@@ -53,7 +54,7 @@ from training.contrastive.trainer import (
     unwrap_conan,
 )
 from training.contrastive.loop import run_steps
-from training.coma.data import CompressionCollator, QADataset, load_qa_rows
+from training.coma.data import CompressionCollator, load_qa_rows
 
 logger = logging.getLogger("training.coma")
 
@@ -220,7 +221,8 @@ def train(cfg: ComaConfig, resume: str | None = "auto", stop_after: int | None =
     accelerator = Accelerator(mixed_precision=mixed_precision_for(cfg.train.mixed_precision))
     set_seed(cfg.seed)
     model, processor, ids = build_model(cfg)
-    dataset = QADataset(load_qa_rows(cfg.data.train, on_error=cfg.data.on_error, check_media=cfg.data.check_media))
+    dataset = ExampleDataset(load_qa_rows(  # rows by index, grouped by `source`
+        cfg.data.train, on_error=cfg.data.on_error, check_media=cfg.data.check_media))
     sampler = SourceMixtureSampler(
         dataset.by_source(), cfg.data.weights, cfg.train.per_device_batch_size, rank=accelerator.process_index,
         world_size=accelerator.num_processes, seed=cfg.seed, max_steps=cfg.train.max_steps,
