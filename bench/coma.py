@@ -75,6 +75,7 @@ def coma_stage(base: Path, data: Path, modalities: list[str], out: Path, steps: 
         "train": {"per_device_batch_size": args.batch_size, "max_steps": steps, "lr": args.coma_lr,
                   "warmup_steps": min(5, steps // 4), "log_every": 5},
         "checkpoint_dir": str(out.parent / f".{out.name}-checkpoints"),
+        "audio_cache_dir": str(args.out / "audio_cache"),
     })
     manifest = coma.train(cfg, resume="never", overwrite=True)
     shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)

@@ -82,6 +82,7 @@ class ComaConfig:
     lr_compression_tokens: float | None = None  # default: train.lr
     train_compression_tokens: bool = True
     checkpoint_dir: str | None = None  # default: <output>.checkpoints
+    audio_cache_dir: str | None = None  # share cached frozen-Whisper frames across stages (training/common/audio_cache.py)
     save_dtype: str = "float32"
     seed: int = 0
     notes: str | None = None
@@ -189,6 +190,10 @@ def build_model(cfg: ComaConfig) -> tuple[nn.Module, Any, list[int]]:
     model = hub_code.ConanModel.from_pretrained(cfg.base, dtype=torch.float32)
     ids = compression_token_ids(model.config, f"base {cfg.base}")
     processor = hub_code.ConanProcessor.from_pretrained(cfg.base)
+    if cfg.audio_cache_dir:  # the audio encoder is frozen here: its frames are the same every epoch
+        from training.common.audio_cache import AudioFrameCache
+
+        model.audio_frames_hook = AudioFrameCache.for_model(model, cfg.audio_cache_dir)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets, scopes=cfg.lora.scopes)
