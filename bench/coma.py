@@ -114,8 +114,9 @@ def markdown(results: dict[str, Any], command: str) -> str:
         f"Equal total steps: coma = {results['coma_steps']} CoMa stage-1 steps (all listed modalities' QA rows) + "
         f"{results['contrastive_steps']} contrastive steps per modality; baseline = "
         f"{results['coma_steps'] + results['contrastive_steps']} contrastive steps per modality. Batch "
-        f"{results['batch_size']}, LoRA r {results['lora_r']}, seeds {seeds}. Wall time {results['seconds']:.0f} s on "
-        f"{results['machine']}.", "",
+        f"{results['batch_size']}, LoRA r {results['lora_r']}, seeds {seeds}. Wall time "
+        + (f"{results['seconds']:.0f} s" if "seconds" in results else "not recorded (the run was cut short; "
+           "rendered from its partial results.json)") + f" on {results['machine']}.", "",
         "hit@1 on the test split (mean over seeds; per-seed values in brackets; chance = 1 / candidates):", "",
         "| modality | chance | base (no training) | contrastive only | CoMa + contrastive | Δ |",
         "|---|---|---|---|---|---|",
@@ -123,8 +124,12 @@ def markdown(results: dict[str, Any], command: str) -> str:
     for m in results["modalities"]:
         per = results["scores"][m]
         base = per["base"]["hit@1"]
-        b = [per["baseline"][str(s)]["hit@1"] for s in seeds]
-        c = [per["coma"][str(s)]["hit@1"] for s in seeds]
+        done = [s for s in seeds if str(s) in per["baseline"] and str(s) in per["coma"]]
+        if not done:
+            lines.append(f"| {m} | {per['base']['chance']:.3f} | {base:.3f} | not run (out of time) | not run | |")
+            continue
+        b = [per["baseline"][str(s)]["hit@1"] for s in done]
+        c = [per["coma"][str(s)]["hit@1"] for s in done]
         mb, mc = sum(b) / len(b), sum(c) / len(c)
         fmt = lambda v: ", ".join(f"{x:.3f}" for x in v)  # noqa: E731
         lines.append(f"| {m} | {per['base']['chance']:.3f} | {base:.3f} | {mb:.3f} [{fmt(b)}] | "
@@ -149,7 +154,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         values = []
         for m in mods:
             per = results["scores"][m][arm]
-            values.append(per["hit@1"] if arm == "base" else sum(per[str(s)]["hit@1"] for s in seeds) / len(seeds))
+            done = [per[str(s)]["hit@1"] for s in seeds if str(s) in per] if arm != "base" else [per["hit@1"]]
+            values.append(sum(done) / len(done) if done else float("nan"))
         ax.bar([i + (offset - 1) * width for i in range(len(mods))], values, width, label=label)
     ax.set_xticks(range(len(mods)), mods)
     ax.set_ylabel("test hit@1")
@@ -180,7 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-answer-tokens", type=int, default=24)
     parser.add_argument("--eval-limit", type=int, default=None)
     parser.add_argument("--markdown", type=Path, help="write the table here (and the plot next to it as coma.png)")
+    parser.add_argument("--render", type=Path, help="only render --markdown from this (possibly partial) results.json")
     args = parser.parse_args(argv)
+    if args.render:
+        results = json.loads(args.render.read_text())
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown(results, results.get("command", "python " + " ".join(sys.argv))))
+        plot(results, args.markdown.parent / "coma.png")
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     if args.add_compression_tokens:
         args.base_note = (args.base_note + "; " if args.base_note else "") + (
@@ -196,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size, "lora_r": args.lora_r, "machine": f"{platform.machine()} CPU",
         "scores": {m: {"base": score(args.base, args.data, m, args), "baseline": {}, "coma": {}}
                    for m in args.modalities},
-        "coma_loss": {},
+        "coma_loss": {}, "command": "python " + " ".join(sys.argv),
     }
     for seed in args.seeds:
         coma_base, manifest = coma_stage(args.base, args.data, args.modalities, args.out / f"coma-seed{seed}",
