@@ -214,3 +214,16 @@ def test_sentence_transformers_equals_automodel(tiny_compression_repo, tiny_comp
     with torch.no_grad():
         expected_query = model(**processor.prepare(["a cat"], instruction=st.prompts["query"])).embeddings
     torch.testing.assert_close(query.float(), expected_query, atol=1e-5, rtol=0)
+
+
+def test_sentence_module_refuses_a_processor_that_disagrees(tiny_compression_model_and_processor,
+                                                            tiny_model_and_processor):
+    from training.common import hub_code
+
+    model, processor = tiny_compression_model_and_processor
+    plain_model, plain_processor = tiny_model_and_processor
+    with pytest.raises(ValueError, match="compression_token_ids"):
+        hub_code.ConanEmbedder(model, plain_processor)
+    with pytest.raises(ValueError, match="last_token"):
+        hub_code.ConanEmbedder(plain_model, processor)
+    assert hub_code.ConanEmbedder(model, processor).processor is processor
