@@ -8,6 +8,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import assert_compression_mean_embeddings
 from tests.recovery.test_recover import _cfg, fsdd_data, make_fused  # noqa: F401 (fsdd_data: a fixture)
 from training.recovery import recover as R
 
@@ -26,12 +27,5 @@ def test_recovery_on_a_compression_repo(tiny_compression_repo, fsdd_data, tmp_pa
     assert config["embedding_pooling"] == "compression_mean"
     model = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
-    ids = model.config.compression_token_ids
     clip = json.loads(fsdd_data["train"].read_text().splitlines()[0])["positive"]
-    batch = processor.prepare([clip, "seven"])
-    with torch.no_grad():
-        output = model(**batch)
-    where = torch.isin(batch["input_ids"], torch.tensor(ids)) & batch["attention_mask"].bool()
-    assert where.sum(dim=1).tolist() == [len(ids)] * 2
-    hand = torch.stack([h[w].mean(0) for h, w in zip(output.last_hidden_state, where)])
-    torch.testing.assert_close(output.embeddings, torch.nn.functional.normalize(hand, dim=-1), atol=1e-6, rtol=0)
+    assert_compression_mean_embeddings(model, processor, [clip, "seven"])
