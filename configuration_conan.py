@@ -218,7 +218,8 @@ class ConanConfig(PreTrainedConfig):
             raise ValueError(f"compression_token_ids {bad} are outside the vocabulary [0, {vocab_size}).")
         placeholders = {self.audio_token_id, self.image_token_id, self.video_token_id} & set(ids)
         if placeholders:
-            raise ValueError(f"compression_token_ids {sorted(placeholders)} are media placeholder ids (audio/image/video).")
+            raise ValueError(f"compression_token_ids {sorted(placeholders)} are media placeholder ids "
+                             "(audio/image/video).")
         if k and k != len(ids):
             raise ValueError(f"num_compression_tokens={k} but {len(ids)} compression_token_ids were given.")
         self.compression_token_ids = [int(i) for i in ids]
@@ -271,6 +272,6 @@ class ConanConfig(PreTrainedConfig):
 
 
 __all__ = [
-    "EMBEDDING_POOLINGS", "MM_TOKEN_TYPES", "ConanConfig", "audio_tokens_for_frames", "omni_audio_tokens_for_frames", "check_backbone_model_type",
-    "audio_family",
+    "MM_TOKEN_TYPES", "ConanConfig", "audio_tokens_for_frames", "omni_audio_tokens_for_frames", "check_backbone_model_type",
+    "audio_family", "EMBEDDING_POOLINGS",
 ]

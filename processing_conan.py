@@ -462,15 +462,14 @@ class ConanProcessor(ProcessorMixin):
     @staticmethod
     def _truncate_literal(pieces: list[list[int]], literal: list[bool], max_length: int, where: str) -> list[list[int]]:
         """Cut literal segments from the end (the user's text first, then the instruction) so the row fits in
-        `max_length`; template and media tokens are never cut."""
+        `max_length`; template, media and compression tokens are never cut."""
         total = sum(len(p) for p in pieces)
         if total <= max_length:
             return pieces
         fixed = sum(len(p) for p, lit in zip(pieces, literal) if not lit)
         if fixed > max_length:
             raise ValueError(
-                f"{where}: its media, template and compression tokens alone are {fixed}, more than max_length="
-                f"{max_length}; "
+                f"{where}: its media and template tokens alone are {fixed}, more than max_length={max_length}; "
                 "use fewer or smaller media (image_max_pixels, video_max_frames, video_max_pixels, audio_max_windows) "
                 "or raise max_length (at most the model's max_position_embeddings)."
             )

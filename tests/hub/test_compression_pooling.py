@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tests.conftest import COMPRESSION_K
+from tests.conftest import COMPRESSION_K, assert_compression_mean_embeddings
 
 RNG = np.random.default_rng(0)
 IMAGE = Image.fromarray(RNG.integers(0, 255, (40, 60, 3), dtype=np.uint8))
@@ -33,14 +33,6 @@ MIXED = list(INPUTS.values())
 
 def _real_rows(batch) -> list[list[int]]:
     return [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
-
-
-def _hand_pool(output, batch, ids: list[int]) -> torch.Tensor:
-    rows = []
-    for hidden, row_ids, mask in zip(output.last_hidden_state, batch["input_ids"], batch["attention_mask"]):
-        where = [i for i, (t, m) in enumerate(zip(row_ids.tolist(), mask.tolist())) if m and t in ids]
-        rows.append(hidden[where].mean(dim=0))
-    return F.normalize(torch.stack(rows), dim=-1)
 
 
 # ------------------------------------------------------------------------------------------------------ config
@@ -128,7 +120,7 @@ def test_truncation_cuts_the_text_not_the_compression_tokens(tiny_compression_mo
 
 def test_max_length_below_the_fixed_tokens_is_refused(tiny_compression_model_and_processor):
     _, processor = tiny_compression_model_and_processor
-    with pytest.raises(ValueError, match="compression tokens alone"):
+    with pytest.raises(ValueError, match="media and template tokens alone"):
         processor.prepare(["a cat"], max_length=COMPRESSION_K + 2)
 
 
@@ -154,11 +146,7 @@ def test_processor_rejects_bad_compression_tokens(tiny_compression_repo):
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_embedding_is_the_mean_over_compression_positions(tiny_compression_model_and_processor, padding_side):
     model, processor = tiny_compression_model_and_processor
-    batch = processor.prepare(MIXED, padding_side=padding_side)
-    with torch.no_grad():
-        output = model(**batch)
-    expected = _hand_pool(output, batch, model.config.compression_token_ids)
-    torch.testing.assert_close(output.embeddings, expected, atol=1e-6, rtol=0)
+    output, batch = assert_compression_mean_embeddings(model, processor, MIXED, padding_side=padding_side)
     # and it is not the last-token embedding (the pooling really changed)
     assert not torch.allclose(output.embeddings, _last_token(output, batch), atol=1e-3)
 
@@ -214,3 +202,16 @@ def test_sentence_transformers_equals_automodel(tiny_compression_repo, tiny_comp
     with torch.no_grad():
         expected_query = model(**processor.prepare(["a cat"], instruction=st.prompts["query"])).embeddings
     torch.testing.assert_close(query.float(), expected_query, atol=1e-5, rtol=0)
+
+
+def test_sentence_module_refuses_a_processor_that_disagrees(tiny_compression_model_and_processor,
+                                                            tiny_model_and_processor):
+    from training.common import hub_code
+
+    model, processor = tiny_compression_model_and_processor
+    plain_model, plain_processor = tiny_model_and_processor
+    with pytest.raises(ValueError, match="compression_token_ids"):
+        hub_code.ConanEmbedder(model, plain_processor)
+    with pytest.raises(ValueError, match="last_token"):
+        hub_code.ConanEmbedder(plain_model, processor)
+    assert hub_code.ConanEmbedder(model, processor).processor is processor
