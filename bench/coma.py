@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import shutil
 import sys
 import time
@@ -108,7 +109,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
     seeds = results["seeds"]
     lines = [
         "# CoMa compressed pre-training vs contrastive only (issue 17)", "",
-        f"Command: `{command}`", "",
+        "Command:", "", "```bash", command, "```", "",
         f"Base: `{results['base']}` ({results['base_note']}); data: `{results['data']}` (train splits for training, "
         f"test split for scoring, `training.evaluation.stage_eval.evaluate_model`).",
         f"Equal total steps: coma = {results['coma_steps']} CoMa stage-1 steps (all listed modalities' QA rows) + "
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         results = json.loads(args.render.read_text())
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(markdown(results, results.get("command", "python " + " ".join(sys.argv))))
+        args.markdown.write_text(markdown(results, results.get("command", "python " + shlex.join(sys.argv))))
         plot(results, args.markdown.parent / "coma.png")
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size, "lora_r": args.lora_r, "machine": f"{platform.machine()} CPU",
         "scores": {m: {"base": score(args.base, args.data, m, args), "baseline": {}, "coma": {}}
                    for m in args.modalities},
-        "coma_loss": {}, "command": "python " + " ".join(sys.argv),
+        "coma_loss": {}, "command": "python " + shlex.join(sys.argv),
     }
     for seed in args.seeds:
         coma_base, manifest = coma_stage(args.base, args.data, args.modalities, args.out / f"coma-seed{seed}",
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(markdown(results, "python " + " ".join(sys.argv)))
+        args.markdown.write_text(markdown(results, results["command"]))
         plot(results, args.markdown.parent / "coma.png")
     print(json.dumps({m: {a: results["scores"][m][a] for a in ("baseline", "coma")} for m in args.modalities},
                      indent=1))
