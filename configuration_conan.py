@@ -33,6 +33,7 @@ AUDIO_CONFIGS: dict[str, type[PreTrainedConfig]] = {
     "whisper": WhisperConfig,
 }
 SUPPORTED_BACKBONES = tuple(BACKBONE_CONFIGS)
+EMBEDDING_POOLINGS = ("last_token", "compression_mean")  # ConanConfig.embedding_pooling
 # Keys that sat at the root of config.json while ConanConfig subclassed Qwen2VLConfig (repos built up to d51a093).
 LEGACY_BACKBONE_KEYS = ("text_config", "vision_config", "image_token_id", "video_token_id", "vision_start_token_id",
                         "vision_end_token_id")
@@ -125,7 +126,19 @@ class ConanConfig(PreTrainedConfig):
             Fingerprint (`modeling_conan.backbone_fingerprint`) of the backbone the audio projector was trained on.
             Loading the projector onto another backbone (e.g. after fusion) logs a Projector Drift warning.
         embedding_pooling (`str`):
-            `"last_token"`: the embedding is the final-norm hidden state of the last real token.
+            How one row's final-norm hidden states become its embedding (then L2-normalised):
+            `"last_token"` (default): the hidden state of the last real token.
+            `"compression_mean"`: the mean over the row's compression tokens, which `ConanProcessor` appends after the
+            rendered input (CoMa, "Compressing then Matching", arXiv 2511.08480; released code
+            Trustworthy-Information-Access/CoMa, whose k learnable `<|ctoken_pad_i|>` tokens, 32 by default there,
+            follow the input and are mean-pooled for the embedding). Needs `compression_token_ids`.
+        num_compression_tokens (`int`):
+            k, the number of compression tokens (0 unless `embedding_pooling="compression_mean"`). Filled from
+            `len(compression_token_ids)` when left at 0.
+        compression_token_ids (`list[int]`, *optional*):
+            Token ids of `<|ctoken_pad_0|>` ... `<|ctoken_pad_{k-1}|>` in the order they are appended; distinct and
+            below the backbone's `vocab_size`. Given exactly when `embedding_pooling="compression_mean"`. The tokens
+            are added by `training.build_base --compression-tokens K`, so every model built on that base shares them.
     """
 
     model_type = "conan"
@@ -144,6 +157,8 @@ class ConanConfig(PreTrainedConfig):
     projector_hidden_act: str = "gelu"
     projector_calibration_hash: str | None = None
     embedding_pooling: str = "last_token"
+    num_compression_tokens: int = 0
+    compression_token_ids: list[int] | None = None
 
     def __post_init__(self, **kwargs):
         legacy = {key: kwargs.pop(key) for key in LEGACY_BACKBONE_KEYS if key in kwargs}
@@ -163,8 +178,7 @@ class ConanConfig(PreTrainedConfig):
                 f"backbone_model_type={legacy_type!r} disagrees with backbone_config.model_type="
                 f"{self.backbone_config.model_type!r}."
             )
-        if self.embedding_pooling != "last_token":
-            raise ValueError(f"embedding_pooling={self.embedding_pooling!r}: only 'last_token' is implemented.")
+        self._check_pooling()
         if self.audio_downsample is None:
             self.audio_downsample = 1 if self.audio_family == "qwen3_omni" else 2
         if self.audio_downsample < 1:
@@ -172,6 +186,44 @@ class ConanConfig(PreTrainedConfig):
         if self.projector_intermediate_size is not None and self.projector_intermediate_size < 1:
             raise ValueError(f"projector_intermediate_size must be >= 1 or None, got {self.projector_intermediate_size}.")
         super().__post_init__(**kwargs)
+
+    def _check_pooling(self) -> None:
+        """Validate `embedding_pooling` with `num_compression_tokens` / `compression_token_ids` (see the class doc)."""
+        if self.embedding_pooling not in EMBEDDING_POOLINGS:
+            raise ValueError(f"embedding_pooling={self.embedding_pooling!r}; expected one of {EMBEDDING_POOLINGS}.")
+        ids, k = self.compression_token_ids, self.num_compression_tokens
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"num_compression_tokens must be an int >= 0, got {k!r}.")
+        if self.embedding_pooling == "last_token":
+            if ids or k:
+                raise ValueError(
+                    f"compression_token_ids={ids!r} / num_compression_tokens={k} are set but embedding_pooling="
+                    "'last_token'; compression tokens are used only with embedding_pooling='compression_mean'."
+                )
+            self.compression_token_ids = None
+            return
+        if not isinstance(ids, (list, tuple)) or not ids:
+            raise ValueError(
+                "embedding_pooling='compression_mean' needs compression_token_ids, a non-empty list of the "
+                f"<|ctoken_pad_i|> token ids (got {ids!r}); build the base with `training.build_base "
+                "--compression-tokens K`."
+            )
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+            raise ValueError(f"compression_token_ids must be ints, got {ids!r}.")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"compression_token_ids must be distinct, got {ids!r}.")
+        vocab_size = getattr(self.text_config, "vocab_size", None)
+        bad = [i for i in ids if i < 0 or (vocab_size is not None and i >= vocab_size)]
+        if bad:
+            raise ValueError(f"compression_token_ids {bad} are outside the vocabulary [0, {vocab_size}).")
+        placeholders = {self.audio_token_id, self.image_token_id, self.video_token_id} & set(ids)
+        if placeholders:
+            raise ValueError(f"compression_token_ids {sorted(placeholders)} are media placeholder ids "
+                             "(audio/image/video).")
+        if k and k != len(ids):
+            raise ValueError(f"num_compression_tokens={k} but {len(ids)} compression_token_ids were given.")
+        self.compression_token_ids = [int(i) for i in ids]
+        self.num_compression_tokens = len(ids)
 
     # Read-only views kept for code (and users) written against the Qwen2VLConfig subclass.
     @property
@@ -221,5 +273,5 @@ class ConanConfig(PreTrainedConfig):
 
 __all__ = [
     "MM_TOKEN_TYPES", "ConanConfig", "audio_tokens_for_frames", "omni_audio_tokens_for_frames", "check_backbone_model_type",
-    "audio_family",
+    "audio_family", "EMBEDDING_POOLINGS",
 ]

@@ -8,7 +8,8 @@ Architecture (composition of transformers' own classes, no copies of their code)
 - audio encoder: `Qwen3OmniMoeAudioEncoder` (the paper's: Qwen3-Omni-30B-A3B's audio tower) or `WhisperEncoder`,
   whose tokens are optionally average-pooled and mapped by a two-layer MLP projector
   (`audio_dim -> projector_intermediate_size -> hidden`) onto the audio placeholder embeddings;
-- last-token pooling of the backbone's final-norm hidden state, L2-normalised.
+- pooling of the backbone's final-norm hidden states, L2-normalised: the last real token (`last_token`, default) or
+  the mean over the compression tokens the processor appends (`compression_mean`, CoMa; see `ConanConfig`).
 Audio placeholders are text positions for M-RoPE (1-D, consecutive), which is also how Qwen3-Omni's own
 `get_rope_index` places audio that is not interleaved with video.
 """
@@ -42,7 +43,8 @@ class ConanModelOutput(ModelOutput):
     """Output of `ConanModel.forward`.
 
     Args:
-        embeddings: `(batch, hidden)` L2-normalised embeddings (the last real token's final hidden state).
+        embeddings: `(batch, hidden)` L2-normalised embeddings (`config.embedding_pooling` of the final hidden states:
+            the last real token's, or the mean over the compression tokens').
         last_hidden_state: `(batch, seq, hidden)` final-norm hidden states of the backbone.
         pooler_output: the same tensor as `embeddings` (sentence-transformers and mteb look for this name).
     """
@@ -394,8 +396,15 @@ class ConanModel(ConanPreTrainedModel):
             **kwargs,
         )
         hidden = outputs.last_hidden_state  # already after the backbone's final norm
-        embeddings = F.normalize(last_token_pool(hidden, attention_mask).float(), p=2, dim=-1)
+        embeddings = F.normalize(self.pool(hidden, input_ids, attention_mask).float(), p=2, dim=-1)
         return ConanModelOutput(embeddings=embeddings, last_hidden_state=hidden, pooler_output=embeddings)
+
+    def pool(self, hidden_states: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """`(batch, seq, hidden)` final-norm hidden states -> `(batch, hidden)` by `config.embedding_pooling`
+        (not normalised)."""
+        if self.config.embedding_pooling == "compression_mean":
+            return compression_mean_pool(hidden_states, input_ids, attention_mask, self.config.compression_token_ids)
+        return last_token_pool(hidden_states, attention_mask)
 
     def _token_types_from_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         types = torch.full_like(input_ids, MM_TOKEN_TYPES["text"])
@@ -422,7 +431,52 @@ def last_token_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -
     return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last_index]
 
 
+def masked_mean_pool(hidden_states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Mean of `hidden_states` `(batch, seq, hidden)` over the positions where `positions` `(batch, seq)` is true ->
+    `(batch, hidden)` in the input dtype (summed in float32). Every row must select at least one position (callers
+    check and name what is missing). The one masked mean behind `compression_mean_pool` and the training side's
+    `training.contrastive.compression.compression_mean`."""
+    weights = positions.to(torch.float32)
+    pooled = torch.einsum("bl,blh->bh", weights, hidden_states.float()) / weights.sum(dim=1, keepdim=True)
+    return pooled.to(hidden_states.dtype)
+
+
+def compression_mean_pool(
+    hidden_states: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+    compression_token_ids: list[int],
+) -> torch.Tensor:
+    """CoMa pooling: the mean of each row's final-norm hidden states over its real positions holding one of
+    `compression_token_ids` (`<|ctoken_pad_i|>`, appended by `ConanProcessor`) -> `(batch, hidden)`, not normalised.
+
+    Source: CoMa (arXiv 2511.08480), released code Trustworthy-Information-Access/CoMa (stage 2 mean-pools the
+    compression tokens' last hidden states). Left or right padding alike (padding positions are excluded by
+    `attention_mask`, `(batch, seq)`, 1 = real; None = no padding).
+
+    Raises:
+        ValueError: shapes disagree, `compression_token_ids` is empty, or a row holds no compression token (inputs
+            not built by `ConanProcessor`, or built with `add_compression_tokens=False`).
+    """
+    if hidden_states.dim() != 3 or hidden_states.shape[:2] != input_ids.shape:
+        raise ValueError(f"compression_mean_pool: hidden_states {tuple(hidden_states.shape)} must be (batch, seq, "
+                         f"hidden) with (batch, seq) = input_ids {tuple(input_ids.shape)}")
+    if not compression_token_ids:
+        raise ValueError("compression_mean_pool: compression_token_ids is empty; expected the <|ctoken_pad_i|> ids "
+                         "(config.compression_token_ids)")
+    ids = torch.as_tensor(list(compression_token_ids), dtype=input_ids.dtype, device=input_ids.device)
+    positions = torch.isin(input_ids, ids)
+    if attention_mask is not None:
+        positions &= attention_mask.bool()
+    missing = (~positions.any(dim=1)).nonzero().flatten().tolist()
+    if missing:
+        raise ValueError(
+            f"compression_mean_pool: rows {missing} hold none of the compression tokens {list(compression_token_ids)} "
+            "(embedding_pooling='compression_mean'); build inputs with ConanProcessor, which appends them after "
+            "each input."
+        )
+    return masked_mean_pool(hidden_states, positions)
+
+
 __all__ = [
     "ConanModel", "ConanPreTrainedModel", "ConanModelOutput", "ConanAudioProjector", "backbone_fingerprint",
-    "backbone_matches",
+    "backbone_matches", "compression_mean_pool", "last_token_pool", "masked_mean_pool",
 ]

@@ -124,6 +124,12 @@ class ConanProcessor(ProcessorMixin):
             instruction) is truncated, from its end; media placeholder runs are never cut, and an input whose media
             and template tokens alone exceed the limit raises a ValueError.
         default_instruction: the system instruction when none is given.
+        compression_tokens: the CoMa compression tokens (`<|ctoken_pad_0|>` ... `<|ctoken_pad_{k-1}|>`) of a repo whose
+            config has `embedding_pooling="compression_mean"` (None: none, the `last_token` layout). Every row then
+            ends with these k tokens, after the rendered input and its template suffix, attention mask 1; they are
+            never truncated (the text is cut instead, so `max_length` still holds). Saved in processor_config.json,
+            so `AutoProcessor.from_pretrained(repo)` appends them; `training.build_base --compression-tokens K` sets
+            them. Source: CoMa (arXiv 2511.08480), released code Trustworthy-Information-Access/CoMa.
     """
 
     valid_processor_kwargs = None  # the HF per-modality kwargs machinery is not used: `__call__` is explicit
@@ -153,6 +159,7 @@ class ConanProcessor(ProcessorMixin):
         audio_start_token: str | None = None,
         audio_end_token: str | None = None,
         audio_n_window: int = 50,
+        compression_tokens: list[str] | None = None,
         **kwargs,
     ):
         if backbone_family not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
@@ -186,6 +193,14 @@ class ConanProcessor(ProcessorMixin):
         self.image_token_id = self._token_id(self.image_token)
         self.video_token_id = self._token_id(self.video_token)
         self.audio_token_id = self._token_id(self.audio_token)
+        if compression_tokens is not None and (isinstance(compression_tokens, str) or not compression_tokens):
+            raise ValueError(f"compression_tokens={compression_tokens!r}; expected None or a non-empty list of token "
+                             "strings such as ['<|ctoken_pad_0|>', ...].")
+        self.compression_tokens = list(compression_tokens) if compression_tokens else None
+        self.compression_token_ids = [self._token_id(t) for t in self.compression_tokens or ()]
+        if len(set(self.compression_token_ids)) != len(self.compression_token_ids):
+            raise ValueError(f"compression_tokens {self.compression_tokens} map to repeated ids "
+                             f"{self.compression_token_ids}; expected distinct special tokens.")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -342,6 +357,7 @@ class ConanProcessor(ProcessorMixin):
         max_length: int | None = None,
         input_names: list[str] | None = None,
         sampling_rate: int | None = None,
+        add_compression_tokens: bool = True,
         **kwargs,
     ) -> BatchFeature:
         """Tokenise `text`, expanding each placeholder for the matching image/video/audio item (in order).
@@ -352,7 +368,8 @@ class ConanProcessor(ProcessorMixin):
         the document resolution preset.
         A row of `text` may also be a list of `(text, literal)` segments (what `prepare` builds): placeholders are
         expanded only in non-literal segments, and literal segments are tokenised with special-token strings as
-        plain text.
+        plain text. With `compression_tokens` set, each row ends with them (`add_compression_tokens=False` leaves them
+        out: for callers that lay out [input | compression | question | answer] rows themselves, e.g. CoMa stage 1).
         """
         if text is None:
             raise ValueError("ConanProcessor needs `text` holding the placeholders; use `prepare` for raw inputs.")
@@ -398,7 +415,8 @@ class ConanProcessor(ProcessorMixin):
         if padding_side is not None:
             kwargs["padding_side"] = padding_side
         encoded = self.tokenizer.pad(
-            {"input_ids": self._tokenize_segments(rows, self.effective_max_length(max_length), input_names)}, padding=padding,
+            {"input_ids": self._tokenize_segments(rows, self.effective_max_length(max_length), input_names,
+                                                  add_compression_tokens)}, padding=padding,
             return_tensors="np", **kwargs
         )
         input_ids = encoded["input_ids"]
@@ -418,11 +436,13 @@ class ConanProcessor(ProcessorMixin):
         return None
 
     def _tokenize_segments(
-        self, rows: list[list[tuple[str, bool]]], max_length: int | None = None, names: list[str] | None = None
+        self, rows: list[list[tuple[str, bool]]], max_length: int | None = None, names: list[str] | None = None,
+        add_compression_tokens: bool = True,
     ) -> list[list[int]]:
         """Token ids per row: template segments parse special tokens, literal segments (user text, instructions)
         are tokenised with `split_special_tokens=True`, so `<|image_pad|>` or `<|im_end|>` typed by a user stays text.
-        With `max_length`, rows are cut to fit by `_truncate_literal`."""
+        The compression tokens (if any) end each row as a fixed segment. With `max_length`, rows are cut to fit by
+        `_truncate_literal`."""
         pieces: list[list[list[int]]] = [[[] for _ in row] for row in rows]
         for literal in (False, True):
             where = [(r, i) for r, row in enumerate(rows) for i, (seg, lit) in enumerate(row) if seg and lit == literal]
@@ -431,15 +451,20 @@ class ConanProcessor(ProcessorMixin):
                                          split_special_tokens=literal)["input_ids"]
                 for (r, i), seg_ids in zip(where, encoded):
                     pieces[r][i] = list(seg_ids)
+        literals = [[lit for _, lit in row] for row in rows]
+        if add_compression_tokens and self.compression_token_ids:
+            for row_pieces, literal in zip(pieces, literals):
+                row_pieces.append(list(self.compression_token_ids))
+                literal.append(False)
         if max_length is not None:
             pieces = [self._truncate_literal(row, literal, max_length, names[r] if names else f"inputs[{r}]")
-                      for r, (row, literal) in enumerate(zip(pieces, ([lit for _, lit in row] for row in rows)))]
+                      for r, (row, literal) in enumerate(zip(pieces, literals))]
         return [[t for seg_ids in row for t in seg_ids] for row in pieces]
 
     @staticmethod
     def _truncate_literal(pieces: list[list[int]], literal: list[bool], max_length: int, where: str) -> list[list[int]]:
         """Cut literal segments from the end (the user's text first, then the instruction) so the row fits in
-        `max_length`; template and media tokens are never cut."""
+        `max_length`; template, media and compression tokens are never cut."""
         total = sum(len(p) for p in pieces)
         if total <= max_length:
             return pieces
@@ -500,6 +525,7 @@ class ConanProcessor(ProcessorMixin):
         return_tensors: str | None = "pt",
         max_length: int | None = None,
         input_names: list[str] | None = None,
+        add_compression_tokens: bool = True,
     ) -> BatchFeature:
         """Model inputs for a batch of raw inputs, each becoming one embedding.
 
@@ -510,13 +536,14 @@ class ConanProcessor(ProcessorMixin):
         (`page` picks the 0-based page, default 0; `pdf_page_inputs` expands a whole PDF). `instruction` is the system
         prompt (sentence-transformers passes its prompt here); `max_length` overrides `self.max_length`. Errors name
         `inputs[i]`, or `input_names[i]` where given (sentence-transformers reorders inputs, so it passes quotes).
+        Rows end with the compression tokens when the processor has them (`add_compression_tokens`, see `__call__`).
         """
         if isinstance(inputs, (str, dict, Image.Image)):
             inputs = [inputs]
         parsed = [self.parse_input(raw, index, input_names[index] if input_names else None)
                   for index, raw in enumerate(inputs)]
         return self.prepare_parsed(parsed, [instruction] * len(parsed), padding_side, return_tensors, max_length,
-                                   input_names)
+                                   input_names, add_compression_tokens)
 
     def prepare_parsed(
         self,
@@ -526,6 +553,7 @@ class ConanProcessor(ProcessorMixin):
         return_tensors: str | None = "pt",
         max_length: int | None = None,
         input_names: list[str] | None = None,
+        add_compression_tokens: bool = True,
     ) -> BatchFeature:
         """Model inputs for already-validated inputs (`parse_input` results), one instruction per row."""
         texts, images, is_doc, videos, audios = [], [], [], [], []
@@ -540,7 +568,7 @@ class ConanProcessor(ProcessorMixin):
         return self(
             text=texts, images=images or None, videos=videos or None, audio=audios or None,
             document_images=is_doc, padding_side=padding_side, return_tensors=return_tensors, max_length=max_length,
-            input_names=input_names,
+            input_names=input_names, add_compression_tokens=add_compression_tokens,
         )
 
     def render_segments(self, parsed: ParsedInput, instruction: str | None = None) -> list[tuple[str, bool]]:

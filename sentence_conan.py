@@ -4,7 +4,8 @@
 The stock `Transformer` module converts every input into chat messages and cannot read video/PDF files without
 torchvision/torchcodec; this module hands raw inputs to `ConanProcessor.prepare` instead, so
 `SentenceTransformer(path, trust_remote_code=True).encode(...)` accepts exactly the inputs the processor documents.
-The model already returns L2-normalised last-token embeddings, so no Pooling/Normalize modules follow.
+The model already returns L2-normalised pooled embeddings (`config.embedding_pooling`: the last token, or the mean over
+the compression tokens the processor appends), so no Pooling/Normalize modules follow.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class ConanEmbedder(InputModule):
         self, model: torch.nn.Module, processor: Any, padding_side: str = "right", max_seq_length: int | None = None
     ):
         super().__init__()
+        check_pooling_matches(model.config, processor)
         self.model = model
         self.processor = processor
         self.padding_side = padding_side
@@ -114,4 +116,17 @@ class ConanEmbedder(InputModule):
         return cls(model=model, processor=processor, **config)
 
 
-__all__ = ["ConanEmbedder"]
+def check_pooling_matches(config: Any, processor: Any) -> None:
+    """Raise ValueError when the processor does not append the compression tokens the config pools over (or appends
+    tokens a `last_token` config would pool the last of): the two files of a repo disagree."""
+    expected = list(config.compression_token_ids or []) if config.embedding_pooling == "compression_mean" else []
+    appended = list(getattr(processor, "compression_token_ids", None) or [])
+    if appended != expected:
+        raise ValueError(
+            f"The processor appends compression tokens {appended} but the model config (embedding_pooling="
+            f"{config.embedding_pooling!r}) expects {expected}; processor_config.json's `compression_tokens` and "
+            "config.json's `compression_token_ids` must name the same tokens."
+        )
+
+
+__all__ = ["ConanEmbedder", "check_pooling_matches"]

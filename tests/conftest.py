@@ -30,6 +30,44 @@ def tiny_model_and_processor(tiny_repo):
     return model, processor
 
 
+COMPRESSION_K = 4  # compression tokens of the tiny compression_mean repo (CoMa uses 32; 4 keeps rows short)
+
+
+@pytest.fixture(scope="session")
+def tiny_compression_repo(tmp_path_factory) -> Path:
+    """The tiny repo built with `compression_tokens=COMPRESSION_K` (embedding_pooling="compression_mean")."""
+    from training.base.build_base import build_tiny_repo
+
+    return build_tiny_repo(tmp_path_factory.mktemp("conan-coma") / "tiny", compression_tokens=COMPRESSION_K)
+
+
+def assert_compression_mean_embeddings(model, processor, inputs: list, **prepare_kwargs):
+    """Embed `inputs` and check that every row holds exactly the k compression tokens and that its embedding is the
+    normalised mean of `last_hidden_state` over them (within 1e-6: same tensors, another reduction). Returns
+    (output, batch)."""
+    import torch
+    import torch.nn.functional as F
+
+    ids = model.config.compression_token_ids
+    batch = processor.prepare(inputs, **prepare_kwargs)
+    with torch.no_grad():
+        output = model(**batch)
+    where = torch.isin(batch["input_ids"], torch.tensor(ids)) & batch["attention_mask"].bool()
+    assert where.sum(dim=1).tolist() == [len(ids)] * len(inputs)
+    hand = torch.stack([hidden[w].mean(dim=0) for hidden, w in zip(output.last_hidden_state, where)])
+    torch.testing.assert_close(output.embeddings, F.normalize(hand, dim=-1), atol=1e-6, rtol=0)
+    return output, batch
+
+
+@pytest.fixture(scope="session")
+def tiny_compression_model_and_processor(tiny_compression_repo):
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(tiny_compression_repo, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(tiny_compression_repo, trust_remote_code=True)
+    return model, processor
+
+
 @pytest.fixture(scope="session")
 def tiny_st(tiny_repo):
     from sentence_transformers import SentenceTransformer

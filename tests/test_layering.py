@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 SHARED = {"common": set(), "contrastive": {"common"}, "evaluation": {"common", "contrastive"},
           "data_sources": {"common"}}
-STAGES = {"base", "specialist", "fusion", "recovery", "rehearsal"}
+STAGES = {"base", "specialist", "fusion", "recovery", "rehearsal", "coma"}
 ORCHESTRATION = {"pipeline"}
 HUB_FILES = ("configuration_conan.py", "modeling_conan.py", "processing_conan.py", "media_conan.py",
              "sentence_conan.py")

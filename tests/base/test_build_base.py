@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from training.common import hub_code
@@ -28,3 +29,46 @@ def test_saved_chat_template_is_the_processors_and_renders_its_layout(tiny_repo)
     jinja = processor.tokenizer.apply_chat_template(messages, chat_template=processor.chat_template, tokenize=False,
                                                     add_generation_prompt=True)
     assert jinja == processor.render(parsed, "Find it.")
+
+
+def test_compression_base_has_the_k_tokens_config_and_initialised_rows(tiny_compression_repo, tiny_repo):
+    import json
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from tests.conftest import COMPRESSION_K
+    from training.base.build_base import COMPRESSION_INIT_NOISE, compression_token_names
+
+    names = compression_token_names(COMPRESSION_K)
+    assert names[0] == "<|ctoken_pad_0|>" and names[-1] == f"<|ctoken_pad_{COMPRESSION_K - 1}|>"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_compression_repo)
+    ids = tokenizer.convert_tokens_to_ids(names)
+    config = json.loads((tiny_compression_repo / "config.json").read_text())
+    assert config["embedding_pooling"] == "compression_mean"
+    assert config["compression_token_ids"] == ids and config["num_compression_tokens"] == COMPRESSION_K
+    assert json.loads((tiny_compression_repo / "processor_config.json").read_text())["compression_tokens"] == names
+    assert tokenizer.tokenize("".join(names)) == names  # special tokens: kept whole
+    # the tokens come after the plain tiny repo's vocabulary, whose own ids are unchanged
+    plain = AutoTokenizer.from_pretrained(tiny_repo)
+    assert min(ids) == len(plain) and plain.get_vocab().items() <= tokenizer.get_vocab().items()
+    # rows: the mean of the other real rows + noise of COMPRESSION_INIT_NOISE x their std, distinct per token
+    model = hub_code.ConanModel.from_pretrained(tiny_compression_repo)
+    table = model.get_input_embeddings().weight.detach()
+    others = table[: len(tokenizer)][~torch.isin(torch.arange(len(tokenizer)), torch.tensor(ids))]
+    deviation = (table[ids] - others.mean(0)) / others.std(0)
+    assert deviation.abs().max() < 6 * COMPRESSION_INIT_NOISE
+    assert deviation.std() > COMPRESSION_INIT_NOISE / 2
+    assert torch.cdist(table[ids], table[ids]).fill_diagonal_(1.0).min() > 0
+
+
+def test_compression_tokens_argument_is_checked(tmp_path):
+    from training.base.build_base import add_compression_tokens, assemble_base, build_tiny_tokenizer
+
+    with pytest.raises(ValueError, match="compression_tokens must be an int >= 0"):
+        assemble_base("unused", "unused", tmp_path / "out", compression_tokens=-1)
+    tokenizer = build_tiny_tokenizer()
+    first = add_compression_tokens(tokenizer, 3)
+    assert add_compression_tokens(tokenizer, 3) == first  # present tokens keep their ids
+    with pytest.raises(ValueError, match="int >= 1"):
+        add_compression_tokens(tokenizer, 0)

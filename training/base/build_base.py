@@ -7,11 +7,15 @@
     python -m training.build_base --backbone Qwen/Qwen2-VL-2B-Instruct --audio-encoder openai/whisper-large-v3 --out DIR
     # tiny random upstream checkpoints first (save_pretrained of the upstream classes), then the same path
     python -m training.build_base --tiny --backbone-family qwen3_vl --audio-family qwen3_omni --out DIR
+    # CoMa: K compression tokens <|ctoken_pad_0|>...<|ctoken_pad_{K-1}|> and embedding_pooling="compression_mean"
+    python -m training.build_base --tiny --compression-tokens 32 --out DIR
 
 The output folder loads with `AutoModel`/`AutoProcessor.from_pretrained(DIR, trust_remote_code=True)` and
 `SentenceTransformer(DIR, trust_remote_code=True)`. The paper's four audio tokens are added to the tokenizer
 (`<|audio_start|>`, `<|audio_end|>`, `<|audio_pad|>`, `<|AUDIO|>`; projected audio goes at `<|AUDIO|>` between
 start/end), the projector is freshly initialised, everything else is copied from the upstream checkpoints.
+With `--compression-tokens K` the base also gets CoMa's K compression tokens (`add_compression_tokens`): every
+specialist trained from it shares them, so fusion sees one vocabulary.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from training.common.repo import save_conan_repo
 AUDIO_TOKEN = "<|AUDIO|>"  # the placeholder projected audio replaces (the paper's)
 AUDIO_START, AUDIO_END = "<|audio_start|>", "<|audio_end|>"
 PAPER_AUDIO_TOKENS = (AUDIO_START, AUDIO_END, "<|audio_pad|>", AUDIO_TOKEN)  # all four the paper adds
+COMPRESSION_TOKEN = "<|ctoken_pad_{}|>"  # CoMa's released code names its compression tokens so (32 there)
+COMPRESSION_INIT_NOISE = 0.01  # noise std of a new compression-token row, in units of each dimension's std
 # Processor limits for the tiny repo: small images and few frames keep CPU tests fast.
 TINY_PROCESSOR_LIMITS = {
     "image_max_pixels": 16 * 28 * 28,
@@ -54,6 +60,45 @@ def add_audio_token(tokenizer: PreTrainedTokenizerBase) -> int:
         {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>", "audio_token": AUDIO_TOKEN}
     )
     return int(tokenizer.convert_tokens_to_ids(AUDIO_TOKEN))
+
+
+def compression_token_names(k: int) -> list[str]:
+    """`["<|ctoken_pad_0|>", ..., "<|ctoken_pad_{k-1}|>"]` (CoMa's names). Raises ValueError for k < 1."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"compression token count must be an int >= 1, got {k!r}.")
+    return [COMPRESSION_TOKEN.format(i) for i in range(k)]
+
+
+def add_compression_tokens(tokenizer: PreTrainedTokenizerBase, k: int) -> list[int]:
+    """Register CoMa's k compression tokens as special tokens (atomic; ones already present keep their ids) and
+    return their ids in order. Source: CoMa (arXiv 2511.08480), released code Trustworthy-Information-Access/CoMa."""
+    names = compression_token_names(k)
+    missing = [t for t in names if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    return [int(tokenizer.convert_tokens_to_ids(t)) for t in names]
+
+
+@torch.no_grad()
+def init_token_rows(model: torch.nn.Module, token_ids: list[int], vocab_size: int, seed: int = 0) -> None:
+    """Set the embedding rows of `token_ids` to the mean of the other rows below `vocab_size` (the tokenizer's real
+    tokens) plus seeded Gaussian noise of `COMPRESSION_INIT_NOISE` x each dimension's std, so new tokens start in
+    the distribution of trained ones and differ from each other (transformers' `mean_resizing` samples around the
+    same mean but covers only rows past the old table, and real Qwen tables have unused rows below their size).
+    Untied output embeddings, when the model has them, get the same treatment; tied ones follow the input table."""
+    generator = torch.Generator().manual_seed(seed)
+    tables = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is not None and output.weight is not tables[0]:
+        tables.append(output.weight)
+    keep = torch.ones(vocab_size, dtype=torch.bool)
+    keep[torch.as_tensor(token_ids)] = False
+    for table in tables:
+        existing = table[:vocab_size][keep.to(table.device)].float()
+        mean, std = existing.mean(dim=0), existing.std(dim=0)
+        noise = torch.randn(len(token_ids), table.shape[1], generator=generator) * COMPRESSION_INIT_NOISE
+        rows = mean.cpu() + noise * std.cpu()
+        table[torch.as_tensor(token_ids, device=table.device)] = rows.to(table.device, table.dtype)
 
 
 PIXEL_LIMIT_TOKENS = {  # ConanProcessor's pixel limits, in merged visual tokens (x (patch * merge)^2 pixels)
@@ -80,6 +125,7 @@ def assemble_base(
     seed: int = 0,
     projector_intermediate_size: int | None = None,
     dtype: torch.dtype = torch.float32,
+    compression_tokens: int = 0,
 ) -> Path:
     """Build the Conan base repo at `out` from a backbone and an audio checkpoint (local folders or Hub ids).
 
@@ -87,34 +133,47 @@ def assemble_base(
     a Qwen3-Omni checkpoint (only its `thinker.audio_tower.*` tensors are read) or a Whisper checkpoint.
     `projector_intermediate_size` defaults to 3/4 of the backbone width (the paper's ~19M-parameter projector for
     2048 -> 4096 is 3072 wide with biases; our arithmetic). `dtype` is the dtype of the loaded parts and of the written
-    weights (peak memory: about twice the backbone plus the audio tower, in that dtype). Raises ValueError for
-    unsupported checkpoints before anything is written.
+    weights (peak memory: about twice the backbone plus the audio tower, in that dtype). `compression_tokens` K > 0
+    adds CoMa's `<|ctoken_pad_0|>`..`<|ctoken_pad_{K-1}|>` to the tokenizer (rows initialised by `init_token_rows`),
+    sets `embedding_pooling="compression_mean"` with their ids in the config and gives them to the processor, which
+    appends them to every input. Raises ValueError for unsupported checkpoints before anything is written.
     """
+    if isinstance(compression_tokens, bool) or not isinstance(compression_tokens, int) or compression_tokens < 0:
+        raise ValueError(f"compression_tokens must be an int >= 0, got {compression_tokens!r}.")
     backbone_family = families.backbone_family_of(backbone)
     audio_family = families.audio_family_of(audio_encoder)
     ConanConfig, ConanModel, ConanProcessor = hub_code.ConanConfig, hub_code.ConanModel, hub_code.ConanProcessor
 
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(backbone)
     audio_token_id = add_audio_token(tokenizer)
+    compression_ids = add_compression_tokens(tokenizer, compression_tokens) if compression_tokens else []
     vlm = families.load_backbone(backbone, dtype)
     audio_config, audio_state = families.load_audio_encoder(audio_encoder, dtype)
     hidden = vlm.config.text_config.hidden_size
+    vocab_size = vlm.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab_size:
+        vlm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        vocab_size = len(tokenizer)
+    backbone_config = vlm.config.to_dict()
+    backbone_config["text_config"]["vocab_size"] = vocab_size
+    pooling = {"embedding_pooling": "compression_mean", "compression_token_ids": compression_ids} if compression_ids \
+        else {}
     config = ConanConfig(
-        backbone_config=vlm.config.to_dict(),
+        backbone_config=backbone_config,
         audio_config=audio_config.to_dict(),
         audio_token_id=audio_token_id,
         audio_start_token_id=int(tokenizer.convert_tokens_to_ids(AUDIO_START)),
         audio_end_token_id=int(tokenizer.convert_tokens_to_ids(AUDIO_END)),
         audio_downsample=audio_downsample,
         projector_intermediate_size=projector_intermediate_size or 3 * hidden // 4,
+        **pooling,
     )
-    if len(tokenizer) > vlm.get_input_embeddings().num_embeddings:
-        vlm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        config.text_config.vocab_size = len(tokenizer)
     torch.manual_seed(seed)
     model = ConanModel._from_config(config, dtype=dtype)
     _load_strict(model.backbone, vlm.state_dict(), "backbone")
     del vlm
+    if compression_ids:
+        init_token_rows(model, compression_ids, len(tokenizer), seed)
     _load_strict(model.audio_encoder, audio_state, "audio_encoder")
     del audio_state
 
@@ -137,6 +196,7 @@ def assemble_base(
         audio_start_token=AUDIO_START,
         audio_end_token=AUDIO_END,
         audio_n_window=getattr(config.audio_config, "n_window", 50),
+        compression_tokens=compression_token_names(compression_tokens) if compression_tokens else None,
         **limits,
     )
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
@@ -213,15 +273,17 @@ def build_tiny_repo(
     seed: int = 0,
     backbone_family: str = "qwen2_vl",
     audio_family: str = "whisper",
+    compression_tokens: int = 0,
 ) -> Path:
-    """The tiny test/demo repo: tiny upstream checkpoints written to disk, then assembled like real ones."""
+    """The tiny test/demo repo: tiny upstream checkpoints written to disk, then assembled like real ones
+    (`compression_tokens` as in `assemble_base`)."""
     with tempfile.TemporaryDirectory(prefix="conan-tiny-upstream-") as scratch:
         backbone_dir, audio_dir = write_tiny_upstream_checkpoints(
             Path(scratch), seed=seed, backbone_family=backbone_family, audio_family=audio_family
         )
         return assemble_base(
             str(backbone_dir), str(audio_dir), out, processor_limits=tiny_processor_limits(backbone_family),
-            overwrite=overwrite, seed=seed,
+            overwrite=overwrite, seed=seed, compression_tokens=compression_tokens,
         )
 
 
@@ -243,13 +305,16 @@ def main(argv: list[str] | None = None) -> None:
                         help='JSON dict of ConanProcessor limits, e.g. \'{"video_max_frames": 32}\'')
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="dtype of the loaded parts and the written weights (bfloat16 halves memory and size)")
+    parser.add_argument("--compression-tokens", type=int, default=0, metavar="K",
+                        help="add CoMa's K compression tokens <|ctoken_pad_i|> and pool their mean "
+                             "(embedding_pooling=compression_mean; CoMa uses 32); default 0: last-token pooling")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.tiny:
         out = build_tiny_repo(
             args.out, overwrite=args.force, seed=args.seed, backbone_family=args.backbone_family,
-            audio_family=args.audio_family,
+            audio_family=args.audio_family, compression_tokens=args.compression_tokens,
         )
     else:
         if not args.backbone or not args.audio_encoder:
@@ -258,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
             args.backbone, args.audio_encoder, args.out, processor_limits=args.processor_limits,
             audio_downsample=args.audio_downsample, overwrite=args.force, seed=args.seed,
             projector_intermediate_size=args.projector_intermediate_size, dtype=getattr(torch, args.dtype),
+            compression_tokens=args.compression_tokens,
         )
     size_mb = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file()) / 2**20
     print(f"Conan base repo written to {out} ({size_mb:.1f} MB)")

@@ -42,8 +42,10 @@ PROCESSOR_LIMITS = {
 }
 
 
-def build_small_base(out: str | Path, size: str = "small", seed: int = 0, overwrite: bool = False) -> Path:
-    """Write the (undistilled) small base repo: real Whisper tiny.en + real Qwen2 tokenizer + random small Qwen2-VL."""
+def build_small_base(out: str | Path, size: str = "small", seed: int = 0, overwrite: bool = False,
+                     compression_tokens: int = 0) -> Path:
+    """Write the (undistilled) small base repo: real Whisper tiny.en + real Qwen2 tokenizer + random small Qwen2-VL.
+    `compression_tokens` K > 0 adds CoMa's K compression tokens and compression_mean pooling (`assemble_base`)."""
     from training.base.real_parts.qwen2_tokenizer import build_qwen2_vl_tokenizer
     from training.base.real_parts.whisper_ct2 import default_model_dir, save_hf_whisper
 
@@ -58,5 +60,5 @@ def build_small_base(out: str | Path, size: str = "small", seed: int = 0, overwr
         save_hf_whisper(default_model_dir(), whisper_dir)
         return assemble_base(
             str(backbone_dir), str(whisper_dir), out, processor_limits=PROCESSOR_LIMITS, tokenizer=tokenizer,
-            overwrite=overwrite, seed=seed,
+            overwrite=overwrite, seed=seed, compression_tokens=compression_tokens,
         )

@@ -8,14 +8,17 @@ loss (stage 1); stage 2 pools the mean of the compression tokens' last hidden st
 
 Here each position of a row is labelled by a segment id (`INPUT`, `COMPRESSION`, `QUESTION`, `ANSWER`), so any
 padding side and per-segment padding work; `attention_mask` (B, L) marks real tokens (1) and padding (0).
-Pure torch, ours (no library builds this mask); NOT yet wired into the model, the processor or any stage: the
-`compression_mean` option of `ConanConfig.embedding_pooling`, the compression tokens in the base and the CoMa stage
-are later increments of issue 17.
+Pure torch, ours (no library builds this mask). The model side lives in the Hub files: `ConanConfig.embedding_pooling=
+"compression_mean"` with `compression_token_ids`, `ConanProcessor` appending the tokens, and
+`modeling_conan.compression_mean_pool` (by token id); `compression_mean` here (by segment id) shares its masked mean
+(`modeling_conan.masked_mean_pool`), so both agree.
 """
 
 from __future__ import annotations
 
 import torch
+
+from training.common import hub_code
 
 INPUT, COMPRESSION, QUESTION, ANSWER = 0, 1, 2, 3
 IGNORE_INDEX = -100  # transformers' / torch's cross-entropy ignore index
@@ -95,14 +98,11 @@ def compression_mean(hidden_states: torch.Tensor, segment_ids: torch.Tensor,
     if hidden_states.dim() != 3 or hidden_states.shape[:2] != segment_ids.shape:
         raise ValueError(f"compression_mean: hidden_states {tuple(hidden_states.shape)} must be (batch, length, "
                          f"hidden) with (batch, length) = {tuple(segment_ids.shape)}")
-    weights = (real & (segment_ids == COMPRESSION)).float()
-    counts = weights.sum(dim=1, keepdim=True)
-    if (counts == 0).any():
-        rows = (counts[:, 0] == 0).nonzero().flatten().tolist()
-        raise ValueError(f"compression_mean: rows {rows} have no compression token (segment id {COMPRESSION})")
-    pooled = torch.einsum("bl,blh->bh", weights, hidden_states.float()) / counts
-    return pooled.to(hidden_states.dtype)
-
+    positions = real & (segment_ids == COMPRESSION)
+    missing = (~positions.any(dim=1)).nonzero().flatten().tolist()
+    if missing:
+        raise ValueError(f"compression_mean: rows {missing} have no compression token (segment id {COMPRESSION})")
+    return hub_code.load("modeling_conan").masked_mean_pool(hidden_states, positions)
 
 __all__ = ["ANSWER", "COMPRESSION", "IGNORE_INDEX", "INPUT", "QUESTION", "answer_labels", "compression_attention_mask",
            "compression_mean"]

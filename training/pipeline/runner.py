@@ -76,6 +76,9 @@ class Preset:
     visual_lora_scopes: tuple[str, ...] = ("llm",)  # LoRA scopes of the image/video/document specialists
     specialist_lr: float = 2e-3         # LoRA learning rate of every specialist (the audio projector keeps 1e-3)
     specialist_temperature: float = 0.05  # InfoNCE temperature of every specialist
+    # CoMa: K compression tokens in the base (embedding_pooling="compression_mean", training.build_base
+    # --compression-tokens); 0 = last-token pooling, the main job's setting
+    compression_tokens: int = 0
 
 
 PRESETS = {
@@ -157,7 +160,8 @@ class Pipeline:
         from training.data_sources.common import SourceMissing
         from training.data_sources.wordnet import INSTRUCTION
 
-        raw = build_small_base(out / "undistilled", size=self.preset.backbone, seed=self.seed)
+        raw = build_small_base(out / "undistilled", size=self.preset.backbone, seed=self.seed,
+                               compression_tokens=self.preset.compression_tokens)
         texts, instructions = training_texts(self.data_dir)
         try:  # WordNet (Debian wordnet-base) is a registry source; without it only the pipeline's texts are used
             groups, dev_pairs = wordnet_distillation_data(self.preset.distill_groups, self.preset.distill_dev,

@@ -1,0 +1,1 @@
+"""Stage C (CoMa compressed pre-training, before contrastive training): training/coma/stage.py."""
