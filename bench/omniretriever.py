@@ -175,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     if base_scores.get("base") != str(base) or base_scores.get("tuples") != str(tuples):
         base_scores = {"base": str(base), "tuples": str(tuples), "scores": evaluate(base, tuples / "test.jsonl", cache)}
         write_json_atomic(base_file, base_scores)
-    runs = {name: [train_arm(name, seed, base, tuples, out, cache, args) for seed in args.seeds] for name in RUNS}
+    by_seed = {seed: {name: train_arm(name, seed, base, tuples, out, cache, args) for name in RUNS}
+               for seed in args.seeds}  # seed by seed, so an interrupted comparison leaves whole seeds behind
+    runs = {name: [by_seed[seed][name] for seed in args.seeds] for name in RUNS}
     n_test = int(base_scores["scores"]["n"])
     summaries = {"base (untrained)": summarise([base_scores["scores"]])}
     summaries.update({label(name): summarise([r["scores"] for r in results]) for name, results in runs.items()})
