@@ -85,3 +85,30 @@ def test_non_finite_loss_stops_the_loop(tmp_path):
     with pytest.raises(FloatingPointError, match="at step 1"):
         run_steps(Accelerator(cpu=True), TrainState(), LoopSettings(max_steps=3, max_grad_norm=0.0), optimizer,
                   scheduler, [p], forward_backward, progress=False)
+
+
+def test_a_loss_tensor_with_grad_is_detached_before_it_is_logged(tmp_path):
+    """`float()` of a tensor that requires grad warns ("Converting a tensor with requires_grad=True to a scalar"):
+    the loop detaches `logs["loss"]` first, so neither the loop nor its hooks trigger it."""
+    import warnings
+
+    from accelerate import Accelerator
+
+    p = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([p], lr=0.1)
+    scheduler = build_scheduler(optimizer, "constant_with_warmup", 0, 2)
+    seen = []
+
+    def forward_backward(step):
+        loss = (p * p).sum()
+        loss.backward()
+        return {"loss": loss}
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_steps(Accelerator(cpu=True), TrainState(), LoopSettings(max_steps=2, max_grad_norm=1.0), optimizer,
+                  scheduler, [p], forward_backward, after_step=lambda step, logs: seen.append(logs["loss"]),
+                  progress=False)
+    assert [str(w.message) for w in caught if "requires_grad" in str(w.message)] == []
+    assert len(seen) == 2 and all(not t.requires_grad for t in seen)
+    assert float(seen[0]) == pytest.approx(2.0)

@@ -77,7 +77,8 @@ def run_steps(
     number of steps run now.
 
     `forward_backward(step)` gets the 0-based index of the step being taken and returns its logs; `logs["loss"]` (a
-    float or a 0-dim tensor) is required. The loop adds `lr` (the first group's, after the scheduler step) and
+    float or a 0-dim tensor; a tensor is detached here, so `after_step` / `on_step` get a value without autograd
+    history) is required. The loop adds `lr` (the first group's, after the scheduler step) and
     `grad_norm` (when clipping) to the logs before `after_step(step, logs)` / `on_step(step, logs)`, which get the
     1-based count of steps done. Raises FloatingPointError on a non-finite loss.
     """
@@ -89,6 +90,8 @@ def run_steps(
     stop = False
     while state.step < loop.max_steps and not stop:
         logs = forward_backward(state.step)
+        if isinstance(logs.get("loss"), torch.Tensor):
+            logs["loss"] = logs["loss"].detach()  # float() of a tensor that requires grad warns (and keeps the graph)
         if loop.max_grad_norm and loop.max_grad_norm > 0:
             logs["grad_norm"] = float(accelerator.clip_grad_norm_(list(params), loop.max_grad_norm))
         optimizer.step()

@@ -73,6 +73,7 @@ def info_nce(
     symmetric: bool = False,
     cross_device: bool = True,
     unique_candidates: bool = False,
+    local_negatives: bool = False,
 ) -> LossOutput:
     """InfoNCE of L2-normalised `queries` (B, H) against all positives and hard negatives of the (gathered) batch.
 
@@ -81,6 +82,9 @@ def info_nce(
     repeated class label). `symmetric` adds the target -> query direction over positives (for pure cross-modal pairs).
     `unique_candidates` (needs the keys) scores every distinct key once: a key repeated among the columns counts as
     one negative, not one per repeat (Projector Recovery's cached partner bank, where the candidates are a set).
+    `local_negatives`: across processes, query i sees only the hard negatives of the rank that holds it (positives
+    stay gathered; OmniRetriever's Tuple-InfoNCE). The negatives are still all-gathered so every rank computes the
+    whole loss (the convention above), and the other ranks' negative columns are masked per row. One process: no-op.
     """
     if queries.shape != positives.shape:
         raise ValueError(f"queries {tuple(queries.shape)} and positives {tuple(positives.shape)} must match")
@@ -111,6 +115,13 @@ def info_nce(
             own[labels, labels] = True
             mask = mask | (repeat[None, :] & ~own)
         logits = logits.masked_fill(mask, torch.finfo(logits.dtype).min)
+    if local_negatives and cross_device and world_size() > 1 and h.shape[0]:
+        rank = dist.get_rank()
+        row_rank, _ = gather(torch.full((queries.shape[0],), rank, device=q.device, dtype=torch.int64))
+        col_rank, _ = gather(torch.full((negatives.shape[0],), rank, device=q.device, dtype=torch.int64))
+        other = torch.cat([torch.zeros((n, t.shape[0]), dtype=torch.bool, device=q.device),
+                           row_rank[:, None] != col_rank[None, :]], dim=1)
+        logits = logits.masked_fill(other, torch.finfo(logits.dtype).min)
     value = F.cross_entropy(logits, labels)
     if symmetric:
         back = (t @ q.T).float() / temperature

@@ -15,10 +15,12 @@ What is ours (differences from their code, all deliberate):
 - Every term is the project's one `info_nce` (so the cross-device convention, the W-scaled `loss` and the logged
   `value` are the same as every other stage's). Their symmetric InfoNCE ½(CE(a·B_allᵀ/τ) + CE(b·A_allᵀ/τ)) is
   `info_nce(a, b, symmetric=True)`.
-- Cross-process: `info_nce` gathers every column without gradient; the no-grad hard negatives are gathered too (their
-  code keeps hard negatives local). Each query then sees every rank's hard negatives as extra negatives; on one
-  process the two are identical. Tested: 2 gloo processes on halves of a batch give the 1-process loss parts
-  and (DDP-averaged) gradients.
+- Cross-process, as their code and the issue define it: positives gathered, hard negatives local. `info_nce`
+  gathers every column without gradient (each rank computes the whole loss, scaled by W); Obj1 passes
+  `local_negatives=True`, so query i's hard-negative columns are those of its own rank only. On one process this is
+  the plain definition. Tested (tests/contrastive/test_omni_distributed.py): 2 gloo processes running
+  `omni_train_step` on halves of a batch give the loss parts and (DDP-averaged) gradients of the definition written
+  out by hand on the global batch (all positives, each query's own rank's hard negatives), plain and GradCache.
 - Obj1 is one-directional (anchor -> augmented copy + hard negatives): the hard negatives only make sense as
   candidates for the anchor.
 - z_TVA is whatever the caller passes; the issue asks for Conan's own pooled embedding (not their all-layer
@@ -131,12 +133,14 @@ def tuple_info_nce(fused: torch.Tensor, augmented: torch.Tensor, hard_negatives:
                    temperature: float = DEFAULT_TEMPERATURE, cross_device: bool = True) -> LossOutput:
     """Obj1: InfoNCE of z_TVA (B, H) against its augmented copy (B, H), plus the hard negatives (B, H) as extra columns.
 
-    The hard negatives are detached here whatever the caller passed (their code embeds them under no_grad).
+    The hard negatives are detached here whatever the caller passed (their code embeds them under no_grad). Across
+    processes the augmented copies are gathered and the hard negatives stay local (each query sees its own rank's).
     """
     if hard_negatives.shape != fused.shape:
         raise ValueError(f"hard_negatives {tuple(hard_negatives.shape)} must match fused {tuple(fused.shape)}: "
                          "one hard negative per tuple")
-    return info_nce(fused, augmented, hard_negatives.detach(), temperature=temperature, cross_device=cross_device)
+    return info_nce(fused, augmented, hard_negatives.detach(), temperature=temperature, cross_device=cross_device,
+                    local_negatives=True)
 
 
 def fusion_teacher_loss(fused: torch.Tensor, z_a: torch.Tensor | None, z_b: torch.Tensor | None,
