@@ -267,7 +267,12 @@ def open_pdf(path: str) -> Iterator[Any]:
     try:
         document = pdfium.PdfDocument(path)
     except Exception as error:
-        raise ValueError(f"PDF file {path!r} could not be opened: {error}") from error
+        # PDFium's error code is process-global and only set on some failures: a 0-page file is refused with the
+        # code of whatever failed before (or "Success"), so it is reported as a hint, not as the cause.
+        raise ValueError(
+            f"PDF file {path!r} could not be opened: it is damaged, password-protected or has no pages "
+            f"(PDFium's last error: {error}; it can be left over from an earlier file)"
+        ) from error
     try:
         yield document
     finally:

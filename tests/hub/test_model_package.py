@@ -352,3 +352,15 @@ def test_backbone_fingerprint_samples_stay_in_bounds_past_2_pow_24_elements():
     model.backbone.table = nn.Parameter(torch.zeros(151_680, 128))
     digest, per_tensor, values, codes = modeling._backbone_samples(model, "backbone.", 2048)
     assert values.shape == (per_tensor,) and codes.shape == (per_tensor,)
+
+
+def test_zero_page_pdf_error_gives_no_stale_reason(tmp_path, tiny_model_and_processor):
+    """PDFium refuses a 0-page PDF with a stale last error code; the error names the possible causes, not that code."""
+    pdfium = pytest.importorskip("pypdfium2")
+    _, processor = tiny_model_and_processor
+    empty = pdfium.PdfDocument.new()
+    empty.save(tmp_path / "empty.pdf")
+    empty.close()
+    with pytest.raises(ValueError, match=r"inputs\[0\]\['document'\].*could not be opened.*no pages") as caught:
+        processor.prepare([{"document": str(tmp_path / "empty.pdf")}])
+    assert "left over from an earlier file" in str(caught.value)
