@@ -51,7 +51,7 @@ from training.contrastive.sampling import SourceMixtureSampler
 from training.contrastive.trainer import (
     LoopSettings, LoraSettings, TrainConfig, TrainState, apply_lora, build_scheduler, load_checkpoint,
     mixed_precision_for, resolve_resume, save_checkpoint, set_frozen_modules_eval, trainable_parameters,
-    unwrap_conan,
+    unwrap_conan, lora_model_with_state, check_merged_weight_names, cast_for_save,
 )
 from training.contrastive.loop import run_steps
 from training.coma.data import CompressionCollator, load_qa_rows
@@ -308,18 +308,9 @@ def export(cfg: ComaConfig, peft_state: dict[str, torch.Tensor], processor: Any,
     from training.common.repo import save_conan_repo
 
     model = hub_code.ConanModel.from_pretrained(cfg.base, dtype=torch.float32)
-    peft_model = apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets,
-                            scopes=cfg.lora.scopes)
-    result = peft_model.load_state_dict({k: v.detach().cpu().float() for k, v in peft_state.items()}, strict=True)
-    if result.missing_keys or result.unexpected_keys:
-        raise RuntimeError(f"trained state does not fit the model: {result}")
-    merged_model = peft_model.merge_and_unload()
-    bad = [k for k in merged_model.state_dict() if "lora_" in k or "base_layer" in k]
-    if bad:
-        raise RuntimeError(f"merged model has non-Conan weight names, e.g. {bad[:3]}")
-    merged_model.to(getattr(torch, cfg.save_dtype))
-    merged_model.config.dtype = cfg.save_dtype
-    unwrap_conan(merged_model).eval()
+    merged_model = lora_model_with_state(model, cfg.lora, peft_state).merge_and_unload()
+    check_merged_weight_names(merged_model.state_dict())
+    cast_for_save(merged_model, cfg.save_dtype)
     with atomic_output_dir(cfg.output, overwrite=overwrite) as tmp:
         save_conan_repo(merged_model, processor, tmp)
         write_json_atomic(tmp / MANIFEST, manifest)

@@ -99,6 +99,34 @@ def apply_lora(
     return peft_model
 
 
+def lora_model_with_state(model: nn.Module, lora: LoraSettings, peft_state: dict[str, torch.Tensor],
+                          train_audio_projector: bool = False) -> nn.Module:
+    """`model` (the base, CPU fp32) wrapped with LoRA as `lora` says and the trained peft `peft_state` loaded strictly:
+    what a stage's export merges. Raises RuntimeError when the state does not fit (other LoRA settings or base)."""
+    peft_model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.targets,
+                            train_audio_projector=train_audio_projector, scopes=lora.scopes)
+    result = peft_model.load_state_dict({k: v.detach().cpu().float() for k, v in peft_state.items()}, strict=True)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(f"trained state does not fit the model: {result}")
+    return peft_model
+
+
+def check_merged_weight_names(state: dict[str, torch.Tensor]) -> None:
+    """A merged model holds only Conan weight names (no LoRA / peft wrapper keys); RuntimeError otherwise."""
+    bad = [k for k in state if not k.startswith(("backbone.", "audio_encoder.", "audio_projector."))
+           or "lora_" in k or "base_layer" in k or "modules_to_save" in k]
+    if bad:
+        raise RuntimeError(f"merged model has non-Conan weight names, e.g. {bad[:3]}")
+
+
+def cast_for_save(merged: nn.Module, save_dtype: str) -> nn.Module:
+    """The merged model in `save_dtype` ("float32" / "bfloat16"), its config saying so, in eval mode."""
+    merged.to(getattr(torch, save_dtype))
+    merged.config.dtype = save_dtype
+    unwrap_conan(merged).eval()
+    return merged
+
+
 def set_frozen_modules_eval(model: nn.Module) -> None:
     """Frozen towers stay in eval mode (no dropout) while LoRA and the projector train."""
     base = unwrap_conan(model)

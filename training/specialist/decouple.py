@@ -38,7 +38,7 @@ from training.contrastive.sampling import SourceMixtureSampler
 from training.contrastive.trainer import (
     LoopSettings, LoraSettings, TrainConfig, TrainState, apply_lora, build_optimizer, build_scheduler, collator_for,
     load_checkpoint, loss_settings_from, mixed_precision_for, resolve_resume, run_loop, trainable_parameters,
-    unwrap_conan,
+    unwrap_conan, lora_model_with_state, check_merged_weight_names, cast_for_save,
 )
 
 logger = logging.getLogger("training.specialist")
@@ -246,26 +246,17 @@ def export_specialist(cfg: SpecialistConfig, peft_state: dict[str, torch.Tensor]
 
     model = hub_code.ConanModel.from_pretrained(cfg.base, dtype=torch.float32)
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    peft_model = apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets,
-                            train_audio_projector=bool(cfg.train_audio_projector), scopes=cfg.lora.scopes)
-    result = peft_model.load_state_dict({k: v.detach().cpu().float() for k, v in peft_state.items()}, strict=True)
-    if result.missing_keys or result.unexpected_keys:
-        raise RuntimeError(f"trained state does not fit the model: {result}")
+    peft_model = lora_model_with_state(model, cfg.lora, peft_state, bool(cfg.train_audio_projector))
     with atomic_output_dir(cfg.output, overwrite=overwrite) as tmp:
         peft_model.save_pretrained(tmp / "adapter")
         merged = peft_model.merge_and_unload()
         merged_state = merged.state_dict()
-        bad = [k for k in merged_state if not k.startswith(("backbone.", "audio_encoder.", "audio_projector."))
-               or "lora_" in k or "base_layer" in k or "modules_to_save" in k]
-        if bad:
-            raise RuntimeError(f"merged model has non-Conan weight names, e.g. {bad[:3]}")
+        check_merged_weight_names(merged_state)
         delta = task_vector(merged_state, base_state)
         save_file(delta, str(tmp / "task_vector.safetensors"), metadata={"base_hash": manifest["base_hash"]})
-        merged.to(getattr(torch, cfg.save_dtype))
-        merged.config.dtype = cfg.save_dtype
+        cast_for_save(merged, cfg.save_dtype)
         if cfg.train_audio_projector or "projector" in cfg.lora.scopes:  # calibrated on this specialist's backbone
             merged.config.projector_calibration_hash = hub_code.load("modeling_conan").backbone_fingerprint(merged)
-        unwrap_conan(merged).eval()
         from training.common.repo import save_conan_repo
 
         save_conan_repo(merged, processor, tmp)
