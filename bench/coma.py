@@ -30,40 +30,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from training.base.build_base import extend_repo_with_compression_tokens  # noqa: E402
 from training.coma import stage as coma  # noqa: E402
 from training.evaluation.stage_eval import evaluate_model  # noqa: E402
 from training.specialist import decouple as specialist  # noqa: E402
-
-
-def extend_with_compression_tokens(src: Path, out: Path, k: int, seed: int = 0) -> Path:
-    """A copy of the Conan repo `src` with CoMa's k compression tokens, as `training.build_base --compression-tokens k`
-    would have built it: the tokens in the tokenizer (`build_base.add_compression_tokens`), the embedding table
-    grown if needed, their rows initialised around the mean of the others (`build_base.init_token_rows`),
-    `embedding_pooling="compression_mean"` and the processor appending them. For bases that were already trained
-    (the pipeline's distilled small base). Written atomically; an existing `out` is reused."""
-    from training.base.build_base import add_compression_tokens, compression_token_names, init_token_rows
-    from training.common.io_utils import atomic_output_dir
-    from training.common.repo import load_conan, save_conan_repo
-
-    if (out / "config.json").is_file():
-        return out
-    model, processor = load_conan(src, dtype="float32")
-    tokenizer = processor.tokenizer
-    ids = add_compression_tokens(tokenizer, k)
-    vocab = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > vocab:
-        model.backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        model.config.backbone_config.text_config.vocab_size = len(tokenizer)
-        model.config.text_config.vocab_size = len(tokenizer)
-    init_token_rows(model, ids, len(tokenizer), seed)
-    model.config.compression_token_ids = ids
-    model.config.num_compression_tokens = k
-    model.config.embedding_pooling = "compression_mean"
-    processor.compression_tokens = compression_token_names(k)
-    processor.compression_token_ids = ids
-    with atomic_output_dir(out, overwrite=True) as tmp:
-        save_conan_repo(model, processor, tmp)
-    return out
 
 
 def coma_stage(base: Path, data: Path, modalities: list[str], out: Path, steps: int, args: argparse.Namespace,
@@ -199,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.add_compression_tokens:
         args.base_note = (args.base_note + "; " if args.base_note else "") + (
             f"{args.base} extended with {args.add_compression_tokens} compression tokens by "
-            "bench/coma.py extend_with_compression_tokens")
-        args.base = extend_with_compression_tokens(args.base, args.out / "base", args.add_compression_tokens)
+            "training.base.build_base.extend_repo_with_compression_tokens")
+        args.base = extend_repo_with_compression_tokens(args.base, args.out / "base", args.add_compression_tokens)
     coma.compression_token_ids(coma.hub_code.load("configuration_conan").ConanConfig.from_pretrained(args.base),
                                f"--base {args.base}")
     started = time.perf_counter()

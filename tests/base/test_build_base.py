@@ -72,3 +72,26 @@ def test_compression_tokens_argument_is_checked(tmp_path):
     assert add_compression_tokens(tokenizer, 3) == first  # present tokens keep their ids
     with pytest.raises(ValueError, match="int >= 1"):
         add_compression_tokens(tokenizer, 0)
+
+
+def test_extend_repo_with_compression_tokens_makes_a_compression_mean_repo(tiny_repo, tmp_path):
+    """extend_repo_with_compression_tokens (bench/coma.py --add-compression-tokens): a base without tokens becomes a
+    compression_mean repo whose processor appends them (the table grows when the tokenizer outgrows it)."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from training.base.build_base import extend_repo_with_compression_tokens
+    from training.common.repo import load_conan
+
+    vocab = json.loads((Path(tiny_repo) / "config.json").read_text())["backbone_config"]["text_config"]["vocab_size"]
+    out = extend_repo_with_compression_tokens(tiny_repo, tmp_path / "ext", 64)  # the tiny table has 60 spare rows
+    model, processor = load_conan(out, dtype="float32")
+    ids = model.config.compression_token_ids
+    assert model.config.embedding_pooling == "compression_mean" and len(ids) == 64
+    assert processor.compression_token_ids == ids
+    assert model.get_input_embeddings().num_embeddings == max(ids) + 1 > vocab  # grown
+    inputs = processor.prepare(["hello world"])
+    assert inputs["input_ids"][0, -len(ids):].tolist() == ids
+    assert torch.isfinite(model(**inputs).embeddings).all()

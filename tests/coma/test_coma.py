@@ -217,25 +217,3 @@ def test_the_shipped_config_loads():
     cfg = stage.load_config(Path(__file__).resolve().parents[2] / "training/configs/coma_small.yaml")
     assert cfg.train_compression_tokens and cfg.lora.r == 16 and len(cfg.data.train) == 5
     assert all(p.endswith("/train.jsonl") for p in cfg.data.train)  # stage 1 never reads dev/test
-
-
-def test_bench_extends_a_trained_base_with_compression_tokens(tiny_repo, tmp_path):
-    """bench/coma.py --add-compression-tokens: a base without tokens becomes a compression_mean repo whose processor
-    appends them (the table grows when the tokenizer outgrows it)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_coma", Path(__file__).resolve().parents[2] / "bench/coma.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    from training.common.repo import load_conan
-
-    vocab = json.loads((Path(tiny_repo) / "config.json").read_text())["backbone_config"]["text_config"]["vocab_size"]
-    out = bench.extend_with_compression_tokens(Path(tiny_repo), tmp_path / "ext", 64)  # the tiny table has 60 spare rows
-    model, processor = load_conan(out, dtype="float32")
-    ids = model.config.compression_token_ids
-    assert model.config.embedding_pooling == "compression_mean" and len(ids) == 64
-    assert processor.compression_token_ids == ids
-    assert model.get_input_embeddings().num_embeddings == max(ids) + 1 > vocab  # grown
-    inputs = processor.prepare(["hello world"])
-    assert inputs["input_ids"][0, -len(ids):].tolist() == ids
-    assert torch.isfinite(model(**inputs).embeddings).all()

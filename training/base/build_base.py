@@ -32,7 +32,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerB
 from training.base import families
 from training.common import hub_code
 from training.common.io_utils import atomic_output_dir, write_json_atomic
-from training.common.repo import save_conan_repo
+from training.common.repo import load_conan, save_conan_repo
 
 AUDIO_TOKEN = "<|AUDIO|>"  # the placeholder projected audio replaces (the paper's)
 AUDIO_START, AUDIO_END = "<|audio_start|>", "<|audio_end|>"
@@ -203,6 +203,35 @@ def assemble_base(
         save_conan_repo(model, processor, tmp)
         write_json_atomic(tmp / "build_info.json", {"backbone": str(backbone), "audio_encoder": str(audio_encoder)})
     return Path(out)
+
+
+def extend_repo_with_compression_tokens(src: str | Path, out: str | Path, k: int, seed: int = 0) -> Path:
+    """A copy of the Conan repo `src` with CoMa's k compression tokens, as `training.build_base --compression-tokens k`
+    would have built it: the tokens in the tokenizer (`build_base.add_compression_tokens`), the embedding table
+    grown if needed, their rows initialised around the mean of the others (`build_base.init_token_rows`),
+    `embedding_pooling="compression_mean"` and the processor appending them. For bases that were already trained
+    (the pipeline's distilled small base; used by bench/coma.py --add-compression-tokens). Written atomically; an
+    existing `out` is reused."""
+    src, out = Path(src), Path(out)
+    if (out / "config.json").is_file():
+        return out
+    model, processor = load_conan(src, dtype="float32")
+    tokenizer = processor.tokenizer
+    ids = add_compression_tokens(tokenizer, k)
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        model.backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        model.config.backbone_config.text_config.vocab_size = len(tokenizer)
+        model.config.text_config.vocab_size = len(tokenizer)
+    init_token_rows(model, ids, len(tokenizer), seed)
+    model.config.compression_token_ids = ids
+    model.config.num_compression_tokens = k
+    model.config.embedding_pooling = "compression_mean"
+    processor.compression_tokens = compression_token_names(k)
+    processor.compression_token_ids = ids
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        save_conan_repo(model, processor, tmp)
+    return out
 
 
 def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
