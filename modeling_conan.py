@@ -325,10 +325,23 @@ class ConanModel(ConanPreTrainedModel):
         audio_feature_lengths: torch.LongTensor | None = None,
         audio_frames: torch.Tensor | None = None,
         second_per_grid_ts: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> ConanModelOutput:
         r"""
+        attention_mask (`torch.Tensor` of shape `(batch, seq)` or `(batch, 1, seq, seq)`, *optional*):
+            2-D (the processor's): 1 for real tokens, 0 for padding; the backbone then builds its causal mask.
+            4-D: a custom mask used as-is by every attention layer, as transformers models take one
+            (`masking_utils._preprocess_mask_arguments` returns a 4-D mask unchanged), e.g. CoMa's compression mask
+            (`training/contrastive/compression.py`). Bool (True = may attend) or float in the additive form (0 where
+            allowed, a large negative value such as `torch.finfo(dtype).min` where not); bool masks are turned into
+            the additive form for eager attention. It must include the causal part. Needs `padding_mask`, and the
+            backbone's eager or SDPA attention (flash attention takes 2-D padding masks only).
+        padding_mask (`torch.Tensor` of shape `(batch, seq)`, *optional*):
+            With a 4-D `attention_mask` only, and then required: 1 for real tokens, 0 for padding. M-RoPE positions
+            and pooling read it, so they are what the 2-D path gives for the same padding. (A 4-D mask does not say
+            which tokens are padding: CoMa's, like most, lets a padding query attend to itself.)
         input_features (`torch.FloatTensor` of shape `(rows, num_mel_bins, frames)`):
             Log-mel features in the order the audio placeholders appear. Whisper: one row per 30 s window (frames =
             3000). Qwen3-Omni: one row per clip, right-padded to the longest clip.
@@ -339,10 +352,11 @@ class ConanModel(ConanPreTrainedModel):
         second_per_grid_ts (`torch.FloatTensor` of shape `(videos,)`, *optional*):
             Qwen2.5-VL only: seconds per temporal patch of each video (temporal M-RoPE spacing).
         """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         _warn_past_max_positions(input_ids, self.config)
         inputs_embeds = self.get_input_embeddings()(input_ids)
+        # `attention_mask` from here on is the 2-D padding mask (positions, pooling); the backbone gets `layer_mask`.
+        layer_mask, attention_mask = self._attention_masks(
+            input_ids, attention_mask, padding_mask, inputs_embeds.dtype)
 
         has_audio = input_features is not None or audio_frames is not None
         if has_audio:
@@ -384,7 +398,7 @@ class ConanModel(ConanPreTrainedModel):
         outputs = self.backbone(
             **ids_kwargs,
             inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
+            attention_mask=layer_mask,
             position_ids=position_ids,
             pixel_values=pixel_values,
             image_grid_thw=image_grid_thw,
@@ -398,6 +412,47 @@ class ConanModel(ConanPreTrainedModel):
         hidden = outputs.last_hidden_state  # already after the backbone's final norm
         embeddings = F.normalize(self.pool(hidden, input_ids, attention_mask).float(), p=2, dim=-1)
         return ConanModelOutput(embeddings=embeddings, last_hidden_state=hidden, pooler_output=embeddings)
+
+    def _attention_masks(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, padding_mask: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask for the backbone's attention layers, 2-D padding mask) from forward's `attention_mask` and
+        `padding_mask` (see `forward`). Raises ValueError naming the bad input."""
+        batch, length = input_ids.shape
+        if attention_mask is None or attention_mask.dim() == 2:
+            if padding_mask is not None:
+                raise ValueError(
+                    "padding_mask is only used with a 4-D attention_mask (batch, 1, seq, seq); with a 2-D "
+                    "attention_mask pass the padding there and leave padding_mask out.")
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            elif tuple(attention_mask.shape) != (batch, length):
+                raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must be (batch, seq) = "
+                                 f"{(batch, length)} like input_ids, or 4-D (batch, 1, seq, seq)")
+            return attention_mask, attention_mask
+        if attention_mask.dim() != 4 or tuple(attention_mask.shape) != (batch, 1, length, length):
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must be (batch, seq) = {(batch, length)} "
+                             f"or 4-D (batch, 1, seq, seq) = {(batch, 1, length, length)} for input_ids "
+                             f"{(batch, length)}")
+        if attention_mask.dtype != torch.bool and not attention_mask.is_floating_point():
+            raise ValueError(f"a 4-D attention_mask must be bool (True = may attend) or float (additive: 0 = may "
+                             f"attend), got {attention_mask.dtype}")
+        if padding_mask is None or tuple(padding_mask.shape) != (batch, length):
+            got = None if padding_mask is None else tuple(padding_mask.shape)
+            raise ValueError(f"a 4-D attention_mask needs padding_mask (batch, seq) = {(batch, length)} (1 = real "
+                             f"token, 0 = padding) for positions and pooling, got {got}")
+        implementation = self.backbone.language_model.config._attn_implementation
+        if implementation not in ("eager", "sdpa"):
+            raise ValueError(f"a 4-D attention_mask needs eager or sdpa attention; the backbone uses "
+                             f"{implementation!r}, whose masks are 2-D (load with attn_implementation='sdpa')")
+        if attention_mask.dtype == torch.bool:
+            if implementation == "sdpa":  # SDPA takes bool masks (transformers' own sdpa masks are bool)
+                return attention_mask, padding_mask
+            additive = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+            return additive.masked_fill(~attention_mask, torch.finfo(dtype).min), padding_mask
+        # additive: in the activations' dtype, -inf clamped to the dtype's minimum (as transformers' eager masks)
+        return attention_mask.to(dtype).clamp_min(torch.finfo(dtype).min), padding_mask
 
     def pool(self, hidden_states: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """`(batch, seq, hidden)` final-norm hidden states -> `(batch, hidden)` by `config.embedding_pooling`

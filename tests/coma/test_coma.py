@@ -99,10 +99,13 @@ def test_answer_lm_loss_matches_a_hand_computed_cross_entropy():
 
 
 def test_answer_reads_the_input_only_through_the_compression_tokens(coma_base):
-    """In the real backbone: changing an input token changes the compression tokens' hidden states, but with the
-    compression tokens' keys and values held fixed (they are computed from the first forward and patched into the
-    second), the answer's hidden states do not move. Without the CoMa mask they do (the check can fail)."""
+    """In the real backbone, through the public path (ConanModel.forward with the 4-D CoMa mask as attention_mask
+    and the 2-D padding mask as padding_mask, as the stage calls it): changing an input token changes the
+    compression tokens' hidden states, but with the compression tokens' keys and values held fixed (they are computed
+    from the first forward and patched into the second), the answer's hidden states, and so the stage's answer LM
+    loss, do not move. Without the CoMa mask they do (the check can fail)."""
     from training.common import hub_code
+    from training.contrastive.compression import compression_attention_mask
 
     model = hub_code.ConanModel.from_pretrained(coma_base, dtype=torch.float32).eval()
     ids = json.loads((coma_base / "config.json").read_text())["compression_token_ids"]
@@ -117,8 +120,12 @@ def test_answer_reads_the_input_only_through_the_compression_tokens(coma_base):
     def hidden(input_ids: torch.Tensor, use_mask: bool) -> torch.Tensor:
         if not use_mask:
             return model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        with stage.compression_mask(model, seg, mask):
-            return model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        coma = compression_attention_mask(seg, mask)
+        return model(input_ids=input_ids, attention_mask=coma, padding_mask=mask).last_hidden_state
+
+    def loss(input_ids: torch.Tensor) -> float:  # the stage's own forward + answer LM loss
+        return float(stage.compressed_lm_loss(
+            model, {"input_ids": input_ids, "attention_mask": mask, "segment_ids": seg})[0])
 
     with torch.no_grad():
         ha, hb = hidden(a, True), hidden(b, True)
@@ -147,18 +154,25 @@ def test_answer_reads_the_input_only_through_the_compression_tokens(coma_base):
                 return (h, *args[1:]), kwargs
             return hook
 
-        for use_mask, should_match in ((True, True), (False, False)):
+        def held_fixed(run_a, run_b):
             handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
-            ha = hidden(a, use_mask)
+            out_a = run_a()
             for h in handles:
                 h.remove()
             handles = [layer.register_forward_pre_hook(replay(i), with_kwargs=True) for i, layer in enumerate(layers)]
-            hb = hidden(b, use_mask)
+            out_b = run_b()
             for h in handles:
                 h.remove()
+            return out_a, out_b
+
+        for use_mask, should_match in ((True, True), (False, False)):
+            ha, hb = held_fixed(lambda: hidden(a, use_mask), lambda: hidden(b, use_mask))
             # compression + question positions enter every layer equal in both runs; the answer then matches
             # only if it cannot see the input positions
             assert torch.allclose(ha[0, answer], hb[0, answer], atol=1e-6) == should_match, use_mask
+        assert loss(a) != loss(b)  # the loss reads the input (through the compression tokens)
+        loss_a, loss_b = held_fixed(lambda: loss(a), lambda: loss(b))
+        assert loss_a == pytest.approx(loss_b, abs=1e-6)
 
 
 def _config(tmp_path: Path, base: Path, data: Path, name: str, **train) -> stage.ComaConfig:

@@ -6,11 +6,11 @@
 
 Source: CoMa, "Compressing then Matching" (arXiv 2511.08480; code Trustworthy-Information-Access/CoMa, Apache-2.0).
 Each row is [input | C | question | answer] (training/coma/data.py); the question and answer see the input only
-through C (`compression_attention_mask`, a 4-D mask handed to the backbone's language model), and the LM loss is the
-cross-entropy of the answer tokens only, scored through the backbone's own token embeddings (logits = h @ E^T, E the
-input embedding table: the Qwen-VL backbones tie their LM head to it, and Conan keeps no LM head). Nothing of an
-LM head is published: the output is a normal Conan repo (merged LoRA + the trained compression-token rows), the base
-for stage 2.
+through C (`compression_attention_mask`, a 4-D mask that ConanModel.forward takes as `attention_mask`, with the
+2-D padding mask as `padding_mask`), and the LM loss is the cross-entropy of the answer tokens only, scored through
+the backbone's own token embeddings (logits = h @ E^T, E the input embedding table: the Qwen-VL backbones tie their
+LM head to it, and Conan keeps no LM head). Nothing of an LM head is published: the output is a normal Conan repo
+(merged LoRA + the trained compression-token rows), the base for stage 2.
 
 What trains: LoRA on the LLM's linear layers (CoMa's recipe: LoRA, merged after the stage; it also leaves the small
 base's distilled text skill mostly in place on a few hundred rows) and the K compression-token rows of the embedding
@@ -26,13 +26,12 @@ the optimizer loop is `loop.run_steps`; the output folder is written atomically.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,28 +124,6 @@ def compression_token_ids(config: Any, where: str = "base") -> list[int]:
     return ids
 
 
-@contextlib.contextmanager
-def compression_mask(model: nn.Module, segment_ids: torch.Tensor, attention_mask: torch.Tensor) -> Iterator[None]:
-    """While active, the backbone's language model gets the 4-D CoMa mask (B, 1, L, L) instead of the 2-D padding
-    mask ConanModel passes on (rope positions and pooling still use the 2-D one). transformers' mask builders
-    return a 4-D mask as-is (`masking_utils._preprocess_mask_arguments`); the additive float form suits eager and
-    SDPA attention alike. A forward pre-hook, because ConanModel.forward takes only the 2-D mask."""
-    language_model = unwrap_conan(model).backbone.language_model
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        dtype = kwargs["inputs_embeds"].dtype if kwargs.get("inputs_embeds") is not None else torch.float32
-        if not dtype.is_floating_point:
-            dtype = torch.float32
-        kwargs["attention_mask"] = compression_attention_mask(segment_ids, attention_mask, dtype=dtype)
-        return args, kwargs
-
-    handle = language_model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def answer_lm_loss(hidden_states: torch.Tensor, embedding_weight: torch.Tensor, labels: torch.Tensor
                    ) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy over the labelled (answer) tokens, scored through the tied embeddings.
@@ -166,10 +143,13 @@ def answer_lm_loss(hidden_states: torch.Tensor, embedding_weight: torch.Tensor, 
 
 
 def compressed_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """One forward of a CompressionCollator batch under the CoMa mask -> (answer LM loss, scored tokens)."""
-    inputs = {k: v for k, v in batch.items() if k != "segment_ids"}
-    with compression_mask(model, batch["segment_ids"], batch["attention_mask"]):
-        hidden = model(**inputs).last_hidden_state
+    """One forward of a CompressionCollator batch under the CoMa mask -> (answer LM loss, scored tokens).
+
+    ConanModel takes the 4-D mask (B, 1, L, L) as `attention_mask` and the batch's 2-D padding mask as
+    `padding_mask`, from which it builds the M-RoPE positions (so they are the plain forward's)."""
+    inputs = {k: v for k, v in batch.items() if k not in ("segment_ids", "attention_mask")}
+    mask = compression_attention_mask(batch["segment_ids"], batch["attention_mask"])  # bool; the model adapts it
+    hidden = model(**inputs, attention_mask=mask, padding_mask=batch["attention_mask"]).last_hidden_state
     labels = answer_labels(batch["input_ids"], batch["segment_ids"], batch["attention_mask"])
     return answer_lm_loss(hidden, unwrap_conan(model).get_input_embeddings().weight, labels)
 
