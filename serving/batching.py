@@ -16,13 +16,23 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
 
-EncodeFn = Callable[[list[Any], "str | None"], np.ndarray]
+
+class Encoded(NamedTuple):
+    """One job's result: its `(dim,)` float32 vector and `input_tokens`, the length of the model's input for it
+    (the processor's `input_ids` without padding: instruction, chat template, media placeholders, compression
+    tokens included)."""
+
+    vector: np.ndarray
+    input_tokens: int
+
+
+EncodeFn = Callable[[list[Any], "str | None"], "tuple[np.ndarray, Sequence[int]]"]
 
 
 class QueueFullError(RuntimeError):
@@ -31,7 +41,8 @@ class QueueFullError(RuntimeError):
 
 @dataclass
 class Job:
-    """One input to embed: `item` goes to `encode` with `prompt`; the (dim,) float32 vector lands in `future`."""
+    """One input to embed: `item` goes to `encode` with `prompt`; its `Encoded` (vector, input tokens) lands in
+    `future`."""
 
     item: Any
     prompt: str | None
@@ -42,7 +53,8 @@ class DynamicBatcher:
     """Collects jobs for up to `max_wait_s` (or until `max_batch_size`) and encodes them together.
 
     Args:
-        encode: `(items, prompt) -> (len(items), dim) float32 array`, called on the worker thread only.
+        encode: `(items, prompt) -> (vectors, input_tokens)`: a `(len(items), dim)` float32 array and each item's
+            model input length in tokens (see `Encoded`), called on the worker thread only.
         max_batch_size: most jobs per batch (1 disables batching).
         max_wait_s: how long the first job of a batch waits for company, in seconds.
         max_queue: most queued jobs; `submit` raises `QueueFullError` beyond it.
@@ -140,11 +152,14 @@ class DynamicBatcher:
                 groups.setdefault(job.prompt, []).append(job)
             for prompt, jobs in groups.items():
                 try:
-                    vectors = self.encode([job.item for job in jobs], prompt)
+                    vectors, input_tokens = self.encode([job.item for job in jobs], prompt)
+                    if len(vectors) != len(jobs) or len(input_tokens) != len(jobs):
+                        raise RuntimeError(f"encode returned {len(vectors)} vectors and {len(input_tokens)} token "
+                                           f"counts for {len(jobs)} inputs")
                 except Exception as error:  # one failing batch must not stop the worker
                     logger.exception("encoding a batch of %d inputs failed", len(jobs))
                     for job in jobs:
                         job.future.set_exception(error)
                     continue
-                for job, vector in zip(jobs, vectors):
-                    job.future.set_result(vector)
+                for job, vector, tokens in zip(jobs, vectors, input_tokens):
+                    job.future.set_result(Encoded(vector, int(tokens)))

@@ -83,10 +83,17 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 
 def sentence_transformer_encoder(model: Any):
-    """`(items, prompt) -> (n, dim) float32`: `SentenceTransformer.encode`, the library path users call."""
+    """`(items, prompt) -> ((n, dim) float32, n input lengths)`: `SentenceTransformer.encode`, the library path users
+    call, with `output_value=None` so each item's features come back with its vector: the input length is the sum of
+    the item's `attention_mask` (the processor's `input_ids` without padding), counted from the batch the model ran,
+    never tokenized again. The vectors are the same tensors `encode` returns by default (`sentence_embedding`,
+    after the model's `truncate_dim`)."""
 
-    def encode(items: list[Any], prompt: str | None) -> np.ndarray:
-        return model.encode(items, prompt=prompt, batch_size=len(items), convert_to_numpy=True, show_progress_bar=False)
+    def encode(items: list[Any], prompt: str | None) -> tuple[np.ndarray, list[int]]:
+        outputs = model.encode(items, prompt=prompt, batch_size=len(items), output_value=None,
+                               show_progress_bar=False)
+        vectors = np.stack([o["sentence_embedding"].float().cpu().numpy() for o in outputs])
+        return vectors, [int(o["attention_mask"].sum()) for o in outputs]
 
     return encode
 
@@ -187,7 +194,7 @@ def create_app(model: Any, settings: ServerSettings) -> FastAPI:
                 futures = batcher.submit(items, parsed.prompt)
             except QueueFullError as error:
                 raise RequestError(503, str(error), None, "queue_full") from error
-            vectors = await asyncio.wait_for(
+            encoded = await asyncio.wait_for(
                 asyncio.gather(*(asyncio.wrap_future(f) for f in futures)), deadline - time.perf_counter()
             )
         except (asyncio.TimeoutError, TimeoutError) as error:
@@ -195,7 +202,7 @@ def create_app(model: Any, settings: ServerSettings) -> FastAPI:
                 future.cancel()
             raise RequestError(504, f"the request took longer than {settings.request_timeout_s:g} s.", None,
                                "timeout") from error
-        out = finish(np.stack(vectors), parsed.dimensions)
+        out = finish(np.stack([e.vector for e in encoded]), parsed.dimensions)
         metrics.embeddings.inc(len(out))
         data = [
             {"object": "embedding", "index": i,
@@ -203,7 +210,9 @@ def create_app(model: Any, settings: ServerSettings) -> FastAPI:
              else v.tolist()}
             for i, v in enumerate(out)
         ]
-        tokens = sum(len(processor.tokenizer(spec.text)["input_ids"]) for spec in parsed.items if spec.text)
+        # OpenAI reports the tokens of the input the model consumed: each item's whole model input (instruction,
+        # chat template, media placeholders, compression tokens), as the batcher measured it.
+        tokens = sum(e.input_tokens for e in encoded)
         return JSONResponse({"object": "list", "data": data, "model": settings.served_model_name,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 

@@ -177,6 +177,37 @@ def test_instruction_field(http, tiny_st):
     np.testing.assert_allclose(got, tiny_st.encode(["a red square"], prompt="Retrieve shapes."), atol=ATOL, rtol=0)
 
 
+def _input_tokens(processor, inputs: list, prompt: str | None) -> list[int]:
+    """Each input's model input length: the processor's input_ids without padding, one input at a time."""
+    return [int(processor.prepare([x], instruction=prompt)["attention_mask"].sum()) for x in inputs]
+
+
+@pytest.mark.parametrize("extra, prompt_key", [({}, None), ({"input_type": "query"}, "query"),
+                                               ({"instruction": "Retrieve shapes."}, "Retrieve shapes.")])
+def test_usage_counts_the_model_input_tokens_of_text(http, tiny_st, extra, prompt_key):
+    """OpenAI's usage.prompt_tokens: the tokens the model consumed, i.e. instruction + chat template + text."""
+    texts = ["a red square", "the quarterly report of a small company"]
+    prompt = tiny_st.prompts.get(prompt_key, prompt_key)
+    response = http.post("/v1/embeddings", json={"input": texts, **extra})
+    assert response.status_code == 200, response.text
+    usage = response.json()["usage"]
+    want = _input_tokens(tiny_st[0].processor, [{"text": t} for t in texts], prompt)
+    assert usage == {"prompt_tokens": sum(want), "total_tokens": sum(want)}
+    bare = sum(len(tiny_st.tokenizer(t)["input_ids"]) for t in texts)
+    assert usage["prompt_tokens"] > bare  # the old count, the user's text alone, left the template out
+
+
+def test_usage_counts_image_tokens(http, tiny_st, media):
+    processor = tiny_st[0].processor
+    image = Image.open(media["png"])
+    response = http.post("/v1/embeddings", json={"input": [data_uri(media["png"], "image/png")]})
+    assert response.status_code == 200, response.text
+    tokens = response.json()["usage"]["prompt_tokens"]
+    batch = processor.prepare([image])
+    image_tokens = int((batch["input_ids"] == tiny_st[0].model.config.image_token_id).sum())
+    assert image_tokens > 0 and tokens == int(batch["attention_mask"].sum()) > image_tokens
+
+
 def test_dimensions_and_base64(http, tiny_st, media):
     inputs = ["a red square", data_uri(media["png"], "image/png")]
     response = http.post("/v1/embeddings", json={"input": inputs, "dimensions": 16, "encoding_format": "base64"})

@@ -1,5 +1,5 @@
 """The server on a compression_mean (CoMa) repo: /v1/embeddings equals AutoModel + AutoProcessor (in-process app,
-httpx ASGI transport). Tolerance 1e-5: the server batches dynamically, so rows meet different padding (fp32 CPU)."""
+httpx ASGI transport), and its usage counts the compression tokens. Tolerance 1e-5: the server batches dynamically, so rows meet different padding (fp32 CPU)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ for _module in ("fastapi", "httpx", "prometheus_client"):
 import httpx  # noqa: E402
 
 from serving.server import ServerSettings, create_app, load_model  # noqa: E402
+from tests.conftest import COMPRESSION_K  # noqa: E402
 
 
 async def _post(app, body: dict) -> httpx.Response:
@@ -43,3 +44,10 @@ def test_v1_embeddings_equals_automodel_on_a_compression_repo(tiny_compression_r
         want = torch.cat([model(**processor.prepare([x])).embeddings
                           for x in ("a cat on a mat", "the quarterly report of a company", image)]).numpy()
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    # usage counts each item's whole model input, the K appended compression tokens included
+    lengths = [processor.prepare([x])["attention_mask"].sum().item()
+               for x in ("a cat on a mat", "the quarterly report of a company", image)]
+    assert response.json()["usage"] == {"prompt_tokens": sum(lengths), "total_tokens": sum(lengths)}
+    assert sum(lengths) - 3 * COMPRESSION_K == sum(
+        processor.prepare([x], add_compression_tokens=False)["attention_mask"].sum().item()
+        for x in ("a cat on a mat", "the quarterly report of a company", image))
