@@ -144,6 +144,15 @@ def test_conan_equals_the_upstream_backbone_forward(family_repo):
     assert (ours[mask] - upstream[mask]).abs().max() <= 1e-5
 
 
+def test_custom_4d_mask_gives_the_2d_path(family_repo):
+    """A 4-D causal + padding mask with padding_mask: the family's own M-RoPE positions (Qwen3-VL timestamps and
+    DeepStack, Qwen2.5-VL second_per_grid_ts) and the same embeddings as the 2-D mask."""
+    from tests.hub.test_custom_attention_mask import assert_4d_mask_matches_2d
+
+    backbone, audio, out, model, processor = family_repo
+    assert_4d_mask_matches_2d(model, processor, "left", "bool", MIXED)
+
+
 def test_qwen3_vl_deepstack_and_timestamps(family_repo, monkeypatch):
     backbone, _, _, model, processor = family_repo
     if backbone != "qwen3_vl":

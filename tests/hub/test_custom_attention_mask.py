@@ -49,8 +49,10 @@ def _run(model, batch, **masks):
         handle.remove()
 
 
-def _assert_4d_matches_2d(model, processor, padding_side: str, form: str):
-    batch = processor.prepare(MIXED, padding_side=padding_side)
+def assert_4d_mask_matches_2d(model, processor, padding_side: str, form: str, inputs: list = MIXED):
+    """A causal + padding 4-D mask (bool or additive) gives the 2-D path's M-RoPE positions (exactly), embeddings
+    and real-position hidden states (1e-5), on a padded batch of `inputs`."""
+    batch = processor.prepare(inputs, padding_side=padding_side)
     padding = batch["attention_mask"]
     assert (padding == 0).any()  # the batch is padded, so the padding part of the mask is exercised
     plain, plain_positions = _run(model, batch, attention_mask=padding)
@@ -69,12 +71,12 @@ def _assert_4d_matches_2d(model, processor, padding_side: str, form: str):
 def test_causal_padding_4d_mask_gives_the_2d_embeddings(tiny_model_and_processor, padding_side, form):
     model, processor = tiny_model_and_processor
     assert model.backbone.language_model.config._attn_implementation == "sdpa"
-    _assert_4d_matches_2d(model, processor, padding_side, form)
+    assert_4d_mask_matches_2d(model, processor, padding_side, form)
 
 
 def test_compression_mean_pooling_reads_the_padding_mask(tiny_compression_model_and_processor):
     model, processor = tiny_compression_model_and_processor
-    _assert_4d_matches_2d(model, processor, "left", "bool")
+    assert_4d_mask_matches_2d(model, processor, "left", "bool")
 
 
 def test_eager_attention_gets_the_bool_mask_in_additive_form(tiny_repo):
@@ -84,7 +86,7 @@ def test_eager_attention_gets_the_bool_mask_in_additive_form(tiny_repo):
 
     model = AutoModel.from_pretrained(tiny_repo, trust_remote_code=True, attn_implementation="eager").eval()
     assert model.backbone.language_model.config._attn_implementation == "eager"
-    _assert_4d_matches_2d(model, AutoProcessor.from_pretrained(tiny_repo, trust_remote_code=True), "right", "bool")
+    assert_4d_mask_matches_2d(model, AutoProcessor.from_pretrained(tiny_repo, trust_remote_code=True), "right", "bool")
 
 
 def test_the_4d_mask_reaches_every_layer(tiny_model_and_processor):
