@@ -89,11 +89,13 @@ def sentence_transformer_encoder(model: Any):
     never tokenized again. The vectors are the same tensors `encode` returns by default (`sentence_embedding`,
     after the model's `truncate_dim`)."""
 
+    import torch
+
     def encode(items: list[Any], prompt: str | None) -> tuple[np.ndarray, list[int]]:
         outputs = model.encode(items, prompt=prompt, batch_size=len(items), output_value=None,
                                show_progress_bar=False)
-        vectors = np.stack([o["sentence_embedding"].float().cpu().numpy() for o in outputs])
-        return vectors, [int(o["attention_mask"].sum()) for o in outputs]
+        vectors = torch.stack([o["sentence_embedding"] for o in outputs]).float().cpu().numpy()  # one transfer
+        return vectors, torch.stack([o["attention_mask"].sum() for o in outputs]).tolist()
 
     return encode
 
