@@ -73,6 +73,7 @@ class Preset:
     distill_lr: float = 1e-3
     vision_distill_steps: int = 0  # EfficientNet-Lite0 -> vision tower (training/base/distill_vision.py); 0 = skip
     vision_distill_image_size: int = 160  # the teacher's input size (px; 224 native, 160 ~2x cheaper)
+    vision_distill_batch: int = 16
     visual_lora_scopes: tuple[str, ...] = ("llm",)  # LoRA scopes of the image/video/document specialists
     specialist_lr: float = 2e-3         # LoRA learning rate of every specialist (the audio projector keeps 1e-3)
     specialist_temperature: float = 0.05  # InfoNCE temperature of every specialist
@@ -86,17 +87,19 @@ PRESETS = {
                     recover_steps=20, rehearse_steps=10, eval_limit=8, distill_batch=16, distill_groups=500,
                     distill_dev=40, distill_eval_every=15, vision_distill_steps=4, vision_distill_image_size=64,
                     visual_lora_scopes=("llm", "vision")),
-    # Text distillation: one pass over steps x 64 distinct synsets of all ~90k (was 1500 steps over 5,000 synsets,
-    # ~12 min of the 18-min base stage, test 0.200 with dev flat at ~0.19: repetition did not transfer; the
-    # issue's measured hint: 1,000 steps over ~68k distinct non-noun texts gave 0.31). Budget, estimated from the
-    # old run (12 min for 1,500 steps): ~2 min student + ~2 min teacher (19k texts) + 4 min vision. Measured at
-    # 250 x 64 (same corpus, stage level, loaded machine): text test 0.163, dev 0.130 and still rising (0.003 at
-    # step 0, 0.073 at 125), 190 CPU-s for transplant + steps + dev checks (teacher cached): below the old 0.200.
-    # So the preset runs 500 steps (32k distinct texts; teacher ~13 ms CPU a text under load): the committed
-    # report's run measures what that buys and costs.
-    "small": Preset(data="small", backbone="small", distill_steps=500, specialist_steps=150, batch_size=16,
+    # Text distillation: one pass over steps x 64 distinct synsets of all ~90k, the teacher's vectors cached.
+    # Measured on 2026-11-30 (2 cores, beside other jobs; `distill_text` from the same undistilled small base,
+    # scored on this preset's 80 text test queries): 500 steps -> test 0.200 (dev 0.150); 1000 steps -> test 0.2125
+    # (dev 0.127 / 0.157 / 0.180 / 0.183 / 0.183 at steps 200-1000; 727 CPU-s, 240 of them the teacher's);
+    # adding the definition -> partner InfoNCE (pair_weight 1) gave dev 0.140 / 0.173 / 0.167 at steps 200-600
+    # (no gain); a 256-wide 4-layer student learned slower (dev 0.097 at step 200 vs 0.127) at ~3x the step cost.
+    # Vision: EfficientNet-Lite0 distilled for 600 x 32 over this preset's 2,633 train images and pages (was 150 x 16
+    # over 600): on 2,000 image pairs the image specialist scored 0.175 hit@1 at 150 steps (CIFAR-10 0.250, emoji
+    # 0.100) against 0.100 at 300 steps from the old vision tower (0.175 / 0.025); the video teacher (8 frames a clip) cost ~13 min for the 1,000
+    # train clips, so video is left out of the vision distillation.
+    "small": Preset(data="small", backbone="small", distill_steps=1000, specialist_steps=150, batch_size=16,
                     recover_steps=150, rehearse_steps=60, eval_limit=None, lora_r=16, distill_batch=64,
-                    distill_groups=None, distill_eval_every=100, vision_distill_steps=150,
+                    distill_groups=None, distill_eval_every=200, vision_distill_steps=600, vision_distill_batch=32,
                     # LLM-only LoRA here (smoke keeps the vision scope, so the path stays tested): measured on this
                     # run's 2 cores, a document specialist step with vision LoRA took 23.6 s (64x28^2-px pages) vs
                     # 1.3 s for image, and the image specialist with vision LoRA stayed at chance (0.000 hit@1).
@@ -193,7 +196,8 @@ class Pipeline:
         if not self.preset.vision_distill_steps:
             return None
         log = distill_vision(model_dir, training_visual_items(self.data_dir), model_dir, overwrite=True,
-                             steps=self.preset.vision_distill_steps, seed=self.seed, progress=False,
+                             steps=self.preset.vision_distill_steps, batch_size=self.preset.vision_distill_batch,
+                             seed=self.seed, progress=False,
                              teacher_cache_dir=self.out / "cache" / "vision_teacher",
                              teacher_image_size=self.preset.vision_distill_image_size,
                              checkpoint_dir=self.out / "cache" / "base-vision-checkpoints", save_every=50)
