@@ -65,9 +65,9 @@ class Preset:
 
 PRESETS = {
     "smoke": Preset("smoke", {"train": 24, "dev": 8, "test": 8}, n_negatives=3, pdf_max_pages=12),
-    # Train caps above the 300 pairs of dev/test size where more pairs are cheap (images, pages, rendered clips, text);
-    # audio stays at 300 (frozen-Whisper frames of a new clip cost ~0.3-1.5 s each on 2 cores). 400 pages scanned per
-    # manual give the document train split ~630 pages (the cap of 1,000 is not reached).
+    # Train caps above the default train cap of 300 pairs where more pairs are cheap (images, pages, rendered clips,
+    # text); audio stays at 300 (frozen-Whisper frames of a new clip cost ~0.3-1.5 s each on 2 cores). 400 pages
+    # scanned per manual give the document train split ~630 pages (the cap of 1,000 is not reached).
     "small": Preset("small", {"train": 300, "dev": 40, "test": 80}, n_negatives=3, pdf_max_pages=400,
                     train_caps={"image": 2000, "video": 1000, "document": 1000, "text": 2000}),
 }

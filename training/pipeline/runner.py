@@ -94,9 +94,11 @@ PRESETS = {
     # adding the definition -> partner InfoNCE (pair_weight 1) gave dev 0.140 / 0.173 / 0.167 at steps 200-600
     # (no gain); a 256-wide 4-layer student learned slower (dev 0.097 at step 200 vs 0.127) at ~3x the step cost.
     # Vision: EfficientNet-Lite0 distilled for 600 x 32 over this preset's 2,633 train images and pages (was 150 x 16
-    # over 600): on 2,000 image pairs the image specialist scored 0.175 hit@1 at 150 steps (CIFAR-10 0.250, emoji
-    # 0.100) against 0.100 at 300 steps from the old vision tower (0.175 / 0.025); the video teacher (8 frames a clip) cost ~13 min for the 1,000
-    # train clips, so video is left out of the vision distillation.
+    # over 600; measured on top of the old tower): on 2,000 image pairs the image specialist scored 0.175 hit@1 at
+    # 150 steps (CIFAR-10 0.250, emoji 0.100) against 0.100 at 300 steps from the old tower alone (0.175 / 0.025).
+    # The committed run of this preset (fresh tower, 600 x 32 only) scored 0.138 (0.250 / 0.025): the emoji gain did
+    # not carry over. The video teacher (8 frames a clip) cost ~13 min for the 1,000 train clips, so video is left
+    # out of the vision distillation.
     "small": Preset(data="small", backbone="small", distill_steps=1000, specialist_steps=150, batch_size=16,
                     recover_steps=150, rehearse_steps=60, eval_limit=None, lora_r=16, distill_batch=64,
                     distill_groups=None, distill_eval_every=200, vision_distill_steps=600, vision_distill_batch=32,
