@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 from pathlib import Path
 
@@ -169,6 +170,22 @@ def test_config_errors(tmp_path):
         B.load_config(None, raw={"model": "m", "output": "o", "data": {"train": ["x"], "dev": {"speech": "d"}}})
     with pytest.raises(ValueError, match="missing required key 'data'"):
         B.load_config(None, raw={"model": "m", "output": "o"})
+    with pytest.raises(ValueError, match="selection_metric must be one of"):
+        B.load_config(None, raw={"model": "m", "output": "o", "data": {"train": ["x"]}, "selection_metric": "ndcg"})
+
+
+def test_dev_scores_follow_the_selection_metric(tiny_repo, rehearsal_data, tmp_path):
+    from training.common import hub_code
+
+    cfg = _config(tiny_repo, rehearsal_data, tmp_path / "unused")
+    model = hub_code.ConanModel.from_pretrained(tiny_repo, dtype=torch.float32)
+    processor = hub_code.ConanProcessor.from_pretrained(tiny_repo)
+    r1 = B.dev_scores(model, processor, cfg)
+    mrr = B.dev_scores(model, processor, dataclasses.replace(cfg, selection_metric="mrr"))
+    assert r1.keys() == mrr.keys() == {"image", "audio", "text"}
+    for group in r1:  # 2 dev pairs a group: R@1 in {0, .5, 1}, MRR in [.5, 1] and never below R@1
+        assert 0.5 <= mrr[group] <= 1.0 and mrr[group] >= r1[group]
+    assert mrr != r1, "an untrained model ranks some dev positive second: MRR and R@1 must differ somewhere"
 
 
 def test_shipped_rehearsal_configs_parse():
@@ -197,3 +214,20 @@ def test_rehearsal_with_the_omni_objective_mixes_tuple_and_pair_batches(tiny_rep
     omni_steps = [h for h in history if "loss_tuple_nce" in h]
     assert 0 < len(omni_steps) < 4  # both kinds of batch were drawn (2 groups: audio tuples, text pairs)
     assert all(h["loss"] == pytest.approx(h["loss_total"]) for h in omni_steps)
+
+
+def test_frozen_tower_caches_leave_rehearsal_unchanged(tiny_repo, rehearsal_data, tmp_path):
+    """Cached Whisper frames and vision tokens (the pipeline's setting) train what the plain towers train."""
+    runs = {}
+    for name, audio_cache, visual in (("plain", None, False), ("cached", tmp_path / "audio-cache", True)):
+        cfg = _config(tiny_repo, rehearsal_data, tmp_path / name)
+        cfg.audio_cache_dir, cfg.visual_token_cache, cfg.data.dev = audio_cache and str(audio_cache), visual, {}
+        runs[name] = B.rehearse(cfg)
+    cached_clips = len(list((tmp_path / "audio-cache").glob("*/*.pt")))  # one file per distinct clip the steps drew
+    assert 0 < cached_clips <= 6
+    plain, cached = ([h["loss"] for h in runs[n]["history"]] for n in ("plain", "cached"))
+    assert len(plain) == 4
+    np.testing.assert_allclose(cached, plain, rtol=1e-5, atol=1e-5)
+    a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "cached" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)

@@ -50,7 +50,7 @@ from training.contrastive.sampling import SourceMixtureSampler
 from training.contrastive.trainer import (
     LoopSettings, LoraSettings, TrainConfig, TrainState, apply_lora, build_scheduler, load_checkpoint,
     mixed_precision_for, resolve_resume, save_checkpoint, set_frozen_modules_eval, trainable_parameters,
-    unwrap_conan, lora_model_with_state, check_merged_weight_names, cast_for_save,
+    unwrap_conan, lora_model_with_state, check_merged_weight_names, cast_for_save, install_feature_caches,
 )
 from training.contrastive.loop import run_steps
 from training.coma.data import CompressionCollator, load_qa_rows
@@ -170,13 +170,11 @@ def build_model(cfg: ComaConfig) -> tuple[nn.Module, Any, list[int]]:
     model = hub_code.ConanModel.from_pretrained(cfg.base, dtype=torch.float32)
     ids = compression_token_ids(model.config, f"base {cfg.base}")
     processor = hub_code.ConanProcessor.from_pretrained(cfg.base)
-    if cfg.audio_cache_dir:  # the audio encoder is frozen here: its frames are the same every epoch
-        from training.common.audio_cache import AudioFrameCache
-
-        model.audio_frames_hook = AudioFrameCache.for_model(model, cfg.audio_cache_dir)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets, scopes=cfg.lora.scopes)
+    # The audio encoder is frozen here: its frames are the same every epoch.
+    install_feature_caches(model, cfg.lora.scopes, cfg.audio_cache_dir, visual=False)
     if cfg.train_compression_tokens:
         train_compression_rows(model, ids)
     return model, processor, ids

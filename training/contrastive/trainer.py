@@ -134,6 +134,33 @@ def set_frozen_modules_eval(model: nn.Module) -> None:
     base.audio_encoder.eval()
 
 
+def install_feature_caches(model: nn.Module, scopes: Sequence[str], audio_cache_dir: str | os.PathLike | None = None,
+                           visual: bool = True) -> dict[str, Any]:
+    """Encode frozen towers once per item: the audio encoder's frames (`training/common/audio_cache.py`) when
+    `audio_cache_dir` is given, the vision tower's merged tokens (`training/common/visual_cache.py`) when `visual` and
+    the tower is frozen and of a supported family. Call after `apply_lora` (the caches sit on the unwrapped model).
+
+    Why: a frozen tower gives the same output for the same item at every step, and in the small pipeline it costs
+    more than the LoRA step itself (Whisper on 30-s windows, pages of 256 patches). Returns {"audio": AudioFrameCache
+    | None, "visual": VisualTokenCache | None}. Raises ValueError when `audio_cache_dir` is combined with LoRA on the
+    audio encoder (`scopes` holds "audio_encoder"), whose output then changes every step.
+    """
+    from training.common.audio_cache import AudioFrameCache
+    from training.common.visual_cache import SUPPORTED_FAMILIES, VisualTokenCache, vision_tower
+
+    conan = unwrap_conan(model)
+    caches: dict[str, Any] = {"audio": None, "visual": None}
+    if audio_cache_dir:
+        if "audio_encoder" in scopes:
+            raise ValueError("audio_cache_dir caches the frozen audio encoder's output; it cannot be combined with "
+                             "LoRA on the audio encoder (lora.scopes holds 'audio_encoder').")
+        caches["audio"] = conan.audio_frames_hook = AudioFrameCache.for_model(conan, audio_cache_dir)
+    tower_frozen = not any(p.requires_grad for p in vision_tower(conan).parameters())
+    if visual and "vision" not in scopes and tower_frozen and conan.config.backbone_model_type in SUPPORTED_FAMILIES:
+        caches["visual"] = VisualTokenCache.install(conan)
+    return caches
+
+
 def unwrap_conan(model: nn.Module) -> nn.Module:
     """The ConanModel inside DDP/FSDP/peft wrappers."""
     while True:

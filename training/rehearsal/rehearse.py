@@ -11,8 +11,9 @@ sampling is the exponent-0.5 multinomial sampling of XLM, arXiv 1901.07291):
   round-robin otherwise);
 - a zero-weighted touch of the projector in every step's loss, so DDP never errors on a rank whose batch has no
   audio (`training.contrastive.trainer.zero_touch`);
-- every `eval_every` steps each modality's dev R@1 is divided by its specialist's score (retention) and the step with
-  the best *worst-modality* retention is kept (min_m score_m / specialist_m, not the mean);
+- every `eval_every` steps each modality's dev score (`selection_metric`: R@1, or MRR, which is smoother on a few
+  dev pairs) is divided by its specialist's (retention) and the step with the best *worst-modality* retention is
+  kept (min_m score_m / specialist_m, not the mean);
 - `trainer.save_checkpoint` checkpoints with exact resume (model, optimizer, scheduler, RNG, sampler step); the
   selection record and the best trainable weights live next to them.
 The shared pieces (data, loss, GradCache step, loop, checkpoints) come from training/contrastive/ (data, trainer).
@@ -44,8 +45,8 @@ from training.contrastive.data import ExampleDataset, load_jsonl, load_sources
 from training.contrastive.sampling import BalancedModalitySampler, modality_of_pair
 from training.contrastive.trainer import (
     LoopSettings, LoraSettings, TrainConfig, TrainState, apply_lora, build_optimizer, build_scheduler, collator_for,
-    load_checkpoint, loss_settings_from, mixed_precision_for, resolve_resume, run_loop, trainable_parameters,
-    unwrap_conan,
+    install_feature_caches, load_checkpoint, loss_settings_from, mixed_precision_for, resolve_resume, run_loop,
+    trainable_parameters, unwrap_conan,
 )
 from training.evaluation.embed import embed_keyed as embed_inputs
 from training.evaluation.metrics import retrieval_scores
@@ -53,6 +54,7 @@ from training.evaluation.metrics import retrieval_scores
 logger = logging.getLogger("training.rehearse")
 SELECTION_FILE = "selection.json"
 BEST_FILE = "best_trainable.safetensors"
+SELECTION_METRICS = ("r@1", "mrr")  # keys of training.evaluation.metrics.retrieval_scores
 
 
 # ----------------------------------------------------------------------------------------------------- config
@@ -61,7 +63,7 @@ class RehearsalData:
     train: list[str] = field(default_factory=list)  # JSONL files, every modality group mixed
     groups: dict[str, str] = field(default_factory=dict)  # source -> group override (default: inferred from rows)
     alpha: float = 0.5  # inside a group p ∝ n^alpha
-    dev: dict[str, str] = field(default_factory=dict)  # group -> dev JSONL (query -> positive, R@1 over positives)
+    dev: dict[str, str] = field(default_factory=dict)  # group -> dev JSONL (query -> positive, ranked over positives)
     on_error: str = "fatal"
     check_media: bool = True
     num_workers: int = 0
@@ -83,9 +85,14 @@ class RehearsalConfig:
     warmup_ratio: float | None = 0.05  # re-warm: overrides train.warmup_steps when set
     eval_every: int = 0  # 0 = only at the end
     specialists: dict[str, str] = field(default_factory=dict)  # group -> specialist folder (retention reference)
-    specialist_scores: dict[str, float] = field(default_factory=dict)  # group -> known specialist dev R@1
+    specialist_scores: dict[str, float] = field(default_factory=dict)  # group -> known specialist dev score
+    selection_metric: str = "r@1"  # the dev score of the retention: "r@1" or "mrr"
     checkpoint_dir: str | None = None  # default <output>.checkpoints
     save_dtype: str = "float32"
+    audio_cache_dir: str | None = None  # share cached frozen-Whisper frames across stages (training/common/audio_cache.py)
+    # Encode each image / page / video once with the frozen vision tower (training/common/visual_cache.py); applies
+    # only where lora.scopes leaves the tower frozen (no "vision") and the backbone family is supported.
+    visual_token_cache: bool = True
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,6 +118,8 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     if bad:
         raise ConfigError(f"{where}: unknown modality group(s) {bad}; expected among {MODALITY_GROUPS}")
     loss_settings_from(cfg.loss, cfg.seed, where)  # ConfigError on bad loss keys / objective / weights
+    if cfg.selection_metric not in SELECTION_METRICS:
+        raise ConfigError(f"{where}: selection_metric must be one of {SELECTION_METRICS}, got {cfg.selection_metric!r}")
     if cfg.train.lr_projector is None:
         cfg.train.lr_projector = cfg.projector_lr_scale * cfg.train.lr
     fix = resolve_path
@@ -119,6 +128,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     cfg.data.dev = {g: fix(p) for g, p in cfg.data.dev.items()}
     cfg.specialists = {g: fix(p) for g, p in cfg.specialists.items()}
     cfg.checkpoint_dir = fix(cfg.checkpoint_dir) if cfg.checkpoint_dir else cfg.output + ".checkpoints"
+    cfg.audio_cache_dir = fix(cfg.audio_cache_dir) if cfg.audio_cache_dir else None
     return cfg
 
 
@@ -151,7 +161,8 @@ def _dev_inputs(path: str, cfg: RehearsalConfig) -> tuple[dict, dict, list[tuple
 
 @torch.no_grad()
 def dev_scores(model: torch.nn.Module, processor: Any, cfg: RehearsalConfig, batch_size: int = 16) -> dict[str, float]:
-    """R@1 per modality group: each dev query against every distinct positive of its group's dev file."""
+    """`cfg.selection_metric` (R@1 or MRR) per modality group: each dev query against every distinct positive of
+    its group's dev file."""
     was_training = model.training
     model.eval()
     scores = {}
@@ -164,7 +175,7 @@ def dev_scores(model: torch.nn.Module, processor: Any, cfg: RehearsalConfig, bat
             first.setdefault(q, t)
         rows = list(first)
         scores[group] = retrieval_scores(q_emb[[q_index[q] for q in rows]], t_emb,
-                                         [t_index[first[q]] for q in rows])["r@1"]
+                                         [t_index[first[q]] for q in rows])[cfg.selection_metric]
     model.train(was_training)
     return scores
 
@@ -181,13 +192,16 @@ def retention(scores: dict[str, float], references: dict[str, float]) -> dict[st
 
 
 def reference_scores(cfg: RehearsalConfig, start_scores: dict[str, float], processor: Any) -> dict[str, Any]:
-    """Each group's reference: a given number, else its specialist's dev R@1, else the starting model's score."""
+    """Each group's reference: a given number, else its specialist's dev score (`cfg.selection_metric`), else the
+    starting model's score."""
     refs, origin = {}, {}
     for group in cfg.data.dev:
         if group in cfg.specialist_scores:
             refs[group], origin[group] = float(cfg.specialist_scores[group]), "given"
         elif group in cfg.specialists:
             spec = hub_code.ConanModel.from_pretrained(cfg.specialists[group], dtype=torch.float32).eval()
+            spec.requires_grad_(False)  # only scored: its towers are frozen, so their outputs can be cached too
+            install_feature_caches(spec, (), cfg.audio_cache_dir, visual=cfg.visual_token_cache)
             sub = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dev={group: cfg.data.dev[group]}))
             refs[group], origin[group] = dev_scores(spec, processor, sub)[group], cfg.specialists[group]
             del spec
@@ -220,6 +234,7 @@ def rehearse(cfg: RehearsalConfig, resume: str | None = "auto", stop_after: int 
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets,
                        train_audio_projector=True, scopes=cfg.lora.scopes)
+    install_feature_caches(model, cfg.lora.scopes, cfg.audio_cache_dir, visual=cfg.visual_token_cache)
     dataset = load_sources(cfg.data.train, on_error=cfg.data.on_error, check_media=cfg.data.check_media)
     groups = source_groups(dataset, cfg.data.groups)
     sampler = BalancedModalitySampler(

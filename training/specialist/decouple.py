@@ -32,13 +32,12 @@ from training.common.cli import run_training_stage
 from training.common.config import ConfigError, build_dataclass, merged, require, resolve_path
 from training.common.io_utils import atomic_output_dir, write_json_atomic
 from training.common.modalities import MODALITIES
-from training.common.visual_cache import SUPPORTED_FAMILIES, VisualTokenCache
 from training.contrastive.data import load_sources
 from training.contrastive.sampling import SourceMixtureSampler
 from training.contrastive.trainer import (
     LoopSettings, LoraSettings, TrainConfig, TrainState, apply_lora, build_optimizer, build_scheduler, collator_for,
     load_checkpoint, loss_settings_from, mixed_precision_for, resolve_resume, run_loop, trainable_parameters,
-    unwrap_conan, lora_model_with_state, check_merged_weight_names, cast_for_save,
+    lora_model_with_state, check_merged_weight_names, cast_for_save, install_feature_caches,
 )
 
 logger = logging.getLogger("training.specialist")
@@ -137,21 +136,13 @@ def task_vector(merged: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) 
 def build_model(cfg: SpecialistConfig) -> tuple[torch.nn.Module, Any]:
     model = hub_code.ConanModel.from_pretrained(cfg.base, dtype=torch.float32)
     processor = hub_code.ConanProcessor.from_pretrained(cfg.base)
-    if cfg.audio_cache_dir:
-        if "audio_encoder" in cfg.lora.scopes:
-            raise ValueError("audio_cache_dir caches the frozen audio encoder's output; it cannot be combined with "
-                             "LoRA on the audio encoder (lora.scopes holds 'audio_encoder').")
-        from training.common.audio_cache import AudioFrameCache
-
-        model.audio_frames_hook = AudioFrameCache.for_model(model, cfg.audio_cache_dir)
     if cfg.train.gradient_checkpointing:
         # use_reentrant=False: with frozen embeddings reentrant checkpointing silently drops LoRA gradients.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets,
                        train_audio_projector=bool(cfg.train_audio_projector), scopes=cfg.lora.scopes)
-    if cfg.visual_token_cache and "vision" not in cfg.lora.scopes and cfg.modality in ("image", "video", "document") \
-            and unwrap_conan(model).config.backbone_model_type in SUPPORTED_FAMILIES:
-        VisualTokenCache.install(unwrap_conan(model))
+    install_feature_caches(model, cfg.lora.scopes, cfg.audio_cache_dir,
+                           visual=cfg.visual_token_cache and cfg.modality in ("image", "video", "document"))
     return model, processor
 
 
