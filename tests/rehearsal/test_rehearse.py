@@ -231,3 +231,10 @@ def test_frozen_tower_caches_leave_rehearsal_unchanged(tiny_repo, rehearsal_data
     a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "cached" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_resume_refuses_a_different_selection_metric(tiny_repo, rehearsal_data, tmp_path):
+    cfg = _config(tiny_repo, rehearsal_data, tmp_path / "run")
+    assert B.rehearse(cfg, stop_after=1)["output"] is None  # the step-0 retentions are saved, scored by R@1
+    with pytest.raises(ValueError, match="scored by 'r@1', but selection_metric is 'mrr'"):
+        B.rehearse(dataclasses.replace(cfg, selection_metric="mrr"))

@@ -382,9 +382,11 @@ def distill_text(
     # Drawn up front with the batches, so a resumed run sees the same instructions as an uninterrupted one.
     prompts = [[rng.choice(choices) if t in queries else None for t in b] for b in batches]
     runner = DistillSteps(model, head, optimizer, schedule, checkpoint_dir, save_every)
-    saved = runner.resume(resume, {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "texts": n_texts,
-                                   "temperature": temperature, "cosine_weight": cosine_weight,
-                                   "pair_weight": pair_weight, "lexical_source": lexical_source})
+    settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "texts": n_texts,
+                "temperature": temperature, "cosine_weight": cosine_weight, "pair_weight": pair_weight}
+    if lexical_source != "input":  # recorded only when not the default, so checkpoints from before it still resume
+        settings["lexical_source"] = lexical_source
+    saved = runner.resume(resume, settings)
     if saved is not None:
         log = saved["log"]
         if dev is not None:

@@ -85,14 +85,16 @@ class RehearsalConfig:
     warmup_ratio: float | None = 0.05  # re-warm: overrides train.warmup_steps when set
     eval_every: int = 0  # 0 = only at the end
     specialists: dict[str, str] = field(default_factory=dict)  # group -> specialist folder (retention reference)
-    specialist_scores: dict[str, float] = field(default_factory=dict)  # group -> known specialist dev score
+    specialist_scores: dict[str, float] = field(default_factory=dict)  # group -> specialist dev score, in selection_metric units
     selection_metric: str = "r@1"  # the dev score of the retention: "r@1" or "mrr"
     checkpoint_dir: str | None = None  # default <output>.checkpoints
     save_dtype: str = "float32"
     audio_cache_dir: str | None = None  # share cached frozen-Whisper frames across stages (training/common/audio_cache.py)
     # Encode each image / page / video once with the frozen vision tower (training/common/visual_cache.py); applies
-    # only where lora.scopes leaves the tower frozen (no "vision") and the backbone family is supported.
-    visual_token_cache: bool = True
+    # only where lora.scopes leaves the tower frozen (no "vision") and the backbone family is supported. Off by
+    # default: the cache keeps every item's tokens on the device for the whole run, fine for the small pipeline
+    # (which turns it on), not for a multi-GPU rehearsal over a large mixture.
+    visual_token_cache: bool = False
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -259,9 +261,13 @@ def rehearse(cfg: RehearsalConfig, resume: str | None = "auto", stop_after: int 
         load_checkpoint(accelerator, checkpoint, state, sampler)
         logger.info("resumed from %s at step %d", checkpoint, state.step)
     selection_path = ckpt_root / SELECTION_FILE
-    selection: dict[str, Any] = {"evals": {}, "best": None}
+    selection: dict[str, Any] = {"metric": cfg.selection_metric, "evals": {}, "best": None}
     if selection_path.is_file() and checkpoint is not None:
         selection = json.loads(selection_path.read_text())
+        if selection.get("metric", "r@1") != cfg.selection_metric:
+            raise ValueError(f"{selection_path} holds retentions scored by {selection.get('metric', 'r@1')!r}, but "
+                             f"selection_metric is {cfg.selection_metric!r}; resume with the same metric or start "
+                             f"from a fresh checkpoint_dir")
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
                                          num_workers=cfg.data.num_workers,
                                          generator=torch.Generator().manual_seed(cfg.seed))
