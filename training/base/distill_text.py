@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from training.base.steps import DistillSteps
 from training.common import hub_code
 from training.common.repo import save_conan_repo
-from training.common.io_utils import atomic_output_dir, write_json_atomic
+from training.common.io_utils import atomic_output_dir, save_safetensors_atomic, write_json_atomic
 from training.evaluation.embed import embed_items
 from training.evaluation.metrics import gold_ranks, rank_metrics
 
@@ -48,7 +48,7 @@ def teacher_piece_vectors(batch_size: int = 512, cache_dir: str | Path | None = 
     create_embeddings`); model2vec's distill extra pins transformers < 5.4, so the ~15 lines are ours. With
     `cache_dir` the table is kept in `cache_dir/minilm-pieces.safetensors` (measured ~70 CPU-s to build, 2 cores).
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     cache_file = Path(cache_dir) / "minilm-pieces.safetensors" if cache_dir is not None else None
     if cache_file is not None and cache_file.exists():
@@ -68,10 +68,7 @@ def teacher_piece_vectors(batch_size: int = 512, cache_dir: str | Path | None = 
             rows.append(F.normalize(hidden.mean(dim=1), dim=-1))
     vectors = torch.cat(rows).float().contiguous()
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(cache_file.name + ".tmp")
-        save_file({"vectors": vectors}, str(tmp))
-        tmp.replace(cache_file)
+        save_safetensors_atomic(cache_file, {"vectors": vectors})
     return vectors
 
 
@@ -134,7 +131,6 @@ def teacher_embeddings(texts: list[str], batch_size: int = 128, cache_dir: str |
     it has not seen. The teacher is the stage's largest cost (measured ~8 ms a definition on one CPU core).
     """
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     cache_file = Path(cache_dir) / "minilm-text.safetensors" if cache_dir is not None else None
     known: dict[str, torch.Tensor] = {}
@@ -149,12 +145,9 @@ def teacher_embeddings(texts: list[str], batch_size: int = 128, cache_dir: str |
         vectors = teacher.encode(missing, batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True)
         known.update(zip(missing, vectors.float().cpu()))
         if cache_file is not None:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
             names = list(known)
-            tmp = cache_file.with_name(cache_file.name + ".tmp")
-            save_file({"vectors": torch.stack([known[n] for n in names]).contiguous()}, str(tmp),
-                      metadata={"texts": json.dumps(names)})
-            tmp.replace(cache_file)
+            save_safetensors_atomic(cache_file, {"vectors": torch.stack([known[n] for n in names]).contiguous()},
+                                    metadata={"texts": json.dumps(names)})
     if not texts:
         return torch.zeros(0, 384)
     return torch.stack([known[t] for t in texts])

@@ -86,3 +86,16 @@ def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def save_safetensors_atomic(path: str | os.PathLike, tensors: dict[str, Any],
+                            metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file` to `<path>.tmp` in the same folder, then rename over `path` (a killed run never
+    leaves a half-written cache that loads)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
