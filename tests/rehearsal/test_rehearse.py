@@ -238,3 +238,22 @@ def test_resume_refuses_a_different_selection_metric(tiny_repo, rehearsal_data, 
     assert B.rehearse(cfg, stop_after=1)["output"] is None  # the step-0 retentions are saved, scored by R@1
     with pytest.raises(ValueError, match="scored by 'r@1', but selection_metric is 'mrr'"):
         B.rehearse(dataclasses.replace(cfg, selection_metric="mrr"))
+
+
+def test_reference_scores_are_the_same_with_the_frozen_tower_caches(tiny_repo, rehearsal_data, tmp_path):
+    """The specialists rehearsal scores on dev get the caches too (the pipeline's setting): same references."""
+    from training.common import hub_code, visual_cache
+
+    processor = hub_code.ConanProcessor.from_pretrained(tiny_repo)
+    visual_cache._STORES.clear()
+    refs = {}
+    for name, audio_cache, visual in (("plain", None, False), ("cached", tmp_path / "audio-cache", True)):
+        cfg = _config(tiny_repo, rehearsal_data, tmp_path / name)
+        cfg.specialists, cfg.specialist_scores = {"audio": str(tiny_repo), "image": str(tiny_repo)}, {}
+        cfg.audio_cache_dir, cfg.visual_token_cache = audio_cache and str(audio_cache), visual
+        refs[name] = B.reference_scores(cfg, {"text": 0.25}, processor)
+    assert refs["cached"]["origin"] == refs["plain"]["origin"] == {"image": str(tiny_repo), "audio": str(tiny_repo),
+                                                                   "text": "start (no specialist given)"}
+    assert refs["cached"]["scores"] == pytest.approx(refs["plain"]["scores"], abs=1e-6)
+    assert list((tmp_path / "audio-cache").glob("*/*.pt")), "the audio specialist's dev clips were not cached"
+    assert sum(map(len, visual_cache._STORES.values())) > 0, "the image specialist's dev images were not cached"

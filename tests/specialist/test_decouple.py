@@ -158,3 +158,20 @@ def test_audio_specialist_accuracy_rises_on_real_fsdd(real_audio_base, tmp_path)
     assert any(k.startswith("audio_projector.") for k in delta)
     assert any(k.startswith("backbone.language_model.") for k in delta)
     assert not any(k.startswith(("audio_encoder.", "backbone.visual.")) for k in delta)
+
+
+def test_visual_token_cache_is_opt_in_and_the_audio_cache_path_resolves(tmp_path, tiny_repo, text_data, monkeypatch):
+    """The frozen tower's token cache keeps every item on the device, so a specialist gets it only when asked; a
+    relative `audio_cache_dir` resolves like the config's other paths (here against the CWD)."""
+    from training.common.visual_cache import VisualTokenCache, vision_tower
+
+    monkeypatch.chdir(tmp_path)
+    raw = yaml.safe_load(_config(tmp_path, tiny_repo, text_data, "img").read_text())
+    raw.update(modality="image", audio_cache_dir="rel-cache")
+    default = specialist.load_config(None, raw=raw)
+    assert default.visual_token_cache is False
+    assert default.audio_cache_dir == str(tmp_path / "rel-cache")
+    model, _ = specialist.build_model(default)
+    assert not isinstance(getattr(vision_tower(model.get_base_model()).forward, "cache", None), VisualTokenCache)
+    model, _ = specialist.build_model(specialist.load_config(None, raw={**raw, "visual_token_cache": True}))
+    assert isinstance(vision_tower(model.get_base_model()).forward.cache, VisualTokenCache)

@@ -109,6 +109,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     cfg.base, cfg.output = resolve_path(cfg.base), resolve_path(cfg.output)
     cfg.data.train = [resolve_path(p) for p in cfg.data.train]
     cfg.checkpoint_dir = resolve_path(cfg.checkpoint_dir) if cfg.checkpoint_dir else cfg.output + ".checkpoints"
+    cfg.audio_cache_dir = resolve_path(cfg.audio_cache_dir) if cfg.audio_cache_dir else None
     return cfg
 
 

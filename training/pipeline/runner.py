@@ -256,7 +256,7 @@ class Pipeline:
                                              warmup_steps=5, log_every=10),
                 loss={"temperature": self.preset.specialist_temperature, "num_negatives": 1}, train_audio_projector=modality == "audio",
                 checkpoint_dir=str(out / f".{modality}-checkpoints"), seed=self.seed,
-                audio_cache_dir=str(self.audio_cache),
+                audio_cache_dir=str(self.audio_cache), visual_token_cache=True,
             )
             manifest = specialist.train(cfg, resume="never")
             shutil.rmtree(out / f".{modality}-checkpoints", ignore_errors=True)

@@ -71,8 +71,10 @@ class SpecialistConfig:
     save_dtype: str = "float32"
     audio_cache_dir: str | None = None  # share cached frozen-Whisper frames across stages (training/common/audio_cache.py)
     # Encode each image / page / video once with the frozen vision tower (training/common/visual_cache.py); applies
-    # only where lora.scopes leaves the tower frozen (no "vision") and the backbone family is supported.
-    visual_token_cache: bool = True
+    # only where lora.scopes leaves the tower frozen (no "vision") and the backbone family is supported. Opt-in: the
+    # cache keeps every item's merged tokens on the device for the whole run (fine for the small preset's few
+    # thousand items, not for a real-scale corpus on a GPU).
+    visual_token_cache: bool = False
     seed: int = 0
     notes: str | None = None
 
@@ -102,6 +104,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     cfg.base, cfg.output = resolve_path(cfg.base), resolve_path(cfg.output)
     cfg.data.train = [resolve_path(p) for p in cfg.data.train]
     cfg.checkpoint_dir = resolve_path(cfg.checkpoint_dir) if cfg.checkpoint_dir else cfg.output + ".checkpoints"
+    cfg.audio_cache_dir = resolve_path(cfg.audio_cache_dir) if cfg.audio_cache_dir else None
     return cfg
 
 
