@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from training.base.steps import DistillSteps
 from training.common import hub_code
-from training.common.io_utils import atomic_output_dir, write_json_atomic
+from training.common.io_utils import atomic_output_dir, torch_save_atomic, write_json_atomic
 from training.common.repo import save_conan_repo
 
 # Video media are left out by default: the pipeline's videos are synthetic camera motions over CIFAR-10 photos that the
@@ -112,10 +112,7 @@ def teacher_features(items: list[dict[str, str]], loaded: list[dict[str, Any]], 
     features = torch.zeros(len(items), per_frame.shape[1]).index_add_(0, torch.tensor(owner), per_frame)
     features /= torch.bincount(torch.tensor(owner), minlength=len(items)).clamp(min=1).unsqueeze(1).float()
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        torch.save(features, tmp)
-        tmp.replace(cache_file)
+        torch_save_atomic(cache_file, features)
     return features
 
 

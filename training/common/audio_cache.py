@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from training.common import hub_code
+from training.common.io_utils import torch_save_atomic
 
 
 def module_fingerprint(module: torch.nn.Module) -> str:
@@ -67,10 +67,7 @@ class AudioFrameCache:
         frames = frames.detach().to("cpu").clone()
         self._memory[key] = frames
         if self.cache_dir:
-            fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
-            os.close(fd)
-            torch.save(frames, tmp)
-            os.replace(tmp, self.cache_dir / f"{key}.pt")
+            torch_save_atomic(self.cache_dir / f"{key}.pt", frames)
 
     def __call__(self, model: torch.nn.Module, input_features: torch.Tensor,
                  audio_feature_lengths: torch.Tensor) -> torch.Tensor:

@@ -99,3 +99,21 @@ def save_safetensors_atomic(path: str | os.PathLike, tensors: dict[str, Any],
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)
+
+
+def torch_save_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """`torch.save(obj)` to a unique temp file in the same folder, then rename over `path`: a killed run never leaves
+    a half-written file, and concurrent writers of the same key (DDP ranks filling one feature cache) never clash."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    import torch
+
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
