@@ -386,3 +386,14 @@ def build_heldout_tasks(out_dir: str | Path, cap: int = 80, seed: int = 0,
                                        "licence": info.licence, "obtained": info.obtained, "held_out": info.split_rule}
     write_json_atomic(out_dir / "tasks.json", manifest)
     return manifest
+
+
+def ensure_tasks(tasks_dir: str | Path, cap: int = 80, seed: int = 0) -> dict[str, Any]:
+    """The manifest of the held-out tasks in ``tasks_dir``, building them first unless its tasks.json has the same
+    ``cap`` and ``seed`` (a build is deterministic, so reusing one is exact)."""
+    manifest = Path(tasks_dir) / "tasks.json"
+    if manifest.exists():
+        found = json.loads(manifest.read_text())
+        if found.get("cap") == cap and found.get("seed") == seed:
+            return found
+    return build_heldout_tasks(tasks_dir, cap=cap, seed=seed)
