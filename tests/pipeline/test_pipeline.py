@@ -10,8 +10,6 @@ from PIL import Image
 
 from tests.conftest import shared_path
 
-PRESETS_SMOKE_HELDOUT_CAP = 4  # the smoke preset's held-out queries a task (kept small for CI's budget)
-
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
@@ -27,7 +25,7 @@ def smoke_run(tmp_path_factory):
 
 
 def test_every_stage_finished_and_was_evaluated(smoke_run):
-    from training.pipeline.runner import MODALITIES, STAGES
+    from training.pipeline.runner import MODALITIES, PRESETS, STAGES
 
     for stage in STAGES:
         assert (smoke_run / stage / "stage.json").exists(), stage
@@ -46,7 +44,7 @@ def test_every_stage_finished_and_was_evaluated(smoke_run):
     assert fuse["dev_chosen"]["weights"] in [t["weights"] for t in fuse["dev_chosen"]["trials"]]
     assert set(fuse["scores_dev_chosen"]) == set(MODALITIES)
     heldout = json.loads((smoke_run / "heldout" / "stage.json").read_text())
-    assert heldout["cap"] == PRESETS_SMOKE_HELDOUT_CAP and set(heldout["tasks"]) | set(heldout["skipped"])
+    assert heldout["cap"] == PRESETS["smoke"].heldout_cap and set(heldout["tasks"]) | set(heldout["skipped"])
     for model in ("base", "final"):
         assert set(heldout["scores"].get(model, {})) == set(heldout["tasks"])
         assert all(v["n_queries"] <= heldout["cap"] and 0.0 <= v["hit@1"] <= 1.0
