@@ -90,3 +90,22 @@ def test_cli_scores_a_prebuilt_task_folder(tiny_repo, tmp_path, capsys):
     assert set(saved["scores"]) == {"defs", "names"} and saved["skipped"] == {"flite": "flite not found on PATH: "
                                                                                         "apt-get install flite"}
     assert main(["--model", str(tmp_path / "no-model"), "--tasks", str(tasks), "--cap", "3"]) != 0
+
+
+def test_audio_cache_reuses_encoder_outputs_without_changing_scores(tiny_repo, tmp_path):
+    import soundfile as sf
+
+    root = tmp_path / "tasks"
+    (root / "spoken").mkdir(parents=True)
+    rows = []
+    for i, freq in enumerate((220.0, 440.0, 880.0)):
+        t = np.arange(8000) / 16000
+        sf.write(str(root / "spoken" / f"c{i}.wav"), (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), 16000)
+        rows.append({"query": {"audio": f"c{i}.wav"}, "positive": {"text": f"word {i}"}, "negatives": [],
+                     "source": "toy-speech", "instruction": "Identify the word spoken in the recording."})
+    (root / "spoken" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plain = score_heldout(tiny_repo, root, progress=False)
+    cached = score_heldout(tiny_repo, root, progress=False, audio_cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").rglob("*.pt"))) == 3
+    again = score_heldout(tiny_repo, root, progress=False, audio_cache_dir=tmp_path / "cache")
+    assert plain == cached == again and plain["spoken"]["n_candidates"] == 3

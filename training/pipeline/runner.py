@@ -388,8 +388,8 @@ class Pipeline:
         if not manifest["tasks"]:
             return result
         final = self.publish_final_model()
-        result["scores"]["base"] = score_heldout(self.stage_dir("base") / "model", tasks_dir, progress=False)
-        result["scores"]["final"] = score_heldout(final, tasks_dir, progress=False)
+        for name, model in (("base", self.stage_dir("base") / "model"), ("final", final)):
+            result["scores"][name] = score_heldout(model, tasks_dir, progress=False, audio_cache_dir=self.audio_cache)
         text_task = "gcide-definitions"
         if text_task in manifest["tasks"]:
             result["scores"]["teacher"] = {text_task: teacher_text_scores(tasks_dir, modality=text_task)}
