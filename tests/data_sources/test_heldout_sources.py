@@ -1,5 +1,6 @@
 """The held-out sources (training/data_sources/heldout.py): dictd/GCIDE parsing and the Twemoji folder on tiny
-synthetic fixtures, the builder's skips, and the real installed sources (skipped with the install command where absent)."""
+synthetic fixtures, the builder's skips, and the real installed sources (skipped with the install command where
+absent)."""
 
 from __future__ import annotations
 
@@ -141,8 +142,8 @@ def write_twemoji(root: Path) -> Path:
 
 def test_twemoji_images_match_code_points_without_the_variation_selector(tmp_path):
     root = write_twemoji(tmp_path / "emoji-datasource-twitter")
-    found = H.twemoji_images([("\u2764\ufe0f", "red heart"), ("\U0001F600", "grinning face"), ("\U0001F431", "cat face"),
-                              ("\U0001F680", "rocket"), ("\U0001F98A", "fox")], root)
+    found = H.twemoji_images([("\u2764\ufe0f", "red heart"), ("\U0001F600", "grinning face"),
+                              ("\U0001F431", "cat face"), ("\U0001F680", "rocket"), ("\U0001F98A", "fox")], root)
     assert [(ch, name, p.name) for ch, name, p in found] == [("\u2764\ufe0f", "red heart", "2764-fe0f.png"),
                                                               ("\U0001F600", "grinning face", "1f600.png"),
                                                               ("\U0001F680", "rocket", "1f680.png")]
@@ -171,7 +172,7 @@ def test_build_skips_missing_sources_with_the_install_command(tmp_path, monkeypa
     monkeypatch.setenv(H.TWEMOJI_ENV, str(tmp_path / "no-twemoji"))
     manifest = H.build_heldout_tasks(tmp_path / "tasks", cap=3, sources=["gcide", "twemoji", "gnuplot"])
     assert manifest["tasks"] == {} and set(manifest["skipped"]) == {"gcide", "twemoji", "gnuplot"}
-    assert INSTALL["gcide"] in manifest["skipped"]["gcide"] or "dict-gcide" in manifest["skipped"]["gcide"]
+    assert INSTALL["gcide"] in manifest["skipped"]["gcide"] and INSTALL["twemoji"] in manifest["skipped"]["twemoji"]
     assert "gnuplot-doc" in manifest["skipped"]["gnuplot"]
     assert json.loads((tmp_path / "tasks" / "tasks.json").read_text())["skipped"] == manifest["skipped"]
     with pytest.raises(ValueError, match="cap must be >= 2"):
@@ -245,7 +246,8 @@ def test_real_build_is_deterministic(real_tasks, tmp_path):
     out, manifest = real_tasks
     if not manifest["tasks"]:
         pytest.skip(reason=f"no held-out source installed: {manifest['skipped']}")
-    again = H.build_heldout_tasks(tmp_path, cap=6, seed=0, sources=sorted({t["source"] for t in manifest["tasks"].values()}))
+    sources = sorted({t["source"] for t in manifest["tasks"].values()})
+    again = H.build_heldout_tasks(tmp_path, cap=6, seed=0, sources=sources)
     for task in manifest["tasks"]:
         assert (tmp_path / task / "test.jsonl").read_text() == (out / task / "test.jsonl").read_text(), task
     assert again["tasks"] == manifest["tasks"]

@@ -146,12 +146,13 @@ def _heldout(final_hits: dict[str, float], skipped: dict[str, str] | None = None
 
 
 def test_heldout_verdicts_use_three_times_chance_per_task():
-    verdicts = {v.what: v for v in report.heldout_verdicts(_heldout({"gcide-definitions": 0.0375,
-                                                                     "flite-spoken-words": 0.0374}))}
+    verdicts = {v.what: v for v in report.heldout_verdicts(_heldout({"gcide-definitions": 3 / 80,
+                                                                     "flite-spoken-words": 2 / 80}))}
     gcide, flite = (verdicts[f"held-out {t}, final"] for t in ("gcide-definitions (text definition -> word)",
                                                                 "flite-spoken-words (spoken word -> text)"))
     assert gcide.met and gcide.threshold == pytest.approx(3 / 80)
-    assert not flite.met and flite.shortfall == pytest.approx(3 / 80 - 0.0374)
+    assert not flite.met and flite.shortfall == pytest.approx(1 / 80)
+    assert "(3 x chance 1/80; 3 of 80 queries): **met**" in gcide.line()   # exactly 3 x chance meets it
     assert report.heldout_verdicts({}) == []
 
 
@@ -166,7 +167,7 @@ def test_write_report_heldout_section_and_skips(tmp_path):
            "chance |" in section
     assert "| flite-spoken-words | flite | spoken word -> text | 80 | 0.013 | 0.013 | 0.000 | - | not well above" in section
     assert "- twemoji: Twemoji artwork not found" in section
-    assert "held-out gcide-definitions (text definition -> word), final: 0.200 vs target >= 0.038 (3 x chance 0.013): **met**" in text
+    assert "held-out gcide-definitions (text definition -> word), final: 0.200 vs target >= 0.037 (3 x chance 1/80; 16 of 80 queries): **met**" in text
     assert json.loads((tmp_path / "scores.json").read_text())["heldout"]["final"]["gcide-definitions"]["hit@1"] == 0.2
     write_report(tmp_path, _stages(), "small", 0, "cmd")   # a run without the stage says so
     assert "Not measured: this run has no `heldout` stage" in (tmp_path / "report.md").read_text()

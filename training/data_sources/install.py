@@ -54,7 +54,7 @@ INSTALL: dict[str, str] = {
     "instruments": "apt-get install -y --no-install-recommends fluidsynth fluid-soundfont-gm",
     "video": "pip install av==18.1.0 (frames come from CIFAR-10 / emoji, see their entries)",
     "gcide": "apt-get install -y --no-install-recommends dict-gcide wordnet-base",
-    "twemoji": f"npm install --prefix {NPM_PREFIX} emoji-datasource-twitter@16.0.0 && "
+    "twemoji": f"npm install --prefix {NPM_PREFIX} {' '.join(NPM_PACKAGES)} && "
                "apt-get install -y --no-install-recommends fonts-noto-color-emoji && pip install emoji==2.16.0",
     "flite": "apt-get install -y --no-install-recommends flite wordnet-base",
     "gnuplot": "apt-get install -y --no-install-recommends gnuplot-doc && pip install pypdfium2==5.15.2",

@@ -64,7 +64,8 @@ def score_heldout(model_dir: str | Path, tasks_dir: str | Path, batch_size: int 
         rows = load_jsonl(path, check_media=False)
         instructions = {r.instruction for r in rows}
         if len(instructions) != 1:
-            raise ValueError(f"{path}: a held-out task needs one instruction for all rows, found {sorted(map(str, instructions))}")
+            raise ValueError(f"{path}: a held-out task needs one instruction for all rows, found "
+                             f"{sorted(map(str, instructions))}")
         positives = [json.dumps(r.positive, sort_keys=True) for r in rows]
         unique = list(dict.fromkeys(positives))
         gold = [unique.index(p) for p in positives]

@@ -204,15 +204,20 @@ def target_verdicts(rows: dict[str, dict[str, float]], chance: dict[str, float],
     return out
 
 
+def _heldout_threshold(score: dict[str, Any], targets: Targets = TARGETS) -> float:
+    """multiple / candidates (not multiple x chance: 3 x 0.0125 rounds above 3/80, the hit@1 of 3 hits in 80)."""
+    return targets.heldout_chance_multiple / score["n_candidates"]
+
+
 def heldout_verdicts(heldout: dict[str, Any], targets: Targets = TARGETS) -> list[Verdict]:
     """One :class:`Verdict` per held-out task of the `heldout` stage result: the final model's hit@1 against
     `targets.heldout_chance_multiple` x chance ("well above chance"); [] when the stage scored nothing."""
     out = []
     for task, s in sorted((heldout.get("scores", {}).get("final") or {}).items()):
         kind = heldout.get("tasks", {}).get(task, {}).get("kind", "")
-        out.append(Verdict(f"held-out {task} ({kind}), final", float(s["hit@1"]),
-                           targets.heldout_chance_multiple * float(s["chance"]),
-                           f"{targets.heldout_chance_multiple:g} x chance {float(s['chance']):.3f}"))
+        out.append(Verdict(f"held-out {task} ({kind}), final", float(s["hit@1"]), _heldout_threshold(s, targets),
+                           f"{targets.heldout_chance_multiple:g} x chance 1/{s['n_candidates']}; "
+                           f"{round(float(s['hit@1']) * s['n_queries'])} of {s['n_queries']} queries"))
     return out
 
 
@@ -234,7 +239,7 @@ def _heldout_lines(heldout: dict[str, Any], targets: Targets = TARGETS) -> list[
         base, teacher = (scores.get("base") or {}).get(task), (scores.get("teacher") or {}).get(task)
         ref = final or base
         verdict = "-" if final is None else (
-            "well above chance" if final["hit@1"] >= targets.heldout_chance_multiple * final["chance"] - 1e-9
+            "well above chance" if final["hit@1"] >= _heldout_threshold(final, targets) - 1e-9
             else "not well above chance")
         body.append([task, info.get("source", ""), info.get("kind", ""),
                      str(ref["n_candidates"]) if ref else "-", _fmt(ref["chance"]) if ref else "-",
