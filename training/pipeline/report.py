@@ -227,7 +227,8 @@ def _heldout_lines(heldout: dict[str, Any], targets: Targets = TARGETS) -> list[
         return ["Not measured: this run has no `heldout` stage (`python -m training.pipeline --out OUT --stages "
                 "heldout report --force report` adds it to a finished run)."]
     scores = heldout.get("scores", {})
-    lines = [f"Tasks from sources no stage trains on, built under `{heldout.get('tasks_dir', 'data/heldout')}` (up to "
+    where = "/".join(Path(heldout.get("tasks_dir", "data/heldout")).parts[-2:])  # relative to the run folder
+    lines = [f"Tasks from sources no stage trains on, built under the run's `{where}` (up to "
              f"{heldout.get('cap')} queries a task, seed {heldout.get('seed')}; training/data_sources/heldout.py); each "
              "model loaded as a user does, `SentenceTransformer(model, trust_remote_code=True)`, queries through "
              "`encode_query(..., prompt=instruction)`, candidates (every distinct positive of the task) through "
