@@ -327,7 +327,8 @@ def _gnuplot(ctx: BuildContext, cap: int) -> dict[str, list[dict]]:
     n_pages = len(doc)
     doc.close()
     rng = _rng(ctx.seed, spec.name)
-    chosen = _sample(pdf_pages.scan_manual(GNUPLOT_PDF, n_pages), cap, rng)
+    # scan 10 pages a query (all ~330 at cap 80; a query's text is unique among the scanned pages, its candidates)
+    chosen = _sample(pdf_pages.scan_manual(GNUPLOT_PDF, min(n_pages, 10 * cap)), cap, rng)
     images = pdf_pages.render_pages(GNUPLOT_PDF, [p.index for p in chosen])
     rows = []
     for page in chosen:
