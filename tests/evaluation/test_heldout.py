@@ -13,7 +13,7 @@ from training.evaluation.heldout import WELL_ABOVE_CHANCE, score_heldout, task_f
 from training.evaluation.metrics import gold_ranks
 
 
-def write_tasks(root: Path, cap: int = 3, seed: int = 0) -> Path:
+def write_tasks(root: Path, cap: int = 3, seed: int = 0, skipped: dict[str, str] | None = None) -> Path:
     """Two tiny tasks in the builder's layout: text definition -> word (one word twice: 2 distinct candidates for 3
     queries) and name -> image (PNGs under root/media)."""
     (root / "media").mkdir(parents=True)
@@ -31,7 +31,7 @@ def write_tasks(root: Path, cap: int = 3, seed: int = 0) -> Path:
     for task, task_rows in rows.items():
         (root / task).mkdir()
         (root / task / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in task_rows))
-    manifest = {"cap": cap, "seed": seed, "skipped": {"flite": "flite not found on PATH: apt-get install flite"},
+    manifest = {"cap": cap, "seed": seed, "skipped": skipped or {},
                 "tasks": {"defs": {"source": "toy-dict", "kind": "text definition -> word"},
                           "names": {"source": "toy-emoji", "kind": "name -> image"}}}
     (root / "tasks.json").write_text(json.dumps(manifest))
@@ -85,10 +85,9 @@ def test_cli_scores_a_prebuilt_task_folder(tiny_repo, tmp_path, capsys):
     assert main(["--model", str(tiny_repo), "--tasks", str(tasks), "--cap", "3", "--out",
                  str(tmp_path / "scores.json")]) == 0
     captured = capsys.readouterr()
-    assert "defs" in captured.out and "chance 0.500" in captured.out and "skipped flite" in captured.err
+    assert "defs" in captured.out and "chance 0.500" in captured.out
     saved = json.loads((tmp_path / "scores.json").read_text())
-    assert set(saved["scores"]) == {"defs", "names"} and saved["skipped"] == {"flite": "flite not found on PATH: "
-                                                                                        "apt-get install flite"}
+    assert set(saved["scores"]) == {"defs", "names"} and saved["skipped"] == {}
     assert main(["--model", str(tmp_path / "no-model"), "--tasks", str(tasks), "--cap", "3"]) != 0
 
 
@@ -109,3 +108,17 @@ def test_audio_cache_reuses_encoder_outputs_without_changing_scores(tiny_repo, t
     assert len(list((tmp_path / "cache").rglob("*.pt"))) == 3
     again = score_heldout(tiny_repo, root, progress=False, audio_cache_dir=tmp_path / "cache")
     assert plain == cached == again and plain["spoken"]["n_candidates"] == 3
+
+
+def test_ensure_tasks_reuses_only_a_complete_build_of_the_same_cap_and_seed(tmp_path, monkeypatch):
+    from training.data_sources import heldout as builder
+
+    calls = []
+    monkeypatch.setattr(builder, "build_heldout_tasks", lambda d, cap, seed: calls.append((cap, seed)) or {"cap": cap})
+    write_tasks(tmp_path / "full", cap=3, seed=0)
+    assert builder.ensure_tasks(tmp_path / "full", cap=3, seed=0)["tasks"] and calls == []
+    builder.ensure_tasks(tmp_path / "full", cap=4, seed=0)
+    builder.ensure_tasks(tmp_path / "full", cap=3, seed=1)
+    write_tasks(tmp_path / "partial", cap=3, seed=0, skipped={"flite": "flite not found on PATH"})
+    builder.ensure_tasks(tmp_path / "partial", cap=3, seed=0)   # a source may have been installed since
+    assert calls == [(4, 0), (3, 1), (3, 0)]

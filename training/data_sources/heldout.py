@@ -391,10 +391,11 @@ def build_heldout_tasks(out_dir: str | Path, cap: int = 80, seed: int = 0,
 
 def ensure_tasks(tasks_dir: str | Path, cap: int = 80, seed: int = 0) -> dict[str, Any]:
     """The manifest of the held-out tasks in ``tasks_dir``, building them first unless its tasks.json has the same
-    ``cap`` and ``seed`` (a build is deterministic, so reusing one is exact)."""
+    ``cap`` and ``seed`` and skipped no source (a build is deterministic, so reusing one is exact; a source installed
+    since the last build gets its tasks)."""
     manifest = Path(tasks_dir) / "tasks.json"
     if manifest.exists():
         found = json.loads(manifest.read_text())
-        if found.get("cap") == cap and found.get("seed") == seed:
+        if found.get("cap") == cap and found.get("seed") == seed and not found.get("skipped"):
             return found
     return build_heldout_tasks(tasks_dir, cap=cap, seed=seed)
