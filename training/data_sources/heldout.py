@@ -49,7 +49,7 @@ DATA_HOME_ENV = "CONAN_DATA_HOME"      # default ~/.cache/conan-embedding; npm i
 FLITE_VOICES = ("slt", "rms", "awb", "kal16")   # `flite -lv`; awb_time only speaks times, kal is the 8 kHz kal16
 SPOKEN_INSTRUCTION = "Identify the word spoken in the recording."
 EMOJI_IMAGE_INSTRUCTION = "Identify the emoji in the image."
-WORD_POOL = 1000   # GCIDE / flite words come from the this many most frequent WordNet test nouns (known words)
+WORD_POOL = 1000   # GCIDE / flite words come from this many most frequent WordNet test nouns (known words)
 
 SOURCES: dict[str, SourceInfo] = {
     "gcide": SourceInfo("gcide", "text", "GCIDE GPL-3+ (Webster's 1913 public domain + additions)",
