@@ -13,7 +13,7 @@ import pytest
 from training.data_sources import build as B
 from training.data_sources import instruments, pdf_pages, wordnet
 from training.data_sources.common import BuildContext, balanced_take, pick_negatives
-from training.data_sources.install import APT_PACKAGES, PIP_PACKAGES
+from training.data_sources.install import APT_PACKAGES, NPM_PACKAGES, NPM_PREFIX, PIP_PACKAGES
 from training.common.splits import cifar_split, fsdd_split, split_of
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
@@ -55,8 +55,11 @@ def test_install_script_lists_what_install_py_lists():
     script = (Path(B.__file__).parent / "install_sources.sh").read_text()
     apt = re.search(r'^APT_PACKAGES="([^"]*)"', script, re.M).group(1).split()
     pip = re.search(r'^PIP_PACKAGES="([^"]*)"', script, re.M).group(1).split()
+    npm = re.search(r'^NPM_PACKAGES="([^"]*)"', script, re.M).group(1).split()
     assert apt == list(APT_PACKAGES)
     assert pip == [p for p in PIP_PACKAGES if "==" in p]
+    assert npm == list(NPM_PACKAGES) and all("@" in p for p in npm)   # pinned
+    assert re.search(r'^NPM_PREFIX="([^"]*)"', script, re.M).group(1) == NPM_PREFIX
 
 
 def test_balanced_take_round_robins_over_labels():

@@ -25,7 +25,7 @@ def smoke_run(tmp_path_factory):
 
 
 def test_every_stage_finished_and_was_evaluated(smoke_run):
-    from training.pipeline.runner import MODALITIES, STAGES
+    from training.pipeline.runner import MODALITIES, PRESETS, STAGES
 
     for stage in STAGES:
         assert (smoke_run / stage / "stage.json").exists(), stage
@@ -43,7 +43,14 @@ def test_every_stage_finished_and_was_evaluated(smoke_run):
     assert (smoke_run / "fuse" / "dev-chosen" / "model.safetensors").exists() and len(fuse["dev_chosen"]["trials"]) == 6
     assert fuse["dev_chosen"]["weights"] in [t["weights"] for t in fuse["dev_chosen"]["trials"]]
     assert set(fuse["scores_dev_chosen"]) == set(MODALITIES)
+    heldout = json.loads((smoke_run / "heldout" / "stage.json").read_text())
+    assert heldout["cap"] == PRESETS["smoke"].heldout_cap and set(heldout["tasks"]) | set(heldout["skipped"])
+    for model in ("base", "final"):
+        assert set(heldout["scores"].get(model, {})) == set(heldout["tasks"])
+        assert all(v["n_queries"] <= heldout["cap"] and 0.0 <= v["hit@1"] <= 1.0
+                   for v in heldout["scores"].get(model, {}).values())
     report = (smoke_run / "report" / "report.md").read_text()
+    assert "## Held-out generalisation (unseen sources)" in report and "3 x chance" in report
     assert "| fused (paper weights) |" in report and "| fused (dev-chosen weights) |" in report
     assert "Projector" in report and "image/cifar10-photos" in report and "## Verdicts against the targets" in report
 

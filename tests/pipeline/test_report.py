@@ -134,3 +134,40 @@ def test_stage_summary_line_and_report_read_every_teacher_form(teacher, printed,
     assert source_table(stages)["image/cifar10-photos"]["scores"].get(report.TEACHER) is None
     with pytest.raises(ValueError, match="scores.teacher"):
         report.teacher_scores({"base": {"scores": {"teacher": "high"}}})
+
+
+def _heldout(final_hits: dict[str, float], skipped: dict[str, str] | None = None) -> dict:
+    tasks = {"gcide-definitions": ("gcide", "text definition -> word"), "flite-spoken-words": ("flite", "spoken word -> text")}
+    score = lambda h: {"hit@1": h, "mrr": h, "n_queries": 80, "n_candidates": 80, "chance": 1 / 80}  # noqa: E731
+    return {"seconds": 30, "tasks_dir": "OUT/data/heldout", "cap": 80, "seed": 0,
+            "tasks": {t: {"source": s, "kind": k} for t, (s, k) in tasks.items()}, "skipped": skipped or {},
+            "scores": {"base": {t: score(0.0125) for t in tasks}, "final": {t: score(h) for t, h in final_hits.items()},
+                       "teacher": {"gcide-definitions": score(0.6)}}}
+
+
+def test_heldout_verdicts_use_three_times_chance_per_task():
+    verdicts = {v.what: v for v in report.heldout_verdicts(_heldout({"gcide-definitions": 3 / 80,
+                                                                     "flite-spoken-words": 2 / 80}))}
+    gcide, flite = (verdicts[f"held-out {t}, final"] for t in ("gcide-definitions (text definition -> word)",
+                                                                "flite-spoken-words (spoken word -> text)"))
+    assert gcide.met and gcide.threshold == pytest.approx(3 / 80)
+    assert not flite.met and flite.shortfall == pytest.approx(1 / 80)
+    assert "(3 x chance 1/80; 3 of 80 queries): **met**" in gcide.line()   # exactly 3 x chance meets it
+    assert report.heldout_verdicts({}) == []
+
+
+def test_write_report_heldout_section_and_skips(tmp_path):
+    stages = {**_stages(), "heldout": _heldout({"gcide-definitions": 0.2, "flite-spoken-words": 0.0},
+                                               skipped={"twemoji": "Twemoji artwork not found: npm install ..."})}
+    write_report(tmp_path, stages, "small", 0, "cmd")
+    text = (tmp_path / "report.md").read_text()
+    section = text.split("## Held-out generalisation (unseen sources)")[1].split("## What the numbers say")[0]
+    assert "hit@1 >= 3 x chance" in section
+    assert "| gcide-definitions | gcide | text definition -> word | 80 | 0.013 | 0.013 | 0.200 | 0.600 | well above " \
+           "chance |" in section
+    assert "| flite-spoken-words | flite | spoken word -> text | 80 | 0.013 | 0.013 | 0.000 | - | not well above" in section
+    assert "- twemoji: Twemoji artwork not found" in section
+    assert "held-out gcide-definitions (text definition -> word), final: 0.200 vs target >= 0.037 (3 x chance 1/80; 16 of 80 queries): **met**" in text
+    assert json.loads((tmp_path / "scores.json").read_text())["heldout"]["final"]["gcide-definitions"]["hit@1"] == 0.2
+    write_report(tmp_path, _stages(), "small", 0, "cmd")   # a run without the stage says so
+    assert "Not measured: this run has no `heldout` stage" in (tmp_path / "report.md").read_text()

@@ -1,8 +1,9 @@
 """report.md + PNG plots of a pipeline run: scores per modality and per source after every stage, and verdicts.
 
 Sections of report.md, in order: "Scores per modality (hit@1)", "Scores per source (hit@1)", "Verdicts against
-the targets", "What the numbers say", "Fusion weights: paper vs dev-chosen", "Projector Drift diagnosis (audio
-specialist vs fused)", "Recovery vs training-free re-alignment", "Data sources", "Stage wall times".
+the targets", "Held-out generalisation (unseen sources)", "What the numbers say", "Fusion weights: paper vs
+dev-chosen", "Projector Drift diagnosis (audio specialist vs fused)", "Recovery vs training-free re-alignment", "Data
+sources", "Stage wall times".
 
 Every verdict is computed from the measured numbers against :data:`TARGETS` (issue 15's targets for the main job):
 "met" or "not met, by X" with X the shortfall in hit@1 (or seconds); nothing here is hard-coded, so a run where a
@@ -37,6 +38,7 @@ class Targets:
     fused_gap: float = 0.05            # fused within this of each visual/text specialist
     recovery_ratio: float = 0.95       # recovered audio >= this x the audio specialist
     final_ratio: float = 0.90          # rehearsed: worst modality >= this x its specialist
+    heldout_chance_multiple: float = 3.0  # held-out tasks: final hit@1 >= this x chance ("well above chance")
     wall_s: dict[str, float] = field(default_factory=lambda: {"small": 1800.0, "smoke": 180.0})
 
 
@@ -202,6 +204,56 @@ def target_verdicts(rows: dict[str, dict[str, float]], chance: dict[str, float],
     return out
 
 
+def _heldout_threshold(score: dict[str, Any], targets: Targets = TARGETS) -> float:
+    """multiple / candidates (not multiple x chance: 3 x 0.0125 rounds above 3/80, the hit@1 of 3 hits in 80)."""
+    return targets.heldout_chance_multiple / score["n_candidates"]
+
+
+def heldout_verdicts(heldout: dict[str, Any], targets: Targets = TARGETS) -> list[Verdict]:
+    """One :class:`Verdict` per held-out task of the `heldout` stage result: the final model's hit@1 against
+    `targets.heldout_chance_multiple` x chance ("well above chance"); [] when the stage scored nothing."""
+    out = []
+    for task, s in sorted((heldout.get("scores", {}).get("final") or {}).items()):
+        kind = heldout.get("tasks", {}).get(task, {}).get("kind", "")
+        out.append(Verdict(f"held-out {task} ({kind}), final", float(s["hit@1"]), _heldout_threshold(s, targets),
+                           f"{targets.heldout_chance_multiple:g} x chance 1/{s['n_candidates']}; "
+                           f"{round(float(s['hit@1']) * s['n_queries'])} of {s['n_queries']} queries"))
+    return out
+
+
+def _heldout_lines(heldout: dict[str, Any], targets: Targets = TARGETS) -> list[str]:
+    """The "Held-out generalisation (unseen sources)" section: one row per task, skipped sources listed."""
+    if not heldout:
+        return ["Not measured: this run has no `heldout` stage (`python -m training.pipeline --out OUT --stages "
+                "heldout report --force report` adds it to a finished run)."]
+    scores = heldout.get("scores", {})
+    where = "/".join(Path(heldout.get("tasks_dir", "data/heldout")).parts[-2:])  # relative to the run folder
+    lines = [f"Tasks from sources no stage trains on, built under the run's `{where}` (up to "
+             f"{heldout.get('cap')} queries a task, seed {heldout.get('seed')}; training/data_sources/heldout.py); each "
+             "model loaded as a user does, `SentenceTransformer(model, trust_remote_code=True)`, queries through "
+             "`encode_query(..., prompt=instruction)`, candidates (every distinct positive of the task) through "
+             "`encode_document`; hit@1, chance = 1 / candidates. Verdict rule: **well above chance** := hit@1 >= "
+             f"{targets.heldout_chance_multiple:g} x chance.", ""]
+    body = []
+    for task, info in sorted(heldout.get("tasks", {}).items()):
+        final = (scores.get("final") or {}).get(task)
+        base, teacher = (scores.get("base") or {}).get(task), (scores.get("teacher") or {}).get(task)
+        ref = final or base
+        verdict = "-" if final is None else (
+            "well above chance" if final["hit@1"] >= _heldout_threshold(final, targets) - 1e-9
+            else "not well above chance")
+        body.append([task, info.get("source", ""), info.get("kind", ""),
+                     str(ref["n_candidates"]) if ref else "-", _fmt(ref["chance"]) if ref else "-",
+                     _fmt(base and base["hit@1"]), _fmt(final and final["hit@1"]),
+                     _fmt(teacher and teacher["hit@1"]), verdict])
+    lines += _markdown_table(["task", "source", "kind", "candidates", "chance", "base", "final",
+                              "teacher (all-MiniLM-L6-v2)", "final verdict"], body)
+    skipped = heldout.get("skipped") or {}
+    lines += ["", "Skipped held-out sources: " + ("none." if not skipped else "")]
+    lines += [f"- {source}: {why}" for source, why in sorted(skipped.items())]
+    return lines
+
+
 def observations(rows: dict[str, dict[str, float]]) -> list[str]:
     """Plain statements about the paper's story (drift, recovery, composition), each computed from the table."""
     lines = []
@@ -337,7 +389,8 @@ def _data_lines(data: dict[str, Any]) -> list[str]:
 
 def write_report(out: Path, stages: dict[str, dict[str, Any]], preset: str, seed: int, command: str,
                  targets: Targets = TARGETS) -> dict[str, str]:
-    """Write `out/report.md`, `out/scores.json` (per-modality and per-source tables) and the PNG plots."""
+    """Write `out/report.md`, `out/scores.json` (per-modality and per-source tables, held-out task scores) and the
+    PNG plots."""
     out = Path(out)
     rows, chance, sources = score_table(stages), chance_levels(stages), source_table(stages)
     timings = {s: round(v.get("seconds", 0.0)) for s, v in stages.items()}
@@ -373,9 +426,14 @@ def write_report(out: Path, stages: dict[str, dict[str, Any]], preset: str, seed
     lines += ["", "## Verdicts against the targets", ""]
     lines += [f"- {v.line(' s' if v.what.startswith('wall time') else '')}"
               for v in target_verdicts(rows, chance, total, preset, targets)]
-    lines += ["- held-out generalisation (unseen sources): not measured here (those tasks live outside the repo)."]
+    heldout = stages.get("heldout", {})
+    held = heldout_verdicts(heldout, targets)
+    lines += [f"- {v.line()}" for v in held] or [
+        "- held-out generalisation (unseen sources): not measured (no held-out task was scored in this run; see "
+        "below)."]
     if stages.get("data", {}).get("skipped"):
         lines += ["- This run skipped data sources (see Data sources); the targets apply to the full run."]
+    lines += ["", "## Held-out generalisation (unseen sources)", "", *_heldout_lines(heldout, targets)]
     lines += ["", "## What the numbers say", ""] + [f"- {v}" for v in observations(rows)]
     lines += ["", "## Fusion weights: paper vs dev-chosen", "", *_sweep_lines(stages.get("fuse", {}))]
     drift = stages.get("drift", {}).get("table")
@@ -399,6 +457,7 @@ def write_report(out: Path, stages: dict[str, dict[str, Any]], preset: str, seed
     if png_sources:
         lines += ["![per-source scores](scores_by_source.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
-    (out / "scores.json").write_text(json.dumps({"modalities": rows, "chance": chance, "sources": sources}, indent=1))
+    (out / "scores.json").write_text(json.dumps({"modalities": rows, "chance": chance, "sources": sources,
+                                                 "heldout": heldout.get("scores", {})}, indent=1))
     return {"report": str(out / "report.md"), "plot": str(png) if png else "",
             "plot_sources": str(png_sources) if png_sources else ""}

@@ -16,6 +16,9 @@ Stages (each writes `OUT/<stage>/` and a `stage.json`; a rerun skips finished st
   drift       Projector Drift diagnosis: the audio specialist vs the fused model
   recover     Projector Recovery: the audio projector alone, backbone frozen
   rehearse    balanced multi-modal rehearsal (LoRA on the fused backbone + projector at a lower LR)
+  heldout     held-out generalisation on sources no stage trains on (GCIDE definitions, Twemoji names <-> images,
+              flite spoken words, gnuplot manual pages; tasks in OUT/data/heldout): the base and OUT/final-model
+              scored through SentenceTransformer(..., trust_remote_code=True), the text teacher on the text task
   report      report.md + PNG plots: per-modality and per-source scores after every stage, verdicts vs the targets
 Every stage is evaluated on the held-out test pairs, per modality and per source with chance levels
 (training/evaluation/stage_eval.py: an offline proxy, not MMEB/MAEB); only the fusion sweep reads the dev pairs.
@@ -40,7 +43,8 @@ from training.common.modalities import MODALITIES
 VISUAL_MODALITIES = ("image", "video", "document")  # the specialists that may put LoRA on the vision tower
 
 logger = logging.getLogger("training.pipeline")
-STAGES = ("data", "base", "specialists", "fuse", "drift", "recover", "rehearse", "report")
+STAGES = ("data", "base", "specialists", "fuse", "drift", "recover", "rehearse", "heldout", "report")
+OPTIONAL_STAGES = ("heldout",)  # the report reads them where present (runs from before the stage existed lack it)
 # Fusion weights α_m of θ = θ₀ + Σ α_m τ_m. The paper's "multiway-C" (paper.md §1): 0.3 image/video/document, 0.5
 # audio. The paper has no text specialist (text is the base's skill); ours is one more LLM-only delta like the
 # visual ones, so it gets their 0.3 (the sweep below checks other values on dev).
@@ -86,13 +90,14 @@ class Preset:
     # CoMa: K compression tokens in the base (embedding_pooling="compression_mean", training.build_base
     # --compression-tokens); 0 = last-token pooling, the main job's setting
     compression_tokens: int = 0
+    heldout_cap: int = 80              # queries per held-out task (training/data_sources/heldout.py)
 
 
 PRESETS = {
     "smoke": Preset(data="smoke", backbone="smoke", distill_steps=30, specialist_steps=12, batch_size=8,
                     recover_steps=20, rehearse_steps=10, eval_limit=8, distill_batch=16, distill_groups=500,
                     distill_dev=40, distill_eval_every=15, vision_distill_steps=4, vision_distill_image_size=64,
-                    visual_lora_scopes=("llm", "vision")),
+                    visual_lora_scopes=("llm", "vision"), heldout_cap=4),
     # Text distillation: one pass over steps x 64 distinct synsets of all ~90k, the teacher's vectors cached.
     # Measured on 2026-11-30 (2 cores, beside other jobs; `distill_text` from the same undistilled small base,
     # scored on this preset's 80 text test queries): 500 steps -> test 0.200 (dev 0.150); 1000 steps -> test 0.2125
@@ -361,21 +366,47 @@ class Pipeline:
         return {"model": str(out / "model"), "rehearsal": _compact(report),
                 "scores": self.evaluate(out / "model")}
 
+    def publish_final_model(self) -> Path:
+        """Copy `rehearse/model` to `OUT/final-model` (the published model; replaced on every call)."""
+        final = self.out / "final-model"
+        if final.exists():
+            shutil.rmtree(final)
+        shutil.copytree(self.stage_dir("rehearse") / "model", final)
+        return final
+
+    def stage_heldout(self, out: Path) -> dict[str, Any]:
+        """Held-out generalisation: tasks built once under OUT/data/heldout, the base and OUT/final-model scored as a
+        user loads them (SentenceTransformer + encode_query/encode_document), the teacher on the text task."""
+        from training.base.distill_text import teacher_text_scores
+        from training.data_sources.heldout import ensure_tasks
+        from training.evaluation.heldout import score_heldout
+
+        tasks_dir = self.stage_dir("data") / "heldout"
+        manifest = ensure_tasks(tasks_dir, cap=self.preset.heldout_cap, seed=self.seed)
+        result: dict[str, Any] = {"tasks_dir": str(tasks_dir), "cap": manifest["cap"], "seed": manifest["seed"],
+                                  "tasks": manifest["tasks"], "skipped": manifest["skipped"], "scores": {}}
+        if not manifest["tasks"]:
+            return result
+        final = self.publish_final_model()
+        for name, model in (("base", self.stage_dir("base") / "model"), ("final", final)):
+            result["scores"][name] = score_heldout(model, tasks_dir, progress=False, audio_cache_dir=self.audio_cache)
+        text_task = "gcide-definitions"
+        if text_task in manifest["tasks"]:
+            result["scores"]["teacher"] = {text_task: teacher_text_scores(tasks_dir, modality=text_task)}
+        return result
+
     def stage_report(self, out: Path) -> dict[str, Any]:
         from training.pipeline.report import write_report
 
-        stages = {s: json.loads((self.stage_dir(s) / "stage.json").read_text()) for s in STAGES[:-1]}
+        stages = {s: json.loads((self.stage_dir(s) / "stage.json").read_text()) for s in STAGES[:-1]
+                  if s not in OPTIONAL_STAGES or (self.stage_dir(s) / "stage.json").exists()}
         manifest = self.data_dir / "manifest.json"
         if "skipped" not in stages["data"] and manifest.exists():  # a data stage from before sources were recorded
             stages["data"].update(data_sources_summary(json.loads(manifest.read_text())))
         run_file = self.out / "run.json"  # the command that built the stages (a report-only rerun keeps it)
         command = json.loads(run_file.read_text())["command"] if run_file.exists() else self.command
         paths = write_report(out, stages, self.preset_name, self.seed, command)
-        final = self.out / "final-model"
-        if final.exists():
-            shutil.rmtree(final)
-        shutil.copytree(self.stage_dir("rehearse") / "model", final)
-        return {"report": paths["report"], "final_model": str(final)}
+        return {"report": paths["report"], "final_model": str(self.publish_final_model())}
 
     # --------------------------------------------------------------------------------------------------- run
     def run(self, stages: list[str]) -> None:

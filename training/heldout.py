@@ -1,0 +1,61 @@
+"""Entry point `python -m training.heldout`: held-out generalisation of a saved model on unseen sources.
+
+    python -m training.heldout --model runs/pipeline-small/final-model [--tasks runs/heldout-tasks] [--out s.json]
+
+Builds the tasks (training/data_sources/heldout.py: GCIDE definitions, Twemoji names <-> images, flite spoken words,
+gnuplot manual pages) into `--tasks` unless that folder already holds them for the same `--cap` and `--seed`,
+then scores the model through `SentenceTransformer(..., trust_remote_code=True)` (training/evaluation/heldout.py) and
+prints one line per task (hit@1, chance, "well above chance" = hit@1 >= 3 x chance). Sources that are not
+installed are skipped with the install command. Entry module (not in training/evaluation/) because building reads
+training/data_sources, which the evaluation layer may not import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from training.common.io_utils import write_json_atomic
+from training.data_sources.heldout import ensure_tasks
+from training.evaluation.heldout import WELL_ABOVE_CHANCE, score_heldout, well_above_chance
+
+
+def format_scores(scores: dict[str, dict[str, Any]]) -> str:
+    """One line per task: hit@1, MRR, chance, sizes and the verdict."""
+    lines = []
+    for task, s in scores.items():
+        verdict = "well above chance" if well_above_chance(s) else f"NOT >= {WELL_ABOVE_CHANCE:g} x chance"
+        lines.append(f"{task:24s} hit@1 {s['hit@1']:.3f}  mrr {s['mrr']:.3f}  chance {s['chance']:.3f}  "
+                     f"({s['n_queries']} queries, {s['n_candidates']} candidates): {verdict}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.heldout", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a model folder SentenceTransformer loads (e.g. final-model)")
+    parser.add_argument("--tasks", default="runs/heldout-tasks", help="held-out task folder (built if absent)")
+    parser.add_argument("--output", "--out", dest="output", help="write the scores here as JSON")
+    parser.add_argument("--cap", type=int, default=80, help="queries per task (default 80)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args(argv)
+    try:
+        manifest = ensure_tasks(args.tasks, cap=args.cap, seed=args.seed)
+        for source, why in manifest["skipped"].items():
+            print(f"skipped {source}: {why}", file=sys.stderr)
+        scores = score_heldout(args.model, args.tasks, batch_size=args.batch_size)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"heldout: error: {error}", file=sys.stderr)
+        return 2
+    print(format_scores(scores))
+    if args.output:
+        write_json_atomic(Path(args.output), {"model": str(args.model), "tasks": str(args.tasks),
+                                              "skipped": manifest["skipped"], "scores": scores})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
