@@ -3,7 +3,8 @@
     python -m training.pipeline --preset small     # the README's main job (<= 30 min on 2 CPU cores)
     python -m training.pipeline --preset smoke     # CI-sized (<= 3 min)
 
-Stages (each writes `OUT/<stage>/` and a `stage.json`; a rerun skips finished stages, `--force` redoes them):
+Stages (each writes `OUT/<stage>/` and a `stage.json`; a rerun skips finished stages, `--force` redoes them and
+the stages that read them; a folder built with another preset or seed is refused):
   data        real train/dev/test pairs per modality (training/data_sources; splits never overlap)
   base        small base from real parts (Whisper tiny.en encoder, real Qwen2 tokenizer) + text semantics
               distilled from all-MiniLM-L6-v2 + a vision tower distilled from EfficientNet-Lite0 (train images)
@@ -45,6 +46,15 @@ VISUAL_MODALITIES = ("image", "video", "document")  # the specialists that may p
 logger = logging.getLogger("training.pipeline")
 STAGES = ("data", "base", "specialists", "fuse", "drift", "recover", "rehearse", "heldout", "report")
 OPTIONAL_STAGES = ("heldout",)  # the report reads them where present (runs from before the stage existed lack it)
+# The earlier stages each stage reads (its inputs). A finished stage whose input was redone after it is out of date:
+# a run redoes it, and a stage whose input is out of date (or missing) refuses to start. An optional stage that
+# never ran is no input (an older run folder without it still reports).
+STAGE_INPUTS = {
+    "data": (), "base": ("data",), "specialists": ("data", "base"), "fuse": ("data", "base", "specialists"),
+    "drift": ("data", "specialists", "fuse"), "recover": ("data", "specialists", "fuse"),
+    "rehearse": ("data", "specialists", "recover"), "heldout": ("data", "base", "rehearse"),
+    "report": STAGES[:-1],
+}
 # Fusion weights α_m of θ = θ₀ + Σ α_m τ_m. The paper's "multiway-C" (paper.md §1): 0.3 image/video/document, 0.5
 # audio. The paper has no text specialist (text is the base's skill); ours is one more LLM-only delta like the
 # visual ones, so it gets their 0.3 (the sweep below checks other values on dev).
@@ -147,8 +157,18 @@ PRESETS = {
 }
 
 
+class PipelineError(ValueError):
+    """A run that would mix stages of different settings, or a stage whose inputs are missing or out of date."""
+
+
 class Pipeline:
-    """Runs the stages in order; each stage's result is `OUT/<stage>/stage.json` (present = finished)."""
+    """Runs the stages in order; each stage's result is `OUT/<stage>/stage.json` (present = finished).
+
+    Each `stage.json` records the preset name, the seed and when the stage finished (`finished_at`, epoch s). A
+    rerun skips a finished stage unless it is forced or one of its :data:`STAGE_INPUTS` finished after it (redone
+    since: then it is redone too, so `--force specialists` also redoes fuse ... report). A stage finished under
+    another preset or seed is never reused: :meth:`run` raises :class:`PipelineError` instead.
+    """
 
     def __init__(self, out: Path, preset: Preset, seed: int = 0, force: set[str] | None = None,
                  preset_name: str = "custom", command: str = ""):
@@ -160,18 +180,71 @@ class Pipeline:
     def stage_dir(self, stage: str) -> Path:
         return self.out / stage
 
+    def forced(self, stage: str) -> bool:
+        return stage in self.force or "all" in self.force
+
+    def stage_record(self, stage: str) -> dict[str, Any] | None:
+        """The stage's `stage.json`, or None when it has not finished."""
+        marker = self.stage_dir(stage) / "stage.json"
+        return json.loads(marker.read_text()) if marker.exists() else None
+
+    def why_outdated(self, stage: str) -> str | None:
+        """None when `stage` has finished after each of its inputs and those are up to date themselves (checked
+        down to `data`); else the reason. Records from before `finished_at` count as finished at time 0."""
+        record = self.stage_record(stage)
+        if record is None:
+            return f"{stage} has not finished in {self.out}"
+        for name in STAGE_INPUTS[stage]:
+            upstream = self.stage_record(name)
+            if upstream is None and name in OPTIONAL_STAGES:
+                continue
+            if upstream is None:
+                return f"{name} has not finished in {self.out}"
+            if upstream.get("finished_at", 0.0) > record.get("finished_at", 0.0):
+                return f"{name} was redone after {stage} finished"
+            reason = self.why_outdated(name)
+            if reason:
+                return reason
+        return None
+
+    def check_settings(self, stages: list[str]) -> None:
+        """Refuse to reuse a finished stage built under another preset or seed (stages that will be redone
+        anyway, forced ones, are not checked; records from before the preset was recorded are not either)."""
+        mixed = []
+        for stage in STAGES:
+            record = self.stage_record(stage)
+            if record is None or (stage in stages and self.forced(stage)):
+                continue
+            was = (record.get("preset", self.preset_name), record.get("seed", self.seed))
+            if was != (self.preset_name, self.seed):
+                mixed.append(f"{stage} (preset {was[0]}, seed {was[1]})")
+        if mixed:
+            raise PipelineError(
+                f"{self.out} holds stages built with other settings: {', '.join(mixed)}; this run asks for preset "
+                f"{self.preset_name}, seed {self.seed}, and would mix them. Use another --output, or --force to "
+                "redo every stage.")
+
     def run_stage(self, stage: str, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
         marker = self.stage_dir(stage) / "stage.json"
-        if marker.exists() and stage not in self.force and "all" not in self.force:
+        if marker.exists() and not self.forced(stage):
             result = json.loads(marker.read_text())
-            print(f"[{stage}] done earlier ({result.get('seconds', 0):.0f} s) - skipped; --force {stage} redoes it")
-            return result
+            reason = self.why_outdated(stage)
+            if reason is None:
+                print(f"[{stage}] done earlier ({result.get('seconds', 0):.0f} s) - skipped; --force {stage} redoes it")
+                return result
+            print(f"[{stage}] redone: {reason}", flush=True)
+        for name in STAGE_INPUTS[stage]:
+            reason = None if name in OPTIONAL_STAGES and self.stage_record(name) is None else self.why_outdated(name)
+            if reason:
+                raise PipelineError(f"stage {stage} reads {name}, which is not up to date ({reason}); run those "
+                                    "stages too (leave out --stages to run every stage in order).")
         if self.stage_dir(stage).exists():
             shutil.rmtree(self.stage_dir(stage))
         self.stage_dir(stage).mkdir(parents=True)
         start = time.perf_counter()
         result = fn(self.stage_dir(stage))
         result["seconds"] = time.perf_counter() - start
+        result.update(preset=self.preset_name, seed=self.seed, finished_at=time.time())
         write_json_atomic(marker, result)
         print(f"[{stage}] finished in {result['seconds']:.0f} s: {summary_line(result)}", flush=True)
         return result
@@ -414,11 +487,19 @@ class Pipeline:
 
     # --------------------------------------------------------------------------------------------------- run
     def run(self, stages: list[str]) -> None:
+        """Run `stages` (in :data:`STAGES` order). Raises PipelineError (before any work) when a finished stage of
+        `OUT` was built with another preset or seed, and when a stage's input is missing or out of date."""
         start = time.perf_counter()
+        stages = [s for s in STAGES if s in stages]
+        self.check_settings(stages)
         if "data" in stages or not (self.out / "run.json").exists():
-            write_json_atomic(self.out / "run.json", {"command": self.command, "seed": self.seed})
+            write_json_atomic(self.out / "run.json", {"command": self.command, "seed": self.seed,
+                                                      "preset": self.preset_name})
         for stage in stages:
             self.run_stage(stage, getattr(self, f"stage_{stage}"))
+        outdated = [s for s in STAGES if self.stage_record(s) is not None and self.why_outdated(s)]
+        if outdated:
+            print(f"out of date now (an input was redone): {', '.join(outdated)}; a run without --stages redoes them")
         print(f"pipeline finished in {time.perf_counter() - start:.0f} s; report: {self.out / 'report' / 'report.md'}")
 
 
@@ -480,12 +561,16 @@ def summary_line(result: dict[str, Any]) -> str:
         if all(isinstance(v, dict) and "hit@1" in v for v in scores.values()):  # {modality: metrics}
             return hits(scores) + " (hit@1)"
         return "; ".join(f"{k}: {hits(v)}" for k, v in scores.items())  # {model: {modality: metrics} | number}
-    return ", ".join(f"{k}={v}" for k, v in result.items()
-                     if isinstance(v, (int, float, str)) and k != "seconds" and len(str(v)) < 120)
+    if isinstance(result.get("counts"), dict):  # the data stage: pairs per modality and split
+        return " ".join(f"{m}={c.get('train', 0)}/{c.get('dev', 0)}/{c.get('test', 0)}"
+                        for m, c in result["counts"].items()) + " (train/dev/test pairs)"
+    return ", ".join(f"{k}={v}" for k, v in result.items() if isinstance(v, (int, float, str))
+                     and k not in ("seconds", "preset", "seed", "finished_at") and len(str(v)) < 120)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m training.pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
     parser.add_argument("--output", "--out", dest="out", default=None, help="output folder (default runs/pipeline-<preset>)")
     parser.add_argument("--seed", type=int, default=0)
@@ -500,7 +585,10 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m training.pipeline " + " ".join(argv if argv is not None else sys.argv[1:])
     pipeline = Pipeline(out, PRESETS[args.preset], seed=args.seed, force=force, preset_name=args.preset,
                         command=command)
-    pipeline.run(args.stages)
+    try:
+        pipeline.run(args.stages)
+    except PipelineError as error:
+        parser.error(str(error))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,107 @@
+"""Resuming a pipeline folder: redone inputs redo what reads them, and other settings are never mixed in.
+
+The stages are replaced by instant fakes that record their calls; the bookkeeping under test (stage.json records,
+`STAGE_INPUTS`, the settings check) is the real `Pipeline`'s.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from training.pipeline.runner import PRESETS, STAGE_INPUTS, STAGES, Pipeline, PipelineError, main
+
+
+class FakePipeline(Pipeline):
+    """Every stage writes one marker file and returns {"value": n} (n = how many stages ran before it)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls: list[str] = []
+        for stage in STAGES:
+            setattr(self, f"stage_{stage}", self._fake(stage))
+
+    def _fake(self, stage):
+        def run(out):
+            self.calls.append(stage)
+            (out / "done.txt").write_text(stage)
+            return {"value": len(self.calls)}
+        return run
+
+
+def make(out, force=(), preset="smoke", seed=0):
+    return FakePipeline(out, PRESETS[preset], seed=seed, force=set(force), preset_name=preset, command="test")
+
+
+def test_stage_inputs_are_earlier_stages():
+    for stage, inputs in STAGE_INPUTS.items():
+        assert all(STAGES.index(i) < STAGES.index(stage) for i in inputs), stage
+    assert set(STAGE_INPUTS) == set(STAGES) and set(STAGE_INPUTS["report"]) == set(STAGES[:-1])
+
+
+def test_forced_stage_redoes_the_stages_that_read_it(tmp_path):
+    make(tmp_path).run(list(STAGES))
+    rerun = make(tmp_path, force={"specialists"})
+    rerun.run(list(STAGES))
+    # data and base are untouched; everything downstream of the specialists is redone, report included.
+    assert rerun.calls == ["specialists", "fuse", "drift", "recover", "rehearse", "report"]
+    again = make(tmp_path)
+    again.run(list(STAGES))
+    assert again.calls == []
+
+
+def test_drift_rerun_leaves_recovery_alone(tmp_path):
+    make(tmp_path).run(list(STAGES))
+    rerun = make(tmp_path, force={"drift"})
+    rerun.run(list(STAGES))
+    assert rerun.calls == ["drift", "report"]
+
+
+def test_partial_rerun_blocks_a_stage_with_out_of_date_inputs(tmp_path, capsys):
+    make(tmp_path).run(list(STAGES))
+    make(tmp_path, force={"base"}).run(["base"])
+    assert "out of date now" in capsys.readouterr().out
+    report_only = make(tmp_path)
+    with pytest.raises(PipelineError, match="was redone after"):
+        report_only.run(["report"])
+    assert report_only.calls == []
+    with pytest.raises(PipelineError, match="fuse has not finished"):
+        fresh = make(tmp_path / "fresh")
+        fresh.run(["data", "base", "specialists", "drift"])
+
+
+def test_records_from_before_finished_at_still_resume(tmp_path):
+    make(tmp_path).run(list(STAGES))
+    for stage in STAGES:  # as written before stage.json recorded preset, seed and time
+        marker = tmp_path / stage / "stage.json"
+        record = json.loads(marker.read_text())
+        for key in ("finished_at", "preset", "seed"):
+            record.pop(key)
+        marker.write_text(json.dumps(record))
+    rerun = make(tmp_path, preset="small", force={"rehearse"})
+    rerun.run(list(STAGES))
+    assert rerun.calls == ["rehearse", "report"]
+
+
+@pytest.mark.parametrize("preset, seed", [("small", 0), ("smoke", 1)])
+def test_other_preset_or_seed_is_refused(tmp_path, preset, seed):
+    make(tmp_path).run(list(STAGES))
+    before = (tmp_path / "run.json").read_text()
+    other = make(tmp_path, preset=preset, seed=seed)
+    with pytest.raises(PipelineError, match="preset smoke, seed 0") as error:
+        other.run(list(STAGES))
+    assert f"preset {preset}, seed {seed}" in str(error.value)
+    assert other.calls == [] and (tmp_path / "run.json").read_text() == before
+    everything = make(tmp_path, preset=preset, seed=seed, force={"all"})
+    everything.run(list(STAGES))
+    assert everything.calls == list(STAGES)
+
+
+def test_cli_reports_a_mixed_folder_as_a_usage_error(tmp_path, capsys):
+    make(tmp_path).run(list(STAGES))
+    with pytest.raises(SystemExit) as code:
+        main(["--preset", "small", "--out", str(tmp_path), "--stages", "report"])
+    assert code.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m training.pipeline") and "preset smoke, seed 0" in err
