@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from training.base.steps import DistillSteps
 from training.common import hub_code
 from training.common.repo import save_conan_repo
-from training.common.io_utils import atomic_output_dir, save_safetensors_atomic, write_json_atomic
+from training.common.io_utils import (atomic_output_dir, check_output_free, save_safetensors_atomic,
+                                      write_json_atomic)
 from training.evaluation.embed import embed_items
 from training.evaluation.metrics import gold_ranks, rank_metrics
 
@@ -312,8 +313,10 @@ def distill_text(
     optimizer, scheduler, logs and best dev step are saved every `save_every` steps (newest kept), and with `resume`
     a rerun continues from the newest one (the batches and instructions are drawn from `seed` up front, so the
     resumed run trains on what the uninterrupted one would). The model stays on the CPU.
-    Raises ValueError when there are fewer distinct texts than `batch_size`.
+    Raises ValueError when there are fewer distinct texts than `batch_size`, FileExistsError (before any work)
+    when `out` exists and `overwrite` is False.
     """
+    check_output_free(out, overwrite)
     all_groups = [list(dict.fromkeys(t.strip() for t in g if t and t.strip())) for g in (groups or [])]
     all_groups += [[t] for t in sorted({t.strip() for t in texts if t and t.strip()})]
     all_groups = [g for g in all_groups if g]

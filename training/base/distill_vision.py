@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from training.base.steps import DistillSteps
 from training.common import hub_code
-from training.common.io_utils import atomic_output_dir, torch_save_atomic, write_json_atomic
+from training.common.io_utils import atomic_output_dir, check_output_free, torch_save_atomic, write_json_atomic
 from training.common.repo import save_conan_repo
 
 # Video media are left out by default: the pipeline's videos are synthetic camera motions over CIFAR-10 photos that the
@@ -196,8 +196,10 @@ def distill_vision(
     The steps run on the shared loop (`training.base.steps.DistillSteps` over `loop.run_steps`: clipping at 1.0,
     non-finite loss check, progress); with `checkpoint_dir` and `save_every` > 0 they are checkpointed and, with
     `resume`, a rerun continues from the newest checkpoint (batches are drawn per step from `seed`).
-    Raises ValueError when there are fewer than 2 items.
+    Raises ValueError when there are fewer than 2 items, FileExistsError (before any work) when `out` exists and
+    `overwrite` is False.
     """
+    check_output_free(out, overwrite)
     if len(items) < 2:
         raise ValueError(f"distill_vision needs at least 2 visual items, got {len(items)}.")
     torch.manual_seed(seed)

@@ -38,14 +38,20 @@ def clean_stale_partials(out_dir: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def check_output_free(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raise FileExistsError when `out_dir` exists and `overwrite` is False: what `atomic_output_dir` checks at the
+    end, for a stage to call before its work, so a forgotten `--force` fails in seconds rather than after training."""
+    if Path(out_dir).exists() and not overwrite:
+        raise FileExistsError(f"Output folder {out_dir} already exists; pass overwrite=True (or --force) to replace it.")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder `.NAME.partial-PID-*`; on success it is fsynced and replaces `out_dir` in
     one rename, on error it is removed. Partial folders of killed earlier runs are removed first. Raises
     FileExistsError when `out_dir` exists and `overwrite` is False."""
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"Output folder {out} already exists; pass overwrite=True (or --force) to replace it.")
+    check_output_free(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_partials(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))

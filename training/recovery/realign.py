@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from training.common.calibration import CALIBRATION_FILE, calibrate
-from training.common.io_utils import atomic_output_dir, write_json_atomic
+from training.common.io_utils import atomic_output_dir, check_output_free, write_json_atomic
 from training.common.repo import load_conan, save_conan_repo
 from training.evaluation.embed import embed_keyed as embed_inputs
 from training.evaluation.metrics import retrieval_scores
@@ -172,7 +172,10 @@ def run(
     feature_cache_dir: str | Path | None = None, overwrite: bool = False, progress: bool = True,
     device: str | None = None, target: str = "relational",
 ) -> dict[str, Any]:
-    """Realign `fused`'s projector to reproduce `specialist` on the audio of `data`; optionally write the model."""
+    """Realign `fused`'s projector to reproduce `specialist` on the audio of `data`; optionally write the model
+    (FileExistsError, before any work, when `output` exists and `overwrite` is False)."""
+    if output is not None:
+        check_output_free(output, overwrite)
     t0 = time.perf_counter()
     spec_model, processor = load_conan(specialist)
     fused_model, fused_processor = load_conan(fused)

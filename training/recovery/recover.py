@@ -54,7 +54,7 @@ from training.common.calibration import (
     calibrate,
 )
 from training.common.config import ConfigError
-from training.common.io_utils import atomic_output_dir, write_json_atomic
+from training.common.io_utils import atomic_output_dir, check_output_free, write_json_atomic
 from training.common.repo import NotAConanRepo, load_conan, save_conan_repo
 from training.contrastive.loop import LoopSettings, TrainState, load_state_folder, resolve_resume, run_steps, save_state_folder
 from training.contrastive.loss import info_nce
@@ -198,6 +198,7 @@ def recover(cfg: RecoverConfig, on_step: Callable[[int, dict[str, float]], None]
     from accelerate import Accelerator
 
     cfg.validate()
+    check_output_free(cfg.output, cfg.overwrite)  # before the training, not after it
     t_start = time.perf_counter()
     accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
     torch.manual_seed(cfg.seed)
