@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -59,14 +60,44 @@ def check_keys(values: Mapping[str, Any], allowed: Iterable[str], where: str) ->
         raise ConfigError(f"{where}: unknown key(s) {unknown}; expected keys among {allowed}")
 
 
+def _scalar_type(hint: Any) -> type | None:
+    """bool, int or float when `hint` is that type or that type | None; else None (not checked)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_args(hint) else [hint]
+    return args[0] if len(args) == 1 and args[0] in (bool, int, float) else None
+
+
+def check_scalar_types(cls: type, values: Mapping[str, Any], where: str) -> None:
+    """ConfigError when a bool / int / float key of `cls` holds another type (None is left to the dataclass).
+
+    Why: a dataclass does not check, and the wrong type is silently wrong, e.g. `visual_token_cache: "false"`
+    (a quoted string) turns the cache on, `lr: 1e-4` (YAML 1.1 reads it as a string) fails deep in the optimizer."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):  # annotations that do not resolve at run time: nothing to check against
+        return
+    for key, value in values.items():
+        expected = _scalar_type(hints.get(key))
+        if expected is None or value is None:
+            continue
+        ok = isinstance(value, bool) if expected is bool else (
+            isinstance(value, (int, float) if expected is float else int) and not isinstance(value, bool))
+        if not ok:
+            hint = " (YAML reads 1e-4 without a dot as text: write 1.0e-4)" if isinstance(value, str) and \
+                expected is float else ""
+            raise ConfigError(f"{where}: {key} must be {'true or false' if expected is bool else expected.__name__}, "
+                              f"got {value!r} ({type(value).__name__}){hint}")
+
+
 def build_dataclass(cls: type[T], values: Any, where: str) -> T:
-    """`cls(**values)` with an error naming `where` and the allowed keys (YAML typos fail loudly)."""
+    """`cls(**values)` with an error naming `where` and the allowed keys (YAML typos fail loudly) or a bool / int /
+    float key of the wrong type (`check_scalar_types`)."""
     if not isinstance(values, Mapping):
         raise ConfigError(f"{where}: expected a mapping of {cls.__name__} keys, got {type(values).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; expected keys among {sorted(names)}")
+    check_scalar_types(cls, values, where)
     return cls(**values)
 
 
