@@ -38,7 +38,8 @@ def demo_inputs() -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m training.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="an existing Conan repo; default: build the tiny one")
     parser.add_argument("--output", "--out", dest="out", default="runs/tiny", help="where the tiny repo is built")
     args = parser.parse_args(argv)

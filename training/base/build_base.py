@@ -317,7 +317,8 @@ def build_tiny_repo(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m training.build_base", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", "--out", dest="out", required=True, help="output folder (the Conan base repo)")
     parser.add_argument("--tiny", action="store_true", help="build from tiny random upstream checkpoints")
     parser.add_argument("--backbone", help="Qwen3-VL / Qwen2.5-VL / Qwen2-VL checkpoint: local folder or Hub id")

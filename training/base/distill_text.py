@@ -444,8 +444,11 @@ def wordnet_distillation_data(limit_groups: int | None = None, dev_limit: int = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
+    from training.common.cli import require_model_folder, user_errors
+
+    parser = argparse.ArgumentParser(prog="python -m training.distill_text", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a Conan model folder (e.g. the undistilled small base)")
     parser.add_argument("--texts", default=None, help="a text file, one sentence per line")
     parser.add_argument("--output", "--out", dest="out", required=True)
     parser.add_argument("--wordnet", action="store_true",
@@ -468,15 +471,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.texts and not args.wordnet:
         parser.error("give --texts FILE, --wordnet or both")
-    texts = Path(args.texts).read_text().splitlines() if args.texts else []
-    groups, dev_pairs = wordnet_distillation_data(args.wordnet_groups, seed=args.seed) if args.wordnet else ([], None)
+    require_model_folder(parser, "--model", args.model)
     from training.data_sources.wordnet import INSTRUCTION
 
-    print(distill_text(args.model, texts, args.out, args.steps, args.batch_size, args.lr, seed=args.seed,
-                       overwrite=args.force, instructions=[None, INSTRUCTION], groups=groups, dev_pairs=dev_pairs,
-                       dev_instruction=INSTRUCTION, eval_every=args.eval_every, temperature=args.temperature,
-                       cosine_weight=args.cosine_weight, pair_weight=args.pair_weight,
-                       teacher_cache_dir=args.teacher_cache, lexical_source=args.lexical_source))
+    with user_errors(parser):
+        check_output_free(args.out, args.force)
+        texts = Path(args.texts).read_text().splitlines() if args.texts else []
+        groups, dev_pairs = wordnet_distillation_data(args.wordnet_groups, seed=args.seed) if args.wordnet else ([], None)
+        result = distill_text(args.model, texts, args.out, args.steps, args.batch_size, args.lr, seed=args.seed,
+                              overwrite=args.force, instructions=[None, INSTRUCTION], groups=groups,
+                              dev_pairs=dev_pairs, dev_instruction=INSTRUCTION, eval_every=args.eval_every,
+                              temperature=args.temperature, cosine_weight=args.cosine_weight,
+                              pair_weight=args.pair_weight, teacher_cache_dir=args.teacher_cache,
+                              lexical_source=args.lexical_source)
+    print(result)
 
 
 if __name__ == "__main__":

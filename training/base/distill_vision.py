@@ -300,7 +300,10 @@ def _collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from training.common.cli import require_model_folder, user_errors
+
+    parser = argparse.ArgumentParser(prog="python -m training.distill_vision", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a Conan model folder (e.g. the small base)")
     parser.add_argument("--data", required=True, help="the pipeline's pairs folder (<data>/<modality>/train.jsonl)")
     parser.add_argument("--output", "--out", dest="out", required=True)
@@ -311,8 +314,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
-    result = distill_vision(args.model, training_visual_items(args.data), args.out, args.steps, args.batch_size,
-                            args.lr, seed=args.seed, overwrite=args.force, teacher_cache_dir=args.teacher_cache)
+    require_model_folder(parser, "--model", args.model)
+    with user_errors(parser):
+        result = distill_vision(args.model, training_visual_items(args.data), args.out, args.steps, args.batch_size,
+                                args.lr, seed=args.seed, overwrite=args.force, teacher_cache_dir=args.teacher_cache)
     print(json.dumps({k: v for k, v in result.items() if k != "log"}))
 
 

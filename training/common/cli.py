@@ -8,11 +8,32 @@ alias). A user error prints one line, "<prog>: error: <message>", and exits with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+
+
+@contextlib.contextmanager
+def user_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
+    """Inside it, the caller's input errors (a missing file or model folder, an output folder that exists, a bad
+    value, a data source that is not installed) end the command as `parser.error`: one line, exit status 2."""
+    from training.common.shared_data import SourceMissing
+
+    try:
+        yield
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, SourceMissing) as error:
+        parser.error(str(error))
+
+
+def require_model_folder(parser: argparse.ArgumentParser, flag: str, path: str) -> None:
+    """`parser.error` unless `path` (the value of `flag`) is a folder (a Conan model repo on this machine)."""
+    from pathlib import Path
+
+    if not Path(path).is_dir():
+        parser.error(f"{flag} {path}: no such model folder")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
