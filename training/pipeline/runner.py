@@ -500,7 +500,9 @@ class Pipeline:
         outdated = [s for s in STAGES if self.stage_record(s) is not None and self.why_outdated(s)]
         if outdated:
             print(f"out of date now (an input was redone): {', '.join(outdated)}; a run without --stages redoes them")
-        print(f"pipeline finished in {time.perf_counter() - start:.0f} s; report: {self.out / 'report' / 'report.md'}")
+        report = self.out / "report" / "report.md"
+        print(f"pipeline finished in {time.perf_counter() - start:.0f} s" + (f"; report: {report}" if "report" in stages
+                                                                            else ""))
 
 
 def training_texts(data_dir: Path) -> tuple[list[str], list[str]]:
