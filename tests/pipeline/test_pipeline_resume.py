@@ -60,6 +60,7 @@ def test_drift_rerun_leaves_recovery_alone(tmp_path):
 
 def test_partial_rerun_blocks_a_stage_with_out_of_date_inputs(tmp_path, capsys):
     make(tmp_path).run(list(STAGES))
+    assert capsys.readouterr().out.endswith(f"report: {tmp_path / 'report' / 'report.md'}\n")
     make(tmp_path, force={"base"}).run(["base"])
     printed = capsys.readouterr().out
     assert "out of date now" in printed and "report:" not in printed   # no report was written by this run
