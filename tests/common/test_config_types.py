@@ -64,3 +64,18 @@ def test_every_shipped_config_passes(path):
         recover(path, {"model": "runs/fused"})   # the fused model comes from --model
     else:
         {"coma": coma, "rehearse": rehearse, "specialist": specialist}[path.name.split("_")[0]](path)
+
+
+@pytest.mark.parametrize("module, config, prog", [
+    ("training.rehearsal.rehearse", "rehearse_tiny.yaml", "rehearse"),
+    ("training.specialist.decouple", "specialist_tiny_image.yaml", "specialist")])
+def test_stage_cli_names_a_missing_model_folder(module, config, prog, tmp_path, capsys):
+    import importlib
+
+    main = importlib.import_module(module).main
+    code = main(["--config", str(CONFIGS / config), "--model", str(tmp_path / "no-model"),
+                 "--output", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"python -m training.{prog}: error: ") and "no such model folder" in err
+    assert str(tmp_path / "no-model") in err

@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 
@@ -30,8 +31,6 @@ def user_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
 
 def require_model_folder(parser: argparse.ArgumentParser, flag: str, path: str) -> None:
     """`parser.error` unless `path` (the value of `flag`) is a folder (a Conan model repo on this machine)."""
-    from pathlib import Path
-
     if not Path(path).is_dir():
         parser.error(f"{flag} {path}: no such model folder")
 
@@ -52,7 +51,8 @@ def run_training_stage(
 ) -> int:
     """The CLI of a config-driven, resumable training stage (specialist, rehearse): parse the flags, load the config
     (`model_flags` override the config key `model_key`), `run(cfg, resume=, stop_after=, overwrite=)`, print
-    `summary(result)` as JSON; a user error prints "<prog>: error: <message>" and returns 2."""
+    `summary(result)` as JSON; a user error (a model folder that does not exist included) prints
+    "python -m training.<prog>: error: <message>" and returns 2."""
     parser = argparse.ArgumentParser(prog=f"python -m training.{prog}", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help=config_help)
@@ -63,11 +63,15 @@ def run_training_stage(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = load_config(args.config, {model_key: args.model, "output": args.output})
+        model = Path(getattr(cfg, model_key))
+        if not model.is_dir():  # else transformers answers with a Hub repo-id error about the path
+            raise FileNotFoundError(f"{model_key} {model}: no such model folder (the config's `{model_key}:` or "
+                                    f"{' / '.join(model_flags)})")
         if args.max_steps is not None:
             cfg.train.max_steps = args.max_steps
         result = run(cfg, resume=args.resume, stop_after=args.stop_after, overwrite=args.force)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(summary(result), indent=1))
     return 0
