@@ -85,9 +85,25 @@ def test_target_verdicts_on_synthetic_numbers():
     assert verdicts["fused (paper) text"].met and "fused (paper) audio" not in verdicts
     assert verdicts["recovered audio"].met                                      # 0.48 >= 0.95 x 0.50
     assert verdicts["realigned audio (beside it)"].shortfall == pytest.approx(0.175)
-    worst = verdicts["final worst modality (image)"]                            # 0.25 vs 0.27: the worst margin
-    assert worst.shortfall == pytest.approx(0.02)
+    worst = verdicts["final worst modality (image)"]                            # 0.25 / 0.30: retention 0.83
+    assert worst.shortfall == pytest.approx(0.02) and worst.rule.endswith("retention 0.83")
     assert verdicts["wall time (preset small)"].met
+
+
+def test_final_worst_modality_is_the_lowest_retention():
+    stages = _stages()
+    # document keeps 0.03 of its specialist's 0.12 (retention 0.25, short of 0.9 x 0.12 by 0.078); image keeps 0.17
+    # of 0.30 (retention 0.57, short by 0.10): the worst modality is document, though image misses by more hit@1.
+    stages["rehearse"]["scores"] = _scores({"text": 0.60, "image": 0.17, "video": 0.10, "document": 0.03,
+                                            "audio": 0.50})
+    final = [v for v in target_verdicts(report.score_table(stages), report.chance_levels(stages))
+             if v.what.startswith("final worst")]
+    assert [v.what for v in final] == ["final worst modality (document)"]
+    assert final[0].rule.endswith("retention 0.25") and final[0].shortfall == pytest.approx(0.078)
+    stages["specialists"]["document"]["scores"]["document"]["hit@1"] = 0.0   # nothing to retain: not the worst
+    final = [v for v in target_verdicts(report.score_table(stages), report.chance_levels(stages))
+             if v.what.startswith("final worst")]
+    assert final[0].what == "final worst modality (image)"
 
 
 def test_source_table_columns_and_chance():

@@ -191,13 +191,16 @@ def target_verdicts(rows: dict[str, dict[str, float]], chance: dict[str, float],
                 out.append(Verdict(label, rows[row]["audio"], targets.recovery_ratio * audio,
                                    f"{targets.recovery_ratio:.0%} of the audio specialist {audio:.3f}"))
     final = rows.get(REHEARSED, {})
-    ratios = [(final[m] - targets.final_ratio * best_specialist(rows, m), m) for m in MODALITIES
-              if m in final and best_specialist(rows, m) is not None]
+    # The worst modality is the one with the lowest retention final / specialist (as rehearsal's own selection
+    # ranks them), not the largest shortfall in hit@1: a weak specialist's modality can lose most of itself while
+    # falling only a little in absolute terms. A specialist at 0 hit@1 leaves nothing to retain.
+    ratios = [(final[m] / spec, m) for m in MODALITIES
+              if m in final and (spec := best_specialist(rows, m)) is not None and spec > 0]
     if ratios:
-        _, worst = min(ratios)
+        retained, worst = min(ratios)
         spec = best_specialist(rows, worst)
         out.append(Verdict(f"final worst modality ({worst})", final[worst], targets.final_ratio * spec,
-                           f"{targets.final_ratio:.0%} of its specialist {spec:.3f}"))
+                           f"{targets.final_ratio:.0%} of its specialist {spec:.3f}; retention {retained:.2f}"))
     if seconds is not None and preset in targets.wall_s:
         out.append(Verdict(f"wall time (preset {preset})", seconds, targets.wall_s[preset], "sum of stage times",
                            at_most=True))
