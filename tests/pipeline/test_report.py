@@ -129,6 +129,7 @@ def test_write_report_sections_teacher_and_skips(tmp_path):
     assert "base text: 0.400 vs target >= 0.450 (absolute; teacher -): **not met, by 0.050**" in text
     assert "audio/fsdd-spoken-digits: ../shared absent" in text and "skipped data sources" in text
     assert "**chosen**" in text and "paper-weight" in text
+    assert "its R@1 is not the audio hit@1 above" in text   # the drift table's retrieval is another measure
     assert '"config"' not in text
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert scores["modalities"][report.FUSED_DEV]["image"] == 0.28

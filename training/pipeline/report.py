@@ -441,7 +441,10 @@ def write_report(out: Path, stages: dict[str, dict[str, Any]], preset: str, seed
     lines += ["", "## Fusion weights: paper vs dev-chosen", "", *_sweep_lines(stages.get("fuse", {}))]
     drift = stages.get("drift", {}).get("table")
     if drift:
-        lines += ["", "## Projector Drift diagnosis (audio specialist vs fused)", "", drift]
+        lines += ["", "## Projector Drift diagnosis (audio specialist vs fused)", "",
+                  "Its audio->partner retrieval ranks every test clip's partner among all of them (training/recovery/"
+                  "drift.py), so its R@1 is not the audio hit@1 above, which asks each source in its own direction "
+                  "(spoken words: text -> audio).", "", drift]
     recover = stages.get("recover", {})
     if recover:
         compact = {k: {kk: vv for kk, vv in (recover.get(k) or {}).items()
