@@ -25,10 +25,12 @@ def test_frozen_towers_get_both_caches_on_the_unwrapped_model(tiny_repo, tmp_pat
     assert vision_tower(conan).forward.cache is caches["visual"]
 
 
-def test_no_audio_cache_without_a_folder_and_no_visual_cache_on_a_trained_tower(tiny_repo):
+def test_no_audio_cache_without_a_folder_and_no_visual_cache_on_a_trained_tower(tiny_repo, caplog):
     model = _lora_model(tiny_repo, ("llm", "vision"))
-    caches = install_feature_caches(model, ("llm", "vision"))
+    with caplog.at_level("INFO", logger="training.contrastive.trainer"):
+        caches = install_feature_caches(model, ("llm", "vision"))
     assert caches == {"audio": None, "visual": None}
+    assert "visual token cache not installed: lora.scopes holds 'vision'" in caplog.text   # asked for, not given
     assert unwrap_conan(model).audio_frames_hook is None
     off = install_feature_caches(_lora_model(tiny_repo, ("llm",)), ("llm",), visual=False)
     assert off["visual"] is None

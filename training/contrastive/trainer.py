@@ -138,7 +138,8 @@ def install_feature_caches(model: nn.Module, scopes: Sequence[str], audio_cache_
                            visual: bool = True) -> dict[str, Any]:
     """Encode frozen towers once per item: the audio encoder's frames (`training/common/audio_cache.py`) when
     `audio_cache_dir` is given, the vision tower's merged tokens (`training/common/visual_cache.py`) when `visual` and
-    the tower is frozen and of a supported family. Call after `apply_lora` (the caches sit on the unwrapped model).
+    the tower is frozen and of a supported family (else an INFO log says why not). Call after `apply_lora` (the caches
+    sit on the unwrapped model).
 
     Why: a frozen tower gives the same output for the same item at every step, and in the small pipeline it costs
     more than the LoRA step itself (Whisper on 30-s windows, pages of 256 patches). Returns {"audio": AudioFrameCache
@@ -155,9 +156,17 @@ def install_feature_caches(model: nn.Module, scopes: Sequence[str], audio_cache_
             raise ValueError("audio_cache_dir caches the frozen audio encoder's output; it cannot be combined with "
                              "LoRA on the audio encoder (lora.scopes holds 'audio_encoder').")
         caches["audio"] = conan.audio_frames_hook = AudioFrameCache.for_model(conan, audio_cache_dir)
-    tower_frozen = not any(p.requires_grad for p in vision_tower(conan).parameters())
-    if visual and "vision" not in scopes and tower_frozen and conan.config.backbone_model_type in SUPPORTED_FAMILIES:
-        caches["visual"] = VisualTokenCache.install(conan)
+    if visual:
+        family = conan.config.backbone_model_type
+        why_not = ("lora.scopes holds 'vision'" if "vision" in scopes else
+                   "the vision tower has trainable parameters" if any(
+                       p.requires_grad for p in vision_tower(conan).parameters()) else
+                   f"backbone family {family!r} is not one of {SUPPORTED_FAMILIES}" if family not in SUPPORTED_FAMILIES
+                   else None)
+        if why_not is None:
+            caches["visual"] = VisualTokenCache.install(conan)
+        else:  # asked for (visual_token_cache: true) but not possible: say so instead of silently running uncached
+            logger.info("visual token cache not installed: %s; the vision tower runs on every step", why_not)
     return caches
 
 
