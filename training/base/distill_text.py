@@ -484,7 +484,7 @@ def main(argv: list[str] | None = None) -> None:
                               temperature=args.temperature, cosine_weight=args.cosine_weight,
                               pair_weight=args.pair_weight, teacher_cache_dir=args.teacher_cache,
                               lexical_source=args.lexical_source)
-    print(result)
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
