@@ -80,7 +80,7 @@ def test_records_from_before_finished_at_still_resume(tmp_path):
     for stage in STAGES:  # as written before stage.json recorded preset, seed and time
         marker = tmp_path / stage / "stage.json"
         record = json.loads(marker.read_text())
-        for key in ("finished_at", "preset", "seed"):
+        for key in ("finished_at", "pipeline_preset", "pipeline_seed"):
             record.pop(key)
         marker.write_text(json.dumps(record))
     rerun = make(tmp_path, preset="small", force={"rehearse"})

@@ -164,10 +164,11 @@ class PipelineError(ValueError):
 class Pipeline:
     """Runs the stages in order; each stage's result is `OUT/<stage>/stage.json` (present = finished).
 
-    Each `stage.json` records the preset name, the seed and when the stage finished (`finished_at`, epoch s). A
-    rerun skips a finished stage unless it is forced or one of its :data:`STAGE_INPUTS` finished after it (redone
-    since: then it is redone too, so `--force specialists` also redoes fuse ... report). A stage finished under
-    another preset or seed is never reused: :meth:`run` raises :class:`PipelineError` instead.
+    Each `stage.json` records the preset name, the seed and when the stage finished (`pipeline_preset`,
+    `pipeline_seed`, `finished_at` in epoch s). A rerun skips a finished stage unless it is forced or one of its
+    :data:`STAGE_INPUTS` finished after it (redone since: then it is redone too, so `--force specialists` also redoes
+    fuse ... report). A stage finished under another preset or seed is never reused: :meth:`run` raises
+    :class:`PipelineError` instead.
     """
 
     def __init__(self, out: Path, preset: Preset, seed: int = 0, force: set[str] | None = None,
@@ -215,7 +216,7 @@ class Pipeline:
             record = self.stage_record(stage)
             if record is None or (stage in stages and self.forced(stage)):
                 continue
-            was = (record.get("preset", self.preset_name), record.get("seed", self.seed))
+            was = (record.get("pipeline_preset", self.preset_name), record.get("pipeline_seed", self.seed))
             if was != (self.preset_name, self.seed):
                 mixed.append(f"{stage} (preset {was[0]}, seed {was[1]})")
         if mixed:
@@ -244,7 +245,8 @@ class Pipeline:
         start = time.perf_counter()
         result = fn(self.stage_dir(stage))
         result["seconds"] = time.perf_counter() - start
-        result.update(preset=self.preset_name, seed=self.seed, finished_at=time.time())
+        # Prefixed: a stage result may hold its own "seed" (e.g. of a task build).
+        result.update(pipeline_preset=self.preset_name, pipeline_seed=self.seed, finished_at=time.time())
         write_json_atomic(marker, result)
         print(f"[{stage}] finished in {result['seconds']:.0f} s: {summary_line(result)}", flush=True)
         return result
@@ -567,7 +569,7 @@ def summary_line(result: dict[str, Any]) -> str:
         return " ".join(f"{m}={c.get('train', 0)}/{c.get('dev', 0)}/{c.get('test', 0)}"
                         for m, c in result["counts"].items()) + " (train/dev/test pairs)"
     return ", ".join(f"{k}={v}" for k, v in result.items() if isinstance(v, (int, float, str))
-                     and k not in ("seconds", "preset", "seed", "finished_at") and len(str(v)) < 120)
+                     and k not in ("seconds", "pipeline_preset", "pipeline_seed", "finished_at") and len(str(v)) < 120)
 
 
 def main(argv: list[str] | None = None) -> None:
