@@ -5,7 +5,8 @@
 Builds the tasks (training/data_sources/heldout.py: GCIDE definitions, Twemoji names <-> images, flite spoken words,
 gnuplot manual pages) into `--tasks` unless that folder already holds them for the same `--cap` and `--seed`,
 then scores the model through `SentenceTransformer(..., trust_remote_code=True)` (training/evaluation/heldout.py) and
-prints one line per task (hit@1, chance, "well above chance" = hit@1 >= 3 x chance). Sources that are not
+prints one line per task (hit@1, chance, the one-sided binomial p-value of its hits under chance; "well above
+chance" = hit@1 >= 3 x chance and p < 0.01). Sources that are not
 installed are skipped with the install command. Entry module (not in training/evaluation/) because building reads
 training/data_sources, which the evaluation layer may not import.
 """
@@ -19,16 +20,19 @@ from typing import Any
 
 from training.common.io_utils import write_json_atomic
 from training.data_sources.heldout import ensure_tasks
-from training.evaluation.heldout import WELL_ABOVE_CHANCE, score_heldout, well_above_chance
+from training.evaluation.heldout import SIGNIFICANCE, WELL_ABOVE_CHANCE, score_heldout, well_above_chance
+from training.evaluation.metrics import chance_p_value, hits_of
 
 
 def format_scores(scores: dict[str, dict[str, Any]]) -> str:
-    """One line per task: hit@1, MRR, chance, sizes and the verdict."""
+    """One line per task: hit@1, MRR, chance, sizes, the p-value of the hits under chance and the verdict."""
     lines = []
     for task, s in scores.items():
-        verdict = "well above chance" if well_above_chance(s) else f"NOT >= {WELL_ABOVE_CHANCE:g} x chance"
+        verdict = "well above chance" if well_above_chance(s) else \
+            f"NOT well above chance (>= {WELL_ABOVE_CHANCE:g} x chance and p < {SIGNIFICANCE:g})"
+        p_value = chance_p_value(hits_of(s), int(s["n_queries"]), int(s["n_candidates"]))
         lines.append(f"{task:24s} hit@1 {s['hit@1']:.3f}  mrr {s['mrr']:.3f}  chance {s['chance']:.3f}  "
-                     f"({s['n_queries']} queries, {s['n_candidates']} candidates): {verdict}")
+                     f"p {p_value:.2g}  ({s['n_queries']} queries, {s['n_candidates']} candidates): {verdict}")
     return "\n".join(lines)
 
 

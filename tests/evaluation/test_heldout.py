@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from training.evaluation.heldout import WELL_ABOVE_CHANCE, score_heldout, task_files, well_above_chance
+from training.evaluation.metrics import chance_p_value, required_hits
 from training.evaluation.metrics import gold_ranks
 
 
@@ -72,10 +73,19 @@ def test_score_heldout_refuses_mixed_instructions_and_empty_folders(tiny_repo, t
         task_files(tmp_path / "empty")
 
 
-def test_well_above_chance_is_three_times_chance():
+def test_well_above_chance_needs_three_times_chance_and_significance():
     assert WELL_ABOVE_CHANCE == 3.0
-    assert well_above_chance({"hit@1": 0.0375, "chance": 0.0125})
-    assert not well_above_chance({"hit@1": 0.037, "chance": 0.0125})
+    score = lambda hits, n=80, c=80: {"hit@1": hits / n, "n_queries": n, "n_candidates": c, "chance": 1 / c}  # noqa: E731
+    # 3 of 80 among 80 candidates is 3 x chance, but chance gives 3 or more 8% of the time: 5 are needed (p 0.3%)
+    assert chance_p_value(3, 80, 80) == pytest.approx(0.0797, abs=1e-3)
+    assert required_hits(80, 80) == 5
+    assert not well_above_chance(score(4)) and well_above_chance(score(5))
+    # with 10 candidates 3 x chance (24 of 80) is already far beyond chance: the multiple decides
+    assert required_hits(80, 10) == 24
+    assert well_above_chance(score(24, c=10)) and not well_above_chance(score(23, c=10))
+    assert required_hits(2, 2) == 3   # 2 queries can never show it: more hits than queries
+    with pytest.raises(ValueError, match="n_candidates >= 1"):
+        chance_p_value(1, 4, 0)
 
 
 def test_cli_scores_a_prebuilt_task_folder(tiny_repo, tmp_path, capsys):

@@ -162,14 +162,15 @@ def _heldout(final_hits: dict[str, float], skipped: dict[str, str] | None = None
                        "teacher": {"gcide-definitions": score(0.6)}}}
 
 
-def test_heldout_verdicts_use_three_times_chance_per_task():
-    verdicts = {v.what: v for v in report.heldout_verdicts(_heldout({"gcide-definitions": 3 / 80,
-                                                                     "flite-spoken-words": 2 / 80}))}
+def test_heldout_verdicts_need_three_times_chance_and_significance_per_task():
+    verdicts = {v.what: v for v in report.heldout_verdicts(_heldout({"gcide-definitions": 5 / 80,
+                                                                     "flite-spoken-words": 3 / 80}))}
     gcide, flite = (verdicts[f"held-out {t}, final"] for t in ("gcide-definitions (text definition -> word)",
                                                                 "flite-spoken-words (spoken word -> text)"))
-    assert gcide.met and gcide.threshold == pytest.approx(3 / 80)
-    assert not flite.met and flite.shortfall == pytest.approx(1 / 80)
-    assert "(3 x chance 1/80; 3 of 80 queries): **met**" in gcide.line()   # exactly 3 x chance meets it
+    assert gcide.met and gcide.threshold == pytest.approx(5 / 80)
+    # 3 of 80 is 3 x chance but p = 0.08 under chance: not well above it
+    assert not flite.met and flite.shortfall == pytest.approx(2 / 80)
+    assert "(needs 5 of 80 hits: >= 3 x chance 1/80 and p < 0.01; has 5, p = 0.0034): **met**" in gcide.line()
     assert report.heldout_verdicts({}) == []
 
 
@@ -179,12 +180,14 @@ def test_write_report_heldout_section_and_skips(tmp_path):
     write_report(tmp_path, stages, "small", 0, "cmd")
     text = (tmp_path / "report.md").read_text()
     section = text.split("## Held-out generalisation (unseen sources)")[1].split("## What the numbers say")[0]
-    assert "hit@1 >= 3 x chance" in section
-    assert "| gcide-definitions | gcide | text definition -> word | 80 | 0.013 | 0.013 | 0.200 | 0.600 | well above " \
-           "chance |" in section
-    assert "| flite-spoken-words | flite | spoken word -> text | 80 | 0.013 | 0.013 | 0.000 | - | not well above" in section
+    assert "hit@1 >= 3 x chance and a one-sided binomial p-value under chance below 0.01" in section
+    assert "| gcide-definitions | gcide | text definition -> word | 80 | 0.013 | 0.013 | 0.200 | 4.5e-15 | 0.600 | " \
+           "well above chance |" in section
+    assert "| flite-spoken-words | flite | spoken word -> text | 80 | 0.013 | 0.013 | 0.000 | 1 | - | not well above" \
+        in section
     assert "- twemoji: Twemoji artwork not found" in section
-    assert "held-out gcide-definitions (text definition -> word), final: 0.200 vs target >= 0.037 (3 x chance 1/80; 16 of 80 queries): **met**" in text
+    assert "held-out gcide-definitions (text definition -> word), final: 0.200 vs target >= 0.062 (needs 5 of 80 " \
+           "hits: >= 3 x chance 1/80 and p < 0.01; has 16, p = 4.5e-15): **met**" in text
     assert json.loads((tmp_path / "scores.json").read_text())["heldout"]["final"]["gcide-definitions"]["hit@1"] == 0.2
     write_report(tmp_path, _stages(), "small", 0, "cmd")   # a run without the stage says so
     assert "Not measured: this run has no `heldout` stage" in (tmp_path / "report.md").read_text()

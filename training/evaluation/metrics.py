@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -159,3 +159,29 @@ def retrieval_scores(queries: Any, bank: Any, positives: Sequence[int]) -> dict[
     ranks = gold_ranks(q @ b.T, positives)
     metrics = rank_metrics(ranks, ks=(1, 5))
     return {"r@1": metrics["hit@1"], "r@5": metrics["hit@5"], "mrr": metrics["mrr"], "n": int(len(ranks))}
+
+
+def chance_p_value(hits: int, n_queries: int, n_candidates: int) -> float:
+    """One-sided p-value of `hits` or more correct top-1 answers in `n_queries` under chance: P(X >= hits) for
+    X ~ Binomial(n_queries, 1 / n_candidates) (every query ranks all `n_candidates`; scipy.stats.binom)."""
+    from scipy.stats import binom
+
+    if n_queries < 1 or n_candidates < 1:
+        raise ValueError(f"chance_p_value: need n_queries >= 1 and n_candidates >= 1, got {n_queries}, {n_candidates}")
+    return float(binom.sf(hits - 1, n_queries, 1.0 / n_candidates))
+
+
+def required_hits(n_queries: int, n_candidates: int, multiple: float = 3.0,
+                  alpha: float = 0.01) -> int:
+    """The fewest hits of `n_queries` that are well above chance: at least `multiple` x the chance count
+    (n_queries / n_candidates) and `chance_p_value` below `alpha`. n_queries + 1 when no count qualifies (too few
+    queries)."""
+    hits = max(1, math.ceil(multiple * n_queries / n_candidates - 1e-9))
+    while hits <= n_queries and chance_p_value(hits, n_queries, n_candidates) >= alpha:
+        hits += 1
+    return hits
+
+
+def hits_of(score: dict[str, Any]) -> int:
+    """The number of correct top-1 answers behind `score["hit@1"]` over `score["n_queries"]`."""
+    return round(float(score["hit@1"]) * int(score["n_queries"]))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from training.common.modalities import MODALITIES
+from training.evaluation.metrics import chance_p_value, hits_of, required_hits
 
 # Row names of the tables (also the keys of scores.json).
 BASE, TEACHER = "base (distilled text)", "teacher (all-MiniLM-L6-v2)"
@@ -38,7 +39,8 @@ class Targets:
     fused_gap: float = 0.05            # fused within this of each visual/text specialist
     recovery_ratio: float = 0.95       # recovered audio >= this x the audio specialist
     final_ratio: float = 0.90          # rehearsed: worst modality >= this x its specialist
-    heldout_chance_multiple: float = 3.0  # held-out tasks: final hit@1 >= this x chance ("well above chance")
+    heldout_chance_multiple: float = 3.0  # held-out tasks: final hit@1 >= this x chance ("well above chance") ...
+    heldout_alpha: float = 0.01           # ... with a one-sided binomial p-value under chance below this
     wall_s: dict[str, float] = field(default_factory=lambda: {"small": 1800.0, "smoke": 180.0})
 
 
@@ -208,19 +210,29 @@ def target_verdicts(rows: dict[str, dict[str, float]], chance: dict[str, float],
 
 
 def _heldout_threshold(score: dict[str, Any], targets: Targets = TARGETS) -> float:
-    """multiple / candidates (not multiple x chance: 3 x 0.0125 rounds above 3/80, the hit@1 of 3 hits in 80)."""
-    return targets.heldout_chance_multiple / score["n_candidates"]
+    """The hit@1 of `required_hits` (the fewest hits that are well above chance) over the task's queries."""
+    hits = required_hits(int(score["n_queries"]), int(score["n_candidates"]), targets.heldout_chance_multiple,
+                         targets.heldout_alpha)
+    return hits / int(score["n_queries"])
+
+
+def _heldout_rule(targets: Targets = TARGETS) -> str:
+    return (f"hit@1 >= {targets.heldout_chance_multiple:g} x chance and a one-sided binomial p-value under chance "
+            f"below {targets.heldout_alpha:g}")
 
 
 def heldout_verdicts(heldout: dict[str, Any], targets: Targets = TARGETS) -> list[Verdict]:
-    """One :class:`Verdict` per held-out task of the `heldout` stage result: the final model's hit@1 against
-    `targets.heldout_chance_multiple` x chance ("well above chance"); [] when the stage scored nothing."""
+    """One :class:`Verdict` per held-out task of the `heldout` stage result: the final model's hit@1 against the
+    fewest hits that are well above chance (`_heldout_rule`); [] when the stage scored nothing."""
     out = []
     for task, s in sorted((heldout.get("scores", {}).get("final") or {}).items()):
         kind = heldout.get("tasks", {}).get(task, {}).get("kind", "")
+        hits, n = hits_of(s), int(s["n_queries"])
+        needed = round(_heldout_threshold(s, targets) * n)
         out.append(Verdict(f"held-out {task} ({kind}), final", float(s["hit@1"]), _heldout_threshold(s, targets),
-                           f"{targets.heldout_chance_multiple:g} x chance 1/{s['n_candidates']}; "
-                           f"{round(float(s['hit@1']) * s['n_queries'])} of {s['n_queries']} queries"))
+                           f"needs {needed} of {n} hits: >= {targets.heldout_chance_multiple:g} x chance 1/"
+                           f"{s['n_candidates']} and p < {targets.heldout_alpha:g}; has {hits}, p = "
+                           f"{chance_p_value(hits, n, int(s['n_candidates'])):.2g}"))
     return out
 
 
@@ -235,8 +247,8 @@ def _heldout_lines(heldout: dict[str, Any], targets: Targets = TARGETS) -> list[
              f"{heldout.get('cap')} queries a task, seed {heldout.get('seed')}; training/data_sources/heldout.py); each "
              "model loaded as a user does, `SentenceTransformer(model, trust_remote_code=True)`, queries through "
              "`encode_query(..., prompt=instruction)`, candidates (every distinct positive of the task) through "
-             "`encode_document`; hit@1, chance = 1 / candidates. Verdict rule: **well above chance** := hit@1 >= "
-             f"{targets.heldout_chance_multiple:g} x chance.", ""]
+             "`encode_document`; hit@1, chance = 1 / candidates; p = the one-sided binomial probability of the final "
+             f"model's hits or more under chance. Verdict rule: **well above chance** := {_heldout_rule(targets)}.", ""]
     body = []
     for task, info in sorted(heldout.get("tasks", {}).items()):
         final = (scores.get("final") or {}).get(task)
@@ -245,11 +257,13 @@ def _heldout_lines(heldout: dict[str, Any], targets: Targets = TARGETS) -> list[
         verdict = "-" if final is None else (
             "well above chance" if final["hit@1"] >= _heldout_threshold(final, targets) - 1e-9
             else "not well above chance")
+        p_value = "-" if final is None else \
+            f"{chance_p_value(hits_of(final), int(final['n_queries']), int(final['n_candidates'])):.2g}"
         body.append([task, info.get("source", ""), info.get("kind", ""),
                      str(ref["n_candidates"]) if ref else "-", _fmt(ref["chance"]) if ref else "-",
-                     _fmt(base and base["hit@1"]), _fmt(final and final["hit@1"]),
+                     _fmt(base and base["hit@1"]), _fmt(final and final["hit@1"]), p_value,
                      _fmt(teacher and teacher["hit@1"]), verdict])
-    lines += _markdown_table(["task", "source", "kind", "candidates", "chance", "base", "final",
+    lines += _markdown_table(["task", "source", "kind", "candidates", "chance", "base", "final", "final p",
                               "teacher (all-MiniLM-L6-v2)", "final verdict"], body)
     skipped = heldout.get("skipped") or {}
     lines += ["", "Skipped held-out sources: " + ("none." if not skipped else "")]
