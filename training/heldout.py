@@ -20,8 +20,8 @@ from typing import Any
 
 from training.common.io_utils import write_json_atomic
 from training.data_sources.heldout import ensure_tasks
-from training.evaluation.heldout import SIGNIFICANCE, WELL_ABOVE_CHANCE, score_heldout, well_above_chance
-from training.evaluation.metrics import chance_p_value, hits_of
+from training.evaluation.heldout import score_heldout
+from training.evaluation.metrics import SIGNIFICANCE, WELL_ABOVE_CHANCE, chance_p_value, hits_of, well_above_chance
 
 
 def format_scores(scores: dict[str, dict[str, Any]]) -> str:

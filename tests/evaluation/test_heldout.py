@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.evaluation.heldout import WELL_ABOVE_CHANCE, score_heldout, task_files, well_above_chance
-from training.evaluation.metrics import chance_p_value, required_hits
+from training.evaluation.heldout import score_heldout, task_files
+from training.evaluation.metrics import WELL_ABOVE_CHANCE, chance_p_value, required_hits, well_above_chance
 from training.evaluation.metrics import gold_ranks
 
 

@@ -20,14 +20,7 @@ from tqdm.auto import tqdm
 
 from training.common.audio_cache import AudioFrameCache
 from training.contrastive.data import load_jsonl
-from training.evaluation.metrics import hits_of, required_hits
 from training.evaluation.stage_eval import score_similarity
-
-# "well above chance" (issue 15's held-out target; the report states the rule): hit@1 at least this many times
-# chance, and a count of hits that chance alone reaches with probability below SIGNIFICANCE (3 hits of 80 among 80
-# candidates are 3 x chance but happen by chance 8% of the time; 5 hits, 0.3%).
-WELL_ABOVE_CHANCE = 3.0
-SIGNIFICANCE = 0.01
 
 
 def task_files(tasks_dir: str | Path) -> dict[str, Path]:
@@ -80,9 +73,3 @@ def score_heldout(model_dir: str | Path, tasks_dir: str | Path, batch_size: int 
         scores = score_similarity(np.asarray(queries) @ np.asarray(candidates).T, gold)
         results[task] = {**scores, "source": rows[0].source}
     return results
-
-
-def well_above_chance(score: dict[str, Any], multiple: float = WELL_ABOVE_CHANCE, alpha: float = SIGNIFICANCE) -> bool:
-    """The report's held-out verdict: the hits behind `score` ({"hit@1", "n_queries", "n_candidates"}) reach
-    `required_hits`."""
-    return hits_of(score) >= required_hits(int(score["n_queries"]), int(score["n_candidates"]), multiple, alpha)

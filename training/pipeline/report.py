@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from training.common.modalities import MODALITIES
-from training.evaluation.metrics import chance_p_value, hits_of, required_hits
+from training.evaluation.metrics import (SIGNIFICANCE, WELL_ABOVE_CHANCE, chance_p_value, hits_of, required_hits,
+                                         well_above_chance)
 
 # Row names of the tables (also the keys of scores.json).
 BASE, TEACHER = "base (distilled text)", "teacher (all-MiniLM-L6-v2)"
@@ -39,8 +40,8 @@ class Targets:
     fused_gap: float = 0.05            # fused within this of each visual/text specialist
     recovery_ratio: float = 0.95       # recovered audio >= this x the audio specialist
     final_ratio: float = 0.90          # rehearsed: worst modality >= this x its specialist
-    heldout_chance_multiple: float = 3.0  # held-out tasks: final hit@1 >= this x chance ("well above chance") ...
-    heldout_alpha: float = 0.01           # ... with a one-sided binomial p-value under chance below this
+    heldout_chance_multiple: float = WELL_ABOVE_CHANCE  # held-out tasks: final hit@1 >= this x chance ...
+    heldout_alpha: float = SIGNIFICANCE  # ... with a one-sided binomial p-value under chance below this
     wall_s: dict[str, float] = field(default_factory=lambda: {"small": 1800.0, "smoke": 180.0})
 
 
@@ -255,7 +256,7 @@ def _heldout_lines(heldout: dict[str, Any], targets: Targets = TARGETS) -> list[
         base, teacher = (scores.get("base") or {}).get(task), (scores.get("teacher") or {}).get(task)
         ref = final or base
         verdict = "-" if final is None else (
-            "well above chance" if final["hit@1"] >= _heldout_threshold(final, targets) - 1e-9
+            "well above chance" if well_above_chance(final, targets.heldout_chance_multiple, targets.heldout_alpha)
             else "not well above chance")
         p_value = "-" if final is None else \
             f"{chance_p_value(hits_of(final), int(final['n_queries']), int(final['n_candidates'])):.2g}"
