@@ -75,51 +75,53 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> It
         raise
 
 
-def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
-    """Write JSON to a temp file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def save_safetensors_atomic(path: str | os.PathLike, tensors: dict[str, Any],
-                            metadata: dict[str, str] | None = None) -> None:
-    """`safetensors.torch.save_file` to `<path>.tmp` in the same folder, then rename over `path` (a killed run never
-    leaves a half-written cache that loads)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
-
-
-def torch_save_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """`torch.save(obj)` to a unique temp file in the same folder, then rename over `path`: a killed run never leaves
-    a half-written file, and concurrent writers of the same key (DDP ranks filling one feature cache) never clash."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a unique temp path (`.NAME.*.tmp`, mode 0644) in `path`'s folder for the caller to write; on success it
+    is renamed over `path`, on error removed. A killed run never leaves a half-written file under `path`, and
+    concurrent writers of the same path (DDP ranks filling one feature cache) never share a temp file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    import torch
-
     try:
-        torch.save(obj, tmp)
+        os.chmod(tmp, 0o644)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
+    """Write JSON to a temp file in the same folder, fsync, then rename over `path` (`atomic_file`)."""
+    with atomic_file(path) as tmp, open(tmp, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through `atomic_file`."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def save_safetensors_atomic(path: str | os.PathLike, tensors: dict[str, Any],
+                            metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file` through `atomic_file` (a killed run never leaves a half-written cache that
+    loads)."""
+    from safetensors.torch import save_file
+
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def torch_save_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """`torch.save(obj)` through `atomic_file`."""
+    import torch
+
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from training.common.io_utils import atomic_file
 
 from .embedder import Embedder, l2_normalise
 
@@ -115,11 +115,8 @@ class EmbeddingCache:
             table[k] = v
         self.dir.mkdir(parents=True, exist_ok=True)
         f = self._file(prompt)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".npz.tmp")
-        os.close(fd)
-        with open(tmp, "wb") as out:
+        with atomic_file(f) as tmp, open(tmp, "wb") as out:  # a crash never leaves a half-written cache file
             np.savez(out, keys=np.array(list(table), dtype=str), emb=np.stack(list(table.values())))
-        os.replace(tmp, f)  # atomic: a crash never leaves a half-written cache file
         meta = self.dir / "prompts.json"
         known = json.loads(meta.read_text()) if meta.exists() else {}
         known[f.name] = prompt

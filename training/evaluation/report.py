@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from training.common.io_utils import atomic_file, atomic_write_bytes
 
 LABEL = "offline proxy suite (real local data), not MMEB/MAEB"
 
@@ -53,14 +53,6 @@ def compare_table(results_by_name: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def plot_bars(result: dict[str, Any], out_png: Path) -> Path | None:
     """Bar plot of main scores, one panel per modality; None when no task succeeded."""
     ok = {n: r for n, r in result["tasks"].items() if r["status"] == "ok"}
@@ -85,11 +77,9 @@ def plot_bars(result: dict[str, Any], out_png: Path) -> Path | None:
             ax.text(i, v + 1, f"{v:.1f}", ha="center", fontsize=7)
     fig.suptitle(f"{LABEL}\n{result.get('model', '')}", fontsize=9)
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(out_png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, out_png)
     return out_png
 
 
@@ -97,8 +87,8 @@ def write_reports(result: dict[str, Any], out_dir: str | Path) -> dict[str, str]
     """Write ``proxy_results.json``, ``proxy_results.md`` and ``proxy_results.png`` into ``out_dir``."""
     out = Path(out_dir)
     files = {"json": out / "proxy_results.json", "markdown": out / "proxy_results.md"}
-    _atomic_write(files["json"], json.dumps(result, indent=2, default=float).encode())
-    _atomic_write(files["markdown"], markdown_table(result).encode())
+    atomic_write_bytes(files["json"], json.dumps(result, indent=2, default=float).encode())
+    atomic_write_bytes(files["markdown"], markdown_table(result).encode())
     png = plot_bars(result, out / "proxy_results.png")
     paths = {k: str(v) for k, v in files.items()}
     if png is not None:

@@ -38,7 +38,7 @@ from training.common import hub_code
 from training.common.calibration import CALIBRATION_FILE, calibrate
 from training.common.cli import run_training_stage
 from training.common.config import ConfigError, build_dataclass, merged, require, resolve_path
-from training.common.io_utils import atomic_output_dir, write_json_atomic
+from training.common.io_utils import atomic_output_dir, save_safetensors_atomic, write_json_atomic
 from training.common.modalities import MODALITY_GROUPS
 from training.common.repo import save_conan_repo
 from training.contrastive.data import ExampleDataset, load_jsonl, load_sources
@@ -222,7 +222,7 @@ def rehearse(cfg: RehearsalConfig, resume: str | None = "auto", stop_after: int 
     """Run stage B; returns the report (`output` is None when stopped early by `stop_after`)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     accelerator = Accelerator(mixed_precision=mixed_precision_for(cfg.train.mixed_precision))
     if Path(cfg.output).exists() and not overwrite:
@@ -290,9 +290,7 @@ def rehearse(cfg: RehearsalConfig, resume: str | None = "auto", stop_after: int 
         if step > 0 and (best is None or worst > best["worst_retention"]):
             selection["best"] = {"step": step, "worst_retention": worst}
             if accelerator.is_main_process:
-                ckpt_root.mkdir(parents=True, exist_ok=True)
-                save_file(trainable_state(peft_model), str(ckpt_root / f".{BEST_FILE}.tmp"))
-                (ckpt_root / f".{BEST_FILE}.tmp").replace(ckpt_root / BEST_FILE)
+                save_safetensors_atomic(ckpt_root / BEST_FILE, trainable_state(peft_model))
         if accelerator.is_main_process:
             write_json_atomic(selection_path, selection)
 
