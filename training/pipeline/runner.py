@@ -191,17 +191,14 @@ class Pipeline:
 
     def why_outdated(self, stage: str) -> str | None:
         """None when `stage` has finished after each of its inputs and those are up to date themselves (checked
-        down to `data`); else the reason. Records from before `finished_at` count as finished at time 0."""
+        down to `data`); else the reason. Records from before `finished_at` count as finished at time 0; an optional
+        stage that never ran counts as up to date (the report reads it only where present)."""
         record = self.stage_record(stage)
         if record is None:
-            return f"{stage} has not finished in {self.out}"
+            return None if stage in OPTIONAL_STAGES else f"{stage} has not finished in {self.out}"
         for name in STAGE_INPUTS[stage]:
             upstream = self.stage_record(name)
-            if upstream is None and name in OPTIONAL_STAGES:
-                continue
-            if upstream is None:
-                return f"{name} has not finished in {self.out}"
-            if upstream.get("finished_at", 0.0) > record.get("finished_at", 0.0):
+            if upstream is not None and upstream.get("finished_at", 0.0) > record.get("finished_at", 0.0):
                 return f"{name} was redone after {stage} finished"
             reason = self.why_outdated(name)
             if reason:
@@ -235,7 +232,7 @@ class Pipeline:
                 return result
             print(f"[{stage}] redone: {reason}", flush=True)
         for name in STAGE_INPUTS[stage]:
-            reason = None if name in OPTIONAL_STAGES and self.stage_record(name) is None else self.why_outdated(name)
+            reason = self.why_outdated(name)
             if reason:
                 raise PipelineError(f"stage {stage} reads {name}, which is not up to date ({reason}); run those "
                                     "stages too (leave out --stages to run every stage in order).")
@@ -477,8 +474,8 @@ class Pipeline:
     def stage_report(self, out: Path) -> dict[str, Any]:
         from training.pipeline.report import write_report
 
-        stages = {s: json.loads((self.stage_dir(s) / "stage.json").read_text()) for s in STAGES[:-1]
-                  if s not in OPTIONAL_STAGES or (self.stage_dir(s) / "stage.json").exists()}
+        # run_stage checked every input (STAGES[:-1]) is finished and up to date; an optional one may be absent
+        stages = {s: record for s in STAGES[:-1] if (record := self.stage_record(s)) is not None}
         manifest = self.data_dir / "manifest.json"
         if "skipped" not in stages["data"] and manifest.exists():  # a data stage from before sources were recorded
             stages["data"].update(data_sources_summary(json.loads(manifest.read_text())))
