@@ -215,7 +215,8 @@ def extend_repo_with_compression_tokens(src: str | Path, out: str | Path, k: int
     src, out = Path(src), Path(out)
     if (out / "config.json").is_file():
         return out
-    model, processor = load_conan(src, dtype="float32")
+    model, _ = load_conan(src, dtype="float32")
+    processor = hub_code.ConanProcessor.from_pretrained(src)  # its own tokenizer: tokens are added to it below
     tokenizer = processor.tokenizer
     ids = add_compression_tokens(tokenizer, k)
     vocab = model.get_input_embeddings().num_embeddings

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from training.base.steps import DistillSteps
 from training.common import hub_code
-from training.common.repo import save_conan_repo
+from training.common.repo import load_processor, save_conan_repo
 from training.common.io_utils import (atomic_output_dir, check_output_free, save_safetensors_atomic,
                                       write_json_atomic)
 from training.evaluation.embed import embed_items
@@ -105,15 +105,22 @@ def transplant_token_embeddings(model: torch.nn.Module, tokenizer: Any, seed: in
         word_embeddings = next(v for k, v in teacher_table.items() if k.endswith("word_embeddings.weight")).float()
     table = model.get_input_embeddings().weight
     n_tokens = min(len(tokenizer), table.shape[0])
-    pieces = [tokenizer.convert_tokens_to_string([t]) for t in tokenizer.convert_ids_to_tokens(list(range(n_tokens)))]
-    encoded = teacher_tokenizer(pieces, add_special_tokens=False)["input_ids"]
-    vectors = torch.zeros(n_tokens, word_embeddings.shape[1])
-    covered = torch.zeros(n_tokens, dtype=torch.bool)
-    for token_id, ids in enumerate(encoded):
-        ids = [i for i in ids if i != teacher_tokenizer.unk_token_id]
-        if ids:
-            vectors[token_id] = word_embeddings[ids].mean(dim=0)
-            covered[token_id] = True
+    # The backends' own decoder and batch encoder, and one embedding_bag for the means: the same table as a Python
+    # loop over the ~150k tokens (checked equal to 2.4e-7), ~4 s instead of ~18 s on 2 cores.
+    decoder = tokenizer.backend_tokenizer.decoder
+    pieces = [decoder.decode([t]) for t in tokenizer.convert_ids_to_tokens(list(range(n_tokens)))]
+    backend = teacher_tokenizer.backend_tokenizer  # this function's own copy: its padding to 128 is turned off
+    backend.no_padding()
+    backend.no_truncation()
+    encoded = backend.encode_batch(pieces, add_special_tokens=False)
+    piece_ids = torch.tensor([i for e in encoded for i in e.ids], dtype=torch.long)
+    owner = torch.repeat_interleave(torch.arange(n_tokens), torch.tensor([len(e.ids) for e in encoded]))
+    known = piece_ids != teacher_tokenizer.unk_token_id
+    piece_ids, owner = piece_ids[known], owner[known]
+    counts = torch.bincount(owner, minlength=n_tokens)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)[:-1]])
+    vectors = F.embedding_bag(piece_ids, word_embeddings, offsets, mode="mean")
+    covered = counts > 0
     centred = vectors[covered] - vectors[covered].mean(dim=0)
     torch.manual_seed(seed)
     _, _, components = torch.pca_lowrank(centred, q=table.shape[1], center=False)
@@ -343,7 +350,7 @@ def distill_text(
     row = {t: i for i, t in enumerate(used)}
     teacher_seconds, teacher_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     model = hub_code.ConanModel.from_pretrained(model_dir, dtype=torch.float32)
-    processor = hub_code.ConanProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    processor = load_processor(model_dir)
     coverage = transplant_token_embeddings(model, processor.tokenizer, seed, lexical_source,
                                            teacher_cache_dir) if transplant else None
     for name, param in model.named_parameters():

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from training.base.steps import DistillSteps
 from training.common import hub_code
 from training.common.io_utils import atomic_output_dir, check_output_free, torch_save_atomic, write_json_atomic
-from training.common.repo import save_conan_repo
+from training.common.repo import load_processor, save_conan_repo
 
 # Video media are left out by default: the pipeline's videos are synthetic camera motions over CIFAR-10 photos that the
 # image split already holds, and 8 teacher passes per clip would cost more than the rest of the distillation.
@@ -204,7 +204,7 @@ def distill_vision(
         raise ValueError(f"distill_vision needs at least 2 visual items, got {len(items)}.")
     torch.manual_seed(seed)
     model = hub_code.ConanModel.from_pretrained(model_dir, dtype=torch.float32)
-    processor = hub_code.ConanProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    processor = load_processor(model_dir)
     loaded = [load_visual(item, processor) for item in tqdm(items, desc="load media", leave=False,
                                                             disable=not progress)]
     targets = teacher_features(items, loaded, teacher_cache_dir, image_size=teacher_image_size)

@@ -44,6 +44,7 @@ from training.common import hub_code
 from training.common.cli import run_training_stage
 from training.common.config import ConfigError, build_dataclass, merged, require, resolve_path
 from training.common.io_utils import atomic_output_dir, write_json_atomic
+from training.common.repo import load_processor, save_conan_repo
 from training.contrastive.compression import IGNORE_INDEX, answer_labels, compression_attention_mask
 from training.contrastive.data import ExampleDataset
 from training.contrastive.sampling import SourceMixtureSampler
@@ -170,7 +171,7 @@ def build_model(cfg: ComaConfig) -> tuple[nn.Module, Any, list[int]]:
     """(LoRA-wrapped ConanModel with trainable compression rows, processor, compression token ids)."""
     model = hub_code.ConanModel.from_pretrained(cfg.base, dtype=torch.float32)
     ids = compression_token_ids(model.config, f"base {cfg.base}")
-    processor = hub_code.ConanProcessor.from_pretrained(cfg.base)
+    processor = load_processor(cfg.base)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets, scopes=cfg.lora.scopes)
@@ -284,7 +285,6 @@ def export(cfg: ComaConfig, peft_state: dict[str, torch.Tensor], processor: Any,
            overwrite: bool = False) -> Path:
     """Rebuild the LoRA model on CPU, load the trained state, merge the LoRA and write a plain Conan repo (no LM
     head, no adapter) atomically to `cfg.output`, with `coma_manifest.json`."""
-    from training.common.repo import save_conan_repo
 
     model = hub_code.ConanModel.from_pretrained(cfg.base, dtype=torch.float32)
     merged_model = lora_model_with_state(model, cfg.lora, peft_state).merge_and_unload()

@@ -2,13 +2,16 @@
 
 `save_conan_repo` writes weights, processor, the root remote-code files and the sentence-transformers files into a
 fresh folder (callers wrap it in `io_utils.atomic_output_dir`, so a crash never leaves a half-written repo);
-`load_conan` reads one back through the repo's own classes (no remote-code prompt). Fusion streams its tensors
+`load_conan` reads one back through the repo's own classes (no remote-code prompt), its processor through
+`load_processor`, which parses each distinct tokenizer once per process. Fusion streams its tensors
 through `training/fusion/st_io.py` instead (it never holds a whole model) into the same `atomic_output_dir` and
 copies these side files from the base.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -67,10 +70,45 @@ def save_conan_repo(model: torch.nn.Module, processor: Any, out: Path, prompts: 
         shutil.copy2(readme, out / "README.md")
 
 
+# Every file ConanProcessor.from_pretrained may read; their bytes are the processor cache's key.
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "processor_config.json",
+                   "preprocessor_config.json", "video_preprocessor_config.json")
+_loaded_processors: dict[str, Any] = {}
+
+
+def load_processor(path: str | os.PathLike) -> Any:
+    """`ConanProcessor.from_pretrained(path)`, parsed once per process for each distinct set of processor files.
+
+    Why: transformers 5 parses the Qwen2 tokenizer.json (18 MB) three times a load, ~2.5 s on 2 cores, and one
+    pipeline run loads the same tokenizer from ~26 model folders (~65 s of the 210 s smoke run). The key is the bytes
+    of the folder's :data:`PROCESSOR_FILES`, so a folder with other tokens or settings gets its own load.
+    Each call returns a shallow copy of the cached processor holding a shallow copy of its tokenizer: Python-level
+    settings (`padding_side`, `compression_tokens`, ...) stay the caller's, while the Rust tokenizer backend is
+    shared. A caller that adds tokens must load its own with `hub_code.ConanProcessor.from_pretrained`
+    (as `training.base.build_base.extend_repo_with_compression_tokens` does). A `path` that is not a local folder
+    (a Hub repo id) is loaded each time, uncached.
+    """
+    if not Path(path).is_dir():
+        return hub_code.ConanProcessor.from_pretrained(path, trust_remote_code=True)
+    path = Path(path)
+    digest = hashlib.sha256()
+    for name in PROCESSOR_FILES:
+        if (path / name).is_file():
+            digest.update(name.encode() + b"\0" + (path / name).read_bytes() + b"\0")
+    key = digest.hexdigest()
+    if key not in _loaded_processors:
+        _loaded_processors[key] = hub_code.ConanProcessor.from_pretrained(path, trust_remote_code=True)
+    processor = copy.copy(_loaded_processors[key])
+    processor.tokenizer = copy.copy(processor.tokenizer)
+    return processor
+
+
 def load_conan(path: str | os.PathLike, dtype: str | torch.dtype = "auto") -> tuple[torch.nn.Module, Any]:
     """A Conan folder -> (ConanModel in eval mode, ConanProcessor), through the repo's own classes.
 
-    `dtype`: "auto" (as saved), a torch dtype name ("float32") or a `torch.dtype`. Raises `NotAConanRepo` when
+    `dtype`: "auto" (as saved), a torch dtype name ("float32") or a `torch.dtype`. The processor comes from
+    :func:`load_processor` (its tokenizer backend is shared; never add tokens to it). Raises `NotAConanRepo` when
     `path` has no config.json.
     """
     path = Path(path)
@@ -78,5 +116,4 @@ def load_conan(path: str | os.PathLike, dtype: str | torch.dtype = "auto") -> tu
         raise NotAConanRepo(f"{path} is not a Conan model folder (no config.json).")
     torch_dtype = dtype if dtype == "auto" or isinstance(dtype, torch.dtype) else getattr(torch, dtype)
     model = hub_code.ConanModel.from_pretrained(path, dtype=torch_dtype).eval()
-    processor = hub_code.ConanProcessor.from_pretrained(path, trust_remote_code=True)
-    return model, processor
+    return model, load_processor(path)

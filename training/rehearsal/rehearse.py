@@ -40,7 +40,7 @@ from training.common.cli import run_training_stage
 from training.common.config import ConfigError, build_dataclass, merged, require, resolve_path
 from training.common.io_utils import atomic_output_dir, save_safetensors_atomic, write_json_atomic
 from training.common.modalities import MODALITY_GROUPS
-from training.common.repo import save_conan_repo
+from training.common.repo import load_processor, save_conan_repo
 from training.contrastive.data import ExampleDataset, load_jsonl, load_sources
 from training.contrastive.sampling import BalancedModalitySampler, modality_of_pair
 from training.contrastive.trainer import (
@@ -230,7 +230,7 @@ def rehearse(cfg: RehearsalConfig, resume: str | None = "auto", stop_after: int 
     set_seed(cfg.seed)
     gradcache = 0 < cfg.train.chunk_size < cfg.train.per_device_batch_size
     model = hub_code.ConanModel.from_pretrained(cfg.model, dtype=torch.float32)
-    processor = hub_code.ConanProcessor.from_pretrained(cfg.model, trust_remote_code=True)
+    processor = load_processor(cfg.model)
     if cfg.train.gradient_checkpointing:
         # use_reentrant=False: with frozen embeddings reentrant checkpointing silently drops LoRA gradients.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

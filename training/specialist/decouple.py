@@ -32,6 +32,7 @@ from training.common.cli import run_training_stage
 from training.common.config import ConfigError, build_dataclass, merged, require, resolve_path
 from training.common.io_utils import atomic_output_dir, write_json_atomic
 from training.common.modalities import MODALITIES
+from training.common.repo import load_processor, save_conan_repo
 from training.contrastive.data import load_sources
 from training.contrastive.sampling import SourceMixtureSampler
 from training.contrastive.trainer import (
@@ -138,7 +139,7 @@ def task_vector(merged: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) 
 # ---------------------------------------------------------------------------------------------------- training
 def build_model(cfg: SpecialistConfig) -> tuple[torch.nn.Module, Any]:
     model = hub_code.ConanModel.from_pretrained(cfg.base, dtype=torch.float32)
-    processor = hub_code.ConanProcessor.from_pretrained(cfg.base)
+    processor = load_processor(cfg.base)
     if cfg.train.gradient_checkpointing:
         # use_reentrant=False: with frozen embeddings reentrant checkpointing silently drops LoRA gradients.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -251,8 +252,6 @@ def export_specialist(cfg: SpecialistConfig, peft_state: dict[str, torch.Tensor]
         cast_for_save(merged, cfg.save_dtype)
         if cfg.train_audio_projector or "projector" in cfg.lora.scopes:  # calibrated on this specialist's backbone
             merged.config.projector_calibration_hash = hub_code.load("modeling_conan").backbone_fingerprint(merged)
-        from training.common.repo import save_conan_repo
-
         save_conan_repo(merged, processor, tmp)
         manifest = {**manifest, "task_vector": {"tensors": len(delta),
                                                 "numel": int(sum(t.numel() for t in delta.values()))}}
