@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from training.common.cli import require_model_folder, user_errors
 from training.common.io_utils import write_json_atomic
 from training.data_sources.heldout import ensure_tasks
 from training.evaluation.heldout import score_heldout
@@ -46,14 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
-    try:
+    require_model_folder(parser, "--model", args.model)
+    with user_errors(parser):
         manifest = ensure_tasks(args.tasks, cap=args.cap, seed=args.seed)
         for source, why in manifest["skipped"].items():
             print(f"skipped {source}: {why}", file=sys.stderr)
         scores = score_heldout(args.model, args.tasks, batch_size=args.batch_size)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"heldout: error: {error}", file=sys.stderr)
-        return 2
     print(format_scores(scores))
     if args.output:
         write_json_atomic(Path(args.output), {"model": str(args.model), "tasks": str(args.tasks),

@@ -98,7 +98,10 @@ def test_cli_scores_a_prebuilt_task_folder(tiny_repo, tmp_path, capsys):
     assert "defs" in captured.out and "chance 0.500" in captured.out
     saved = json.loads((tmp_path / "scores.json").read_text())
     assert set(saved["scores"]) == {"defs", "names"} and saved["skipped"] == {}
-    assert main(["--model", str(tmp_path / "no-model"), "--tasks", str(tasks), "--cap", "3"]) != 0
+    with pytest.raises(SystemExit) as stopped:  # one `python -m training.heldout: error:` line, as every CLI
+        main(["--model", str(tmp_path / "no-model"), "--tasks", str(tasks), "--cap", "3"])
+    assert stopped.value.code == 2
+    assert "python -m training.heldout: error: --model" in capsys.readouterr().err
 
 
 def test_audio_cache_reuses_encoder_outputs_without_changing_scores(tiny_repo, tmp_path):

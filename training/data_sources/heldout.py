@@ -21,6 +21,7 @@ both. Every draw is seeded; a rebuild with the same ``cap`` and ``seed`` writes 
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
@@ -263,16 +264,23 @@ def flite_synthesize(text: str, voice: str, out: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the builder
-def test_nouns(wordnet_dir: str | Path | None = None, pool: int = WORD_POOL) -> list[str]:
-    """The ``pool`` most frequent usable WordNet nouns of the **test** split (first senses, wordnet.load_synsets)."""
-    return [s.lemma for s in wordnet.load_synsets(wordnet_dir) if split_of(s.key) == "test"][:pool]
+def test_nouns(wordnet_dir: str | Path | None = None, pool: int = WORD_POOL) -> tuple[str, ...]:
+    """The ``pool`` most frequent usable WordNet nouns of the **test** split (first senses, wordnet.load_synsets).
+
+    Cached per folder: the GCIDE and flite tasks both draw from it, and reading WordNet takes about a second."""
+    return _test_nouns(Path(wordnet_dir or wordnet.WORDNET_DIR), pool)
+
+
+@functools.lru_cache(maxsize=4)
+def _test_nouns(wordnet_dir: Path, pool: int) -> tuple[str, ...]:
+    return tuple(s.lemma for s in wordnet.load_synsets(wordnet_dir) if split_of(s.key) == "test")[:pool]
 
 
 def _rng(seed: int, task: str) -> np.random.Generator:
     return np.random.default_rng([seed, stable_int("heldout", task)])
 
 
-def _sample(items: list, cap: int, rng: np.random.Generator) -> list:
+def _sample(items: list | tuple, cap: int, rng: np.random.Generator) -> list:
     return [items[i] for i in sorted(rng.permutation(len(items))[:cap])]
 
 
