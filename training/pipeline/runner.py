@@ -93,6 +93,7 @@ class Preset:
     specialist_lr: float = 2e-3         # LoRA learning rate of the specialists unless overridden (projector: 1e-3)
     specialist_lr_overrides: tuple[tuple[str, float], ...] = ()  # (modality, LoRA learning rate) pairs
     specialist_steps_overrides: tuple[tuple[str, int], ...] = ()  # (modality, steps) pairs; others: specialist_steps
+    specialist_batch_overrides: tuple[tuple[str, int], ...] = ()  # (modality, batch size) pairs; others: batch_size
     specialist_temperature: float = 0.05  # InfoNCE temperature of every specialist
     rehearse_lr: float = 3e-4          # LoRA learning rate of the rehearsal (its projector: 0.1x)
     rehearse_eval_every: int = 0       # dev evaluations during rehearsal (0: only at the end); the best step is kept
@@ -129,7 +130,8 @@ PRESETS = {
     # so the preset checks dev every 75). Dev retention is scored by MRR (40 dev pairs a
     # modality make R@1 retention coarse).
     # Text specialist: its in-batch accuracy fell from 0.41 to ~0.3 in the first steps at lr 2e-3 and ended at 0.41
-    # (test 0.225, base 0.237); at 5e-3 x 300 steps 0.175; at 3e-4 x 150 steps 0.237. Its LoRA LR is 3e-4 here.
+    # (test 0.225, base 0.237); at 5e-3 x 300 steps 0.175; at 3e-4 x 150 steps 0.237 (batch 16; see the batch
+    # measurement below, which chose batch 64 at 1e-3).
     # Text distillation, 400 steps from the same undistilled base (dev 300 WordNet dev nouns / the 80 test queries):
     # baseline 0.157 / 0.138; token table from the teacher's output embedding of each piece 0.160 / 0.150; KD
     # temperature 0.1 0.153 / 0.188; lr 2e-3 0.110 / 0.163; LLM MLP 768 0.133 / 0.188 (1.6x step time); 4 layers
@@ -142,11 +144,16 @@ PRESETS = {
     # kept step 800 anyway (dev 0.207 at 800 vs 0.193 at 1,000 in the last report's run). 800 steps from the same
     # undistilled base (lr decaying to 0 at 800): dev 0.103 / 0.167 / 0.173 / 0.200 at steps 200-800, test 0.225
     # (the 1,000-step run of the same script: dev 0.183, test 0.213).
+    # Text specialist batch and LR, from this preset's base (150 steps; dev = the 300 WordNet dev-noun definition ->
+    # word pairs of the text distillation, hit@1 / MRR; base 0.187 / 0.263): batch 16 at 3e-4 (was) 0.197 / 0.276;
+    # 32 at 1e-3 0.207 / 0.289; 64 at 3e-4 0.213 / 0.289; 64 at 1e-3 0.213 / 0.294; 64 at 2e-3 0.210 / 0.278. Chosen
+    # on dev: 64 at 1e-3 (96 s vs 36 s). More in-batch negatives are what the 16-pair batches lacked.
     # Re-alignment: the Gauss-Newton history of the last run gained 0.4706 -> 0.4726 -> 0.4729 (holdout agreement)
     # over its 3 iterations, ~28 s each: 2 are kept.
     "small": Preset(data="small", backbone="small", distill_steps=800, specialist_steps=150, batch_size=16,
                     recover_steps=150, rehearse_steps=150, rehearse_lr=1e-3, rehearse_eval_every=75,
-                    specialist_lr_overrides=(("text", 3e-4),), specialist_steps_overrides=(("image", 300),),
+                    specialist_lr_overrides=(("text", 1e-3),), specialist_steps_overrides=(("image", 300),),
+                    specialist_batch_overrides=(("text", 64),),
                     realign_iterations=2,
                     eval_limit=None, lora_r=16, distill_batch=64,
                     distill_groups=None, distill_eval_every=200, vision_distill_steps=600, vision_distill_batch=32,
@@ -328,7 +335,8 @@ class Pipeline:
                 lora=specialist.LoraSettings(r=self.preset.lora_r, alpha=2.0 * self.preset.lora_r, dropout=0.0,
                                              scopes=list(self.preset.visual_lora_scopes if modality in VISUAL_MODALITIES
                                                          else ("llm",))),
-                train=specialist.TrainConfig(per_device_batch_size=self.preset.batch_size,
+                train=specialist.TrainConfig(per_device_batch_size=dict(self.preset.specialist_batch_overrides).get(
+                                                 modality, self.preset.batch_size),
                                              max_steps=dict(self.preset.specialist_steps_overrides).get(
                                                  modality, self.preset.specialist_steps),
                                              lr=dict(self.preset.specialist_lr_overrides).get(modality,
