@@ -36,3 +36,20 @@ def test_other_processor_files_get_their_own_load(tiny_repo, tmp_path):
     assert config.name in PROCESSOR_FILES
     config.write_text(config.read_text().replace('"max_length"', '"max_length" ', 1))  # new bytes, same settings
     assert load_processor(other).tokenizer.backend_tokenizer is not load_processor(tiny_repo).tokenizer.backend_tokenizer
+
+
+def test_special_tokens_and_sub_processors_stay_the_callers(tiny_repo):
+    """Only the Rust tokenizer backend is shared: a caller's pad token, image-processor bounds or in-place list edits
+    reach neither another caller's processor nor later loads."""
+    first, second = load_processor(tiny_repo), load_processor(tiny_repo)
+    pad, mean = second.tokenizer.pad_token, list(second.image_processor.image_mean)
+    first.tokenizer.pad_token = "<|im_end|>" if pad != "<|im_end|>" else "<|endoftext|>"
+    first.image_processor.image_mean = [0.0, 0.0, 0.0]
+    first.feature_extractor.sampling_rate = 8000
+    first.tokenizer.init_kwargs["changed_by_one_caller"] = True
+    for other in (second, load_processor(tiny_repo)):
+        assert other.tokenizer.pad_token == pad
+        assert list(other.image_processor.image_mean) == mean
+        assert other.feature_extractor.sampling_rate == 16000
+        assert "changed_by_one_caller" not in other.tokenizer.init_kwargs
+    assert first.tokenizer.backend_tokenizer is second.tokenizer.backend_tokenizer

@@ -83,9 +83,12 @@ def load_processor(path: str | os.PathLike) -> Any:
     Why: transformers 5 parses the Qwen2 tokenizer.json (18 MB) three times a load, ~2.5 s on 2 cores, and one
     pipeline run loads the same tokenizer from ~26 model folders (~65 s of the 210 s smoke run). The key is the bytes
     of the folder's :data:`PROCESSOR_FILES`, so a folder with other tokens or settings gets its own load.
-    Each call returns a shallow copy of the cached processor holding a shallow copy of its tokenizer: Python-level
-    settings (`padding_side`, `compression_tokens`, ...) stay the caller's, while the Rust tokenizer backend is
-    shared. A caller that adds tokens must load its own with `hub_code.ConanProcessor.from_pretrained`
+    Each call returns a deep copy of the cached processor that shares only the Rust tokenizer backend
+    (`tokenizer.backend_tokenizer`) and the vocabulary and merges it was built from: every Python-level setting (`padding_side`, the special tokens, `init_kwargs`,
+    `compression_tokens`, the image processor and feature extractor) stays the caller's, and the backend's own
+    padding, truncation and special-token splitting are set again by the tokenizer on every call (a caller that uses
+    the backend directly sets them itself). A caller that adds tokens must load its own with
+    `hub_code.ConanProcessor.from_pretrained`
     (as `training.base.build_base.extend_repo_with_compression_tokens` does). A `path` that is not a local folder
     (a Hub repo id) is loaded each time, uncached.
     """
@@ -99,9 +102,12 @@ def load_processor(path: str | os.PathLike) -> Any:
     key = digest.hexdigest()
     if key not in _loaded_processors:
         _loaded_processors[key] = hub_code.ConanProcessor.from_pretrained(path, trust_remote_code=True)
-    processor = copy.copy(_loaded_processors[key])
-    processor.tokenizer = copy.copy(processor.tokenizer)
-    return processor
+    cached = _loaded_processors[key]
+    # Shared, never copied: the Rust backend and the vocabulary and merges it was built from (read only at
+    # construction; deep-copying Qwen2's 150k-entry vocab and 290k merges would take ~0.9 s a call).
+    shared = [cached.tokenizer.backend_tokenizer] + [getattr(cached.tokenizer, name) for name in ("_vocab", "_merges")
+                                                      if getattr(cached.tokenizer, name, None) is not None]
+    return copy.deepcopy(cached, memo={id(obj): obj for obj in shared})
 
 
 def load_conan(path: str | os.PathLike, dtype: str | torch.dtype = "auto") -> tuple[torch.nn.Module, Any]:
