@@ -84,13 +84,13 @@ def load_processor(path: str | os.PathLike) -> Any:
     pipeline run loads the same tokenizer from ~26 model folders (~65 s of the 210 s smoke run). The key is the bytes
     of the folder's :data:`PROCESSOR_FILES`, so a folder with other tokens or settings gets its own load.
     Each call returns a deep copy of the cached processor that shares only the Rust tokenizer backend
-    (`tokenizer.backend_tokenizer`) and the vocabulary and merges it was built from: every Python-level setting (`padding_side`, the special tokens, `init_kwargs`,
-    `compression_tokens`, the image processor and feature extractor) stays the caller's, and the backend's own
-    padding, truncation and special-token splitting are set again by the tokenizer on every call (a caller that uses
-    the backend directly sets them itself). A caller that adds tokens must load its own with
-    `hub_code.ConanProcessor.from_pretrained`
-    (as `training.base.build_base.extend_repo_with_compression_tokens` does). A `path` that is not a local folder
-    (a Hub repo id) is loaded each time, uncached.
+    (`tokenizer.backend_tokenizer`) and the vocabulary and merges it was built from: every Python-level setting
+    (`padding_side`, the special tokens, `init_kwargs`, `compression_tokens`, the image processor and feature
+    extractor) stays the caller's, and the backend's own padding, truncation and special-token splitting are set
+    again by the tokenizer on every call (a caller that uses the backend directly sets them itself). A caller that
+    adds tokens must load its own with `hub_code.ConanProcessor.from_pretrained` (as
+    `training.base.build_base.extend_repo_with_compression_tokens` does). A `path` that is not a local folder (a Hub
+    repo id) is loaded each time, uncached.
     """
     if not Path(path).is_dir():
         return hub_code.ConanProcessor.from_pretrained(path, trust_remote_code=True)
