@@ -185,7 +185,6 @@ def test_transplant_refuses_an_unknown_lexical_source():
         transplant_token_embeddings(torch.nn.Linear(2, 2), None, source="static")
 
 
-
 class _Table(torch.nn.Module):
     """Just an input-embedding table, what `transplant_token_embeddings` reads and writes."""
 

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from training.pipeline.runner import PRESETS, STAGE_INPUTS, STAGES, Pipeline, PipelineError, main
+from training.pipeline.runner import PRESETS, STAGE_INPUTS, STAGES, Pipeline, PipelineError, Preset, main
 
 
 class FakePipeline(Pipeline):
@@ -109,3 +109,13 @@ def test_cli_reports_a_mixed_folder_as_a_usage_error(tmp_path, capsys):
     assert code.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: python -m training.pipeline") and "preset smoke, seed 0" in err
+
+
+def test_specialist_schedule_takes_each_override_else_the_preset_default():
+    preset = Preset(data="smoke", backbone="smoke", distill_steps=1, specialist_steps=12, batch_size=8,
+                    recover_steps=1, rehearse_steps=1, eval_limit=8, specialist_lr=2e-3,
+                    specialist_batch_overrides=(("text", 64),), specialist_steps_overrides=(("image", 300),),
+                    specialist_lr_overrides=(("text", 1e-3),))
+    assert preset.specialist_schedule("text") == (64, 12, 1e-3)
+    assert preset.specialist_schedule("image") == (8, 300, 2e-3)
+    assert preset.specialist_schedule("audio") == (8, 12, 2e-3)

@@ -103,6 +103,13 @@ class Preset:
     compression_tokens: int = 0
     heldout_cap: int = 80              # queries per held-out task (training/data_sources/heldout.py)
 
+    def specialist_schedule(self, modality: str) -> tuple[int, int, float]:
+        """(batch size, steps, LoRA learning rate) of `modality`'s specialist: its override where the preset has
+        one, else `batch_size`, `specialist_steps`, `specialist_lr`."""
+        return (dict(self.specialist_batch_overrides).get(modality, self.batch_size),
+                dict(self.specialist_steps_overrides).get(modality, self.specialist_steps),
+                dict(self.specialist_lr_overrides).get(modality, self.specialist_lr))
+
 
 PRESETS = {
     "smoke": Preset(data="smoke", backbone="smoke", distill_steps=30, specialist_steps=12, batch_size=8,
@@ -329,20 +336,15 @@ class Pipeline:
         base = self.stage_dir("base") / "model"
         results = {}
         for modality in MODALITIES:
+            batch_size, steps, lr = self.preset.specialist_schedule(modality)
             cfg = specialist.SpecialistConfig(
                 name=f"specialist-{modality}", modality=modality, base=str(base), output=str(out / modality),
                 data=specialist.DataConfig(train=[str(self.data_dir / modality / "train.jsonl")], on_error="skip"),
                 lora=specialist.LoraSettings(r=self.preset.lora_r, alpha=2.0 * self.preset.lora_r, dropout=0.0,
                                              scopes=list(self.preset.visual_lora_scopes if modality in VISUAL_MODALITIES
                                                          else ("llm",))),
-                train=specialist.TrainConfig(per_device_batch_size=dict(self.preset.specialist_batch_overrides).get(
-                                                 modality, self.preset.batch_size),
-                                             max_steps=dict(self.preset.specialist_steps_overrides).get(
-                                                 modality, self.preset.specialist_steps),
-                                             lr=dict(self.preset.specialist_lr_overrides).get(modality,
-                                                                                              self.preset.specialist_lr),
-                                             lr_projector=1e-3,
-                                             warmup_steps=5, log_every=10),
+                train=specialist.TrainConfig(per_device_batch_size=batch_size, max_steps=steps, lr=lr,
+                                             lr_projector=1e-3, warmup_steps=5, log_every=10),
                 loss={"temperature": self.preset.specialist_temperature, "num_negatives": 1}, train_audio_projector=modality == "audio",
                 checkpoint_dir=str(out / f".{modality}-checkpoints"), seed=self.seed,
                 audio_cache_dir=str(self.audio_cache), visual_token_cache=True,
