@@ -36,6 +36,11 @@ def test_every_stage_finished_and_was_evaluated(smoke_run):
         assert set(scores) == set(MODALITIES)
         assert all(0.0 <= v["hit@1"] <= 1.0 for v in scores.values())
         assert all(0.0 < v["chance"] <= 1.0 and v["sources"] for v in scores.values())
+    specialists = json.loads((smoke_run / "specialists" / "stage.json").read_text())
+    share = PRESETS["smoke"].specialist_text_replay
+    assert share > 0 and specialists["text"]["data_mix"] == {"wordnet-definitions": 1.0}
+    for modality in ("image", "video", "document", "audio"):   # text replay: the share of the sampler's draws
+        assert specialists[modality]["data_mix"]["wordnet-definitions"] == pytest.approx(share)
     manifest = json.loads((smoke_run / "fuse" / "model" / "fusion_manifest.json").read_text())
     assert any(k.startswith("audio_projector.") for k in manifest["summary"]["needs_recovery"])
     assert {m["weight"] for m in manifest["config"]["models"]} == {0.3, 0.5}   # the paper's weights

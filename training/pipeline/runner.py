@@ -10,7 +10,8 @@ the stages that read them; a folder built with another preset or seed is refused
               distilled from all-MiniLM-L6-v2 + a vision tower distilled from EfficientNet-Lite0 (train images)
   specialists one contrastive LoRA specialist per modality (text anchor, image, video, document, audio), merged
               into dense weights; `Preset.visual_lora_scopes` may put LoRA on the vision tower too (the paper's
-              recipe; the smoke preset does, the small one keeps the tower frozen and cached)
+              recipe; the smoke preset does, the small one keeps the tower frozen and cached);
+              `Preset.specialist_text_replay` mixes text-pair steps into the other specialists (`text_replay_mix`)
   fuse        Decoupled Specialist Fusion (task arithmetic) at the paper's weights (fuse/model, which recovery and
               rehearsal continue from) and at weights chosen by a small sweep on the DEV split (fuse/dev-chosen);
               audio projector copied from the audio specialist
@@ -95,6 +96,7 @@ class Preset:
     specialist_steps_overrides: tuple[tuple[str, int], ...] = ()  # (modality, steps) pairs; others: specialist_steps
     specialist_batch_overrides: tuple[tuple[str, int], ...] = ()  # (modality, batch size) pairs; others: batch_size
     specialist_temperature: float = 0.05  # InfoNCE temperature of every specialist
+    specialist_text_replay: float = 0.0  # share of a non-text specialist's steps drawn from the text pairs (0: none)
     rehearse_lr: float = 3e-4          # LoRA learning rate of the rehearsal (its projector: 0.1x)
     rehearse_eval_every: int = 0       # dev evaluations during rehearsal (0: only at the end); the best step is kept
     realign_iterations: int = 3        # Gauss-Newton iterations of the training-free re-alignment (recover stage)
@@ -115,7 +117,7 @@ PRESETS = {
     "smoke": Preset(data="smoke", backbone="smoke", distill_steps=30, specialist_steps=12, batch_size=8,
                     recover_steps=20, rehearse_steps=10, eval_limit=8, distill_batch=16, distill_groups=500,
                     distill_dev=40, distill_eval_every=15, vision_distill_steps=4, vision_distill_image_size=64,
-                    visual_lora_scopes=("llm", "vision"), heldout_cap=4),
+                    visual_lora_scopes=("llm", "vision"), heldout_cap=4, specialist_text_replay=0.25),
     # Text distillation: one pass over steps x 64 distinct synsets of all ~90k, the teacher's vectors cached.
     # Measured on 2026-11-30 (2 cores, beside other jobs; `distill_text` from the same undistilled small base,
     # scored on this preset's 80 text test queries): 500 steps -> test 0.200 (dev 0.150); 1000 steps -> test 0.2125
@@ -155,12 +157,23 @@ PRESETS = {
     # word pairs of the text distillation, hit@1 / MRR; base 0.187 / 0.263): batch 16 at 3e-4 (was) 0.197 / 0.276;
     # 32 at 1e-3 0.207 / 0.289; 64 at 3e-4 0.213 / 0.289; 64 at 1e-3 0.213 / 0.294; 64 at 2e-3 0.210 / 0.278. Chosen
     # on dev: 64 at 1e-3 (96 s vs 36 s). More in-batch negatives are what the 16-pair batches lacked.
+    # Text replay in the non-text specialists (`text_replay_mix`), measured from the last report's base and data
+    # (`/work/scratch/exp_replay.py`: the four specialists retrained, then fused at the paper weights with the same
+    # text specialist). Share 0.25 of the steps (image 400, others 200 steps; same own-modality steps), against none:
+    # fused dev (300 WordNet dev definitions -> words, hit@1 / MRR) 0.210 / 0.287 vs 0.140 / 0.225 (base 0.187 /
+    # 0.263, text specialist 0.213 / 0.294); fused dev MRR over the 40-pair dev splits, image / video / document /
+    # audio 0.310 / 0.189 / 0.099 / 0.504 vs 0.271 / 0.127 / 0.118 / 0.562, mean over the five 0.280 vs 0.273.
+    # Each specialist's own test hit@1 with / without: image 0.225 / 0.212, video 0.125 / 0.075, document 0.000 /
+    # 0.013, audio 0.438 / 0.463; their text 0.200 / 0.162 / 0.225 / 0.188 vs 0.138 / 0.125 / 0.188 / 0.163.
+    # Four specialists 448 s with replay. TIES (density 0.2), DARE-TIES (0.5), TSV-M and Iso-C on the same
+    # specialists without replay kept fused dev text at 0.157-0.173 hit@1 and no mean dev MRR above 0.275
+    # (`/work/scratch/exp_merge.py`), so fusion stays task arithmetic, as in the paper.
     # Re-alignment: the Gauss-Newton history of the last run gained 0.4706 -> 0.4726 -> 0.4729 (holdout agreement)
     # over its 3 iterations, ~28 s each: 2 are kept.
     "small": Preset(data="small", backbone="small", distill_steps=800, specialist_steps=150, batch_size=16,
                     recover_steps=150, rehearse_steps=150, rehearse_lr=1e-3, rehearse_eval_every=75,
                     specialist_lr_overrides=(("text", 1e-3),), specialist_steps_overrides=(("image", 300),),
-                    specialist_batch_overrides=(("text", 64),),
+                    specialist_batch_overrides=(("text", 64),), specialist_text_replay=0.25,
                     realign_iterations=2,
                     eval_limit=None, lora_r=16, distill_batch=64,
                     distill_groups=None, distill_eval_every=200, vision_distill_steps=600, vision_distill_batch=32,
@@ -337,9 +350,14 @@ class Pipeline:
         results = {}
         for modality in MODALITIES:
             batch_size, steps, lr = self.preset.specialist_schedule(modality)
+            train_files, source_weights = [self.data_dir / modality / "train.jsonl"], {}
+            if modality != "text" and self.preset.specialist_text_replay:
+                train_files, source_weights, steps = text_replay_mix(
+                    train_files[0], self.data_dir / "text" / "train.jsonl", self.preset.specialist_text_replay, steps)
             cfg = specialist.SpecialistConfig(
                 name=f"specialist-{modality}", modality=modality, base=str(base), output=str(out / modality),
-                data=specialist.DataConfig(train=[str(self.data_dir / modality / "train.jsonl")], on_error="skip"),
+                data=specialist.DataConfig(train=[str(f) for f in train_files], weights=source_weights,
+                                           on_error="skip"),
                 lora=specialist.LoraSettings(r=self.preset.lora_r, alpha=2.0 * self.preset.lora_r, dropout=0.0,
                                              scopes=list(self.preset.visual_lora_scopes if modality in VISUAL_MODALITIES
                                                          else ("llm",))),
@@ -353,7 +371,8 @@ class Pipeline:
             shutil.rmtree(out / f".{modality}-checkpoints", ignore_errors=True)
             history = manifest["history"]
             results[modality] = {
-                "steps": manifest["steps"], "first": history[0] if history else None,
+                "steps": manifest["steps"], "data_mix": manifest["data_mix"]["probabilities"],
+                "first": history[0] if history else None,
                 "last": history[-1] if history else None,
                 "scores": self.evaluate(out / modality),
             }
@@ -526,6 +545,37 @@ def training_texts(data_dir: Path) -> tuple[list[str], list[str]]:
                 if isinstance(item, dict) and isinstance(item.get("text"), str):
                     texts.append(item["text"])
     return texts, sorted(instructions)
+
+
+def _sources_of(pairs_file: Path) -> list[str]:
+    """The distinct `source` names of a pairs JSONL file, sorted."""
+    with open(pairs_file) as handle:
+        return sorted({json.loads(line)["source"] for line in handle if line.strip()})
+
+
+def text_replay_mix(train_file: Path, text_file: Path, share: float,
+                    steps: int) -> tuple[list[Path], dict[str, float], int]:
+    """(train files, source weights, total steps) of a non-text specialist whose steps are `share` text-pair steps.
+
+    Why: on the small backbone each non-text specialist's LoRA erased part of the base's text skill (test hit@1
+    text, base 0.225: the image / video / document / audio specialists 0.138 / 0.125 / 0.188 / 0.163), and fusion
+    adds those deltas up, so the fused model fell below the base on text (0.175). Replaying the text pairs keeps the
+    text side of the shared space in place, as balanced rehearsal does after fusion (the paper's specialists train on
+    their modality alone; this is our deviation for a backbone this small). The modality keeps its own `steps`
+    (total = round(steps / (1 - share))); the sampler draws one source per step (`SourceMixtureSampler`), each of
+    the modality's sources weighing 1 as without replay and the text sources together share / (1 - share) times
+    their sum. Without text pairs (`text_file` absent or empty) nothing changes. Raises ValueError unless
+    0 <= share < 1.
+    """
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"text_replay_mix: share must be in [0, 1), got {share!r}")
+    text_sources = _sources_of(text_file) if text_file.is_file() else []
+    own = _sources_of(train_file)
+    if share == 0.0 or not text_sources or not own:
+        return [train_file], {}, steps
+    weights = {source: 1.0 for source in own}
+    weights.update({source: len(own) * share / (1.0 - share) / len(text_sources) for source in text_sources})
+    return [train_file, text_file], weights, round(steps / (1.0 - share))
 
 
 def mean_mrr(scores: dict[str, dict[str, Any]]) -> float:
