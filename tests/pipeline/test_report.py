@@ -7,6 +7,7 @@ import json
 import pytest
 
 from training.pipeline import report
+from training.evaluation.metrics import hit_rate_interval
 from training.pipeline.report import TARGETS, Verdict, source_table, target_verdicts, write_report
 
 MODS = ("text", "image", "video", "document", "audio")
@@ -64,6 +65,41 @@ def test_verdict_margins():
     assert Verdict("x", 0.45, 0.45, "r").met and Verdict("x", 0.46, 0.45, "r").shortfall == 0.0
     slow = Verdict("wall", 2000, 1800, "sum", at_most=True)
     assert not slow.met and slow.shortfall == 200 and slow.line(" s").endswith("**not met, by 200 s**")
+
+
+def test_verdict_prints_the_wilson_interval_of_a_hit_rate_and_whether_the_target_is_inside():
+    from scipy.stats import binomtest
+
+    inside = Verdict("fused text", 0.2125, 0.225, "r", n_queries=80)     # 17 of 80
+    low, high = binomtest(17, 80).proportion_ci(confidence_level=0.95, method="wilson")
+    assert f"0.212 [{low:.3f}, {high:.3f}] vs target >= 0.225" in inside.line()
+    assert inside.line().endswith("**not met, by 0.013; the target is inside the score's 95% interval**")
+    outside = Verdict("base text", 0.225, 0.45, "r", n_queries=80)       # 18 of 80: the interval tops out ~0.33
+    assert outside.line().endswith("**not met, by 0.225**")
+    assert Verdict("x", 0.5, 0.45, "r", n_queries=80).line().endswith(   # met, but not by a margin 80 queries show
+        "**met; the target is inside the score's 95% interval**")
+    assert Verdict("x", 0.7, 0.45, "r", n_queries=80).line().endswith("**met**")
+    assert "[" not in Verdict("x", 0.40, 0.45, "r").line()                # no query count, no interval
+
+
+def test_hit_rate_interval_narrows_with_queries_and_refuses_bad_counts():
+    few, many = hit_rate_interval(16, 80), hit_rate_interval(64, 320)    # the same 0.2
+    assert few[0] < many[0] < 0.2 < many[1] < few[1]
+    assert hit_rate_interval(0, 80)[0] == pytest.approx(0.0, abs=1e-12) and hit_rate_interval(80, 80)[1] == pytest.approx(1.0)
+    for hits, n in ((5, 0), (-1, 80), (81, 80)):
+        with pytest.raises(ValueError, match="hit_rate_interval"):
+            hit_rate_interval(hits, n)
+
+
+def test_target_verdicts_carry_each_modality_query_count():
+    stages = _stages(teacher=0.675)
+    counts = report.query_counts(stages)
+    assert counts and set(counts) <= set(report.MODALITIES)
+    verdicts = {v.what: v for v in target_verdicts(report.score_table(stages), report.chance_levels(stages),
+                                                   seconds=585, preset="small", n_queries=counts)}
+    assert verdicts["specialist video"].n_queries == counts["video"]
+    assert verdicts["recovered audio"].n_queries == counts["audio"]
+    assert verdicts["wall time (preset small)"].n_queries is None
 
 
 def test_target_verdicts_on_synthetic_numbers():
@@ -126,7 +162,10 @@ def test_write_report_sections_teacher_and_skips(tmp_path):
         assert section in text, section
     assert "| teacher (all-MiniLM-L6-v2) | - | - | - | - | - |" in text
     assert "| chance | 0.013 | 0.020 | 0.013 | 0.013 | 0.016 |" in text
-    assert "base text: 0.400 vs target >= 0.450 (absolute; teacher -): **not met, by 0.050**" in text
+    n = report.query_counts(_stages())["text"]
+    low, high = hit_rate_interval(round(0.4 * n), n)
+    assert (f"base text: 0.400 [{low:.3f}, {high:.3f}] vs target >= 0.450 (absolute; teacher -): **not met, by 0.050; "
+            "the target is inside the score's 95% interval**") in text
     assert "audio/fsdd-spoken-digits: ../shared absent" in text and "skipped data sources" in text
     assert "**chosen**" in text and "paper-weight" in text
     assert "its R@1 is not the audio hit@1 above" in text   # the drift table's retrieval is another measure

@@ -189,6 +189,19 @@ def required_hits(n_queries: int, n_candidates: int, multiple: float = WELL_ABOV
     return hits
 
 
+def hit_rate_interval(hits: int, n_queries: int, confidence: float = 0.95) -> tuple[float, float]:
+    """(low, high) Wilson score interval of a hit@1 of `hits` correct top-1 answers in `n_queries`
+    (scipy.stats.binomtest(...).proportion_ci): how far the measured rate could sit from the true one given that few
+    queries (80 queries: one query = 0.0125, the interval ~+-0.09 around 0.2). Raises ValueError for n_queries < 1 or
+    hits outside [0, n_queries]."""
+    from scipy.stats import binomtest
+
+    if n_queries < 1 or not 0 <= hits <= n_queries:
+        raise ValueError(f"hit_rate_interval: need n_queries >= 1 and 0 <= hits <= n_queries, got {hits}, {n_queries}")
+    interval = binomtest(hits, n_queries).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
 def hits_of(score: dict[str, Any]) -> int:
     """The number of correct top-1 answers behind `score["hit@1"]` over `score["n_queries"]`."""
     return round(float(score["hit@1"]) * int(score["n_queries"]))

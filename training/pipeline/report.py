@@ -6,8 +6,9 @@ dev-chosen", "Projector Drift diagnosis (audio specialist vs fused)", "Recovery 
 sources", "Stage wall times".
 
 Every verdict is computed from the measured numbers against :data:`TARGETS` (issue 15's targets for the main job):
-"met" or "not met, by X" with X the shortfall in hit@1 (or seconds); nothing here is hard-coded, so a run where a
-claim does not show says so. The teacher's ceiling is read from `base/stage.json` at `scores.teacher` where the base
+"met" or "not met, by X" with X the shortfall in hit@1 (or seconds), each hit@1 with its 95% Wilson interval over the
+test queries (and a note where the target falls inside it); nothing here is hard-coded, so a run where a claim does
+not show says so. The teacher's ceiling is read from `base/stage.json` at `scores.teacher` where the base
 stage wrote one (a number: its text hit@1; or `evaluate_model`-shaped scores) and printed as "-" otherwise.
 """
 
@@ -19,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from training.common.modalities import MODALITIES
-from training.evaluation.metrics import (SIGNIFICANCE, WELL_ABOVE_CHANCE, chance_p_value, hits_of, required_hits,
+from training.evaluation.metrics import (SIGNIFICANCE, WELL_ABOVE_CHANCE, chance_p_value, hit_rate_interval, hits_of,
+                                         required_hits,
                                          well_above_chance)
 
 # Row names of the tables (also the keys of scores.json).
@@ -57,6 +59,7 @@ class Verdict:
     threshold: float
     rule: str
     at_most: bool = False
+    n_queries: int | None = None  # the test queries behind a hit@1 `value` (its 95% interval is printed)
 
     @property
     def met(self) -> bool:
@@ -71,6 +74,11 @@ class Verdict:
         value, threshold = fmt.format(self.value) + unit, fmt.format(self.threshold) + unit
         sign = "<=" if self.at_most else ">="
         status = "met" if self.met else f"not met, by {fmt.format(self.shortfall)}{unit}"
+        if self.n_queries:
+            low, high = hit_rate_interval(round(self.value * self.n_queries), self.n_queries)
+            value += f" [{low:.3f}, {high:.3f}]"
+            if low <= self.threshold <= high:
+                status += "; the target is inside the score's 95% interval"
         return f"{self.what}: {value} vs target {sign} {threshold} ({self.rule}): **{status}**"
 
 
@@ -120,6 +128,16 @@ def score_table(stages: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]
     return {name: _hit(scores) for name, scores in stage_scores(stages).items()}
 
 
+def query_counts(stages: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """{modality: test queries} from the first scores that give `n_queries` (every stage scores the same split)."""
+    counts: dict[str, int] = {}
+    for scores in stage_scores(stages).values():
+        for m, v in scores.items():
+            if m not in counts and isinstance(v, dict) and v.get("n_queries"):
+                counts[m] = int(v["n_queries"])
+    return counts
+
+
 def chance_levels(stages: dict[str, dict[str, Any]]) -> dict[str, float]:
     """{modality: chance hit@1} (1 / candidates of the test split) from the first scores that give one."""
     chance: dict[str, float] = {}
@@ -166,13 +184,16 @@ def best_specialist(rows: dict[str, dict[str, float]], modality: str) -> float |
 
 # ---------------------------------------------------------------------------------------------------- verdicts
 def target_verdicts(rows: dict[str, dict[str, float]], chance: dict[str, float], seconds: float | None = None,
-                    preset: str = "", targets: Targets = TARGETS) -> list[Verdict]:
-    """Each of issue 15's targets that the numbers allow checking, as a :class:`Verdict` (rows: score_table)."""
+                    preset: str = "", targets: Targets = TARGETS,
+                    n_queries: dict[str, int] | None = None) -> list[Verdict]:
+    """Each of issue 15's targets that the numbers allow checking, as a :class:`Verdict` (rows: score_table).
+    n_queries ({modality: test queries}, `query_counts`) puts each hit@1's 95% interval into its verdict line."""
+    counts = n_queries or {}
     out: list[Verdict] = []
     base, teacher = rows.get(BASE, {}), rows.get(TEACHER, {})
     if "text" in base:
         ceiling = f"; teacher {teacher['text']:.3f}" if "text" in teacher else "; teacher -"
-        out.append(Verdict("base text", base["text"], targets.base_text, f"absolute{ceiling}"))
+        out.append(Verdict("base text", base["text"], targets.base_text, f"absolute{ceiling}", n_queries=counts.get("text")))
     for m in MODALITIES:
         spec = best_specialist(rows, m)
         if spec is None or m not in base or m not in chance:
@@ -180,19 +201,20 @@ def target_verdicts(rows: dict[str, dict[str, float]], chance: dict[str, float],
         gain = targets.document_gain if m == "document" else targets.specialist_gain
         need_gain, need_chance = base[m] + gain, targets.chance_multiple * chance[m]
         rule = (f"max(base {base[m]:.3f} + {gain:.2f}, {targets.chance_multiple:g} x chance {chance[m]:.3f})")
-        out.append(Verdict(f"specialist {m}", spec, max(need_gain, need_chance), rule))
+        out.append(Verdict(f"specialist {m}", spec, max(need_gain, need_chance), rule, n_queries=counts.get(m)))
     for label, row in (("fused (paper)", FUSED), ("fused (dev-chosen)", FUSED_DEV)):
         for m in VISUAL_TEXT:
             spec = best_specialist(rows, m)
             if spec is not None and m in rows.get(row, {}):
                 out.append(Verdict(f"{label} {m}", rows[row][m], max(0.0, spec - targets.fused_gap),
-                                   f"specialist {spec:.3f} - {targets.fused_gap:.2f}"))
+                                   f"specialist {spec:.3f} - {targets.fused_gap:.2f}", n_queries=counts.get(m)))
     audio = best_specialist(rows, "audio")
     if audio is not None:
         for label, row in (("recovered audio", RECOVERED), ("realigned audio (beside it)", REALIGNED)):
             if "audio" in rows.get(row, {}):
                 out.append(Verdict(label, rows[row]["audio"], targets.recovery_ratio * audio,
-                                   f"{targets.recovery_ratio:.0%} of the audio specialist {audio:.3f}"))
+                                   f"{targets.recovery_ratio:.0%} of the audio specialist {audio:.3f}",
+                                   n_queries=counts.get("audio")))
     final = rows.get(REHEARSED, {})
     # The worst modality is the one with the lowest retention final / specialist (as rehearsal's own selection
     # ranks them), not the largest shortfall in hit@1: a weak specialist's modality can lose most of itself while
@@ -203,7 +225,8 @@ def target_verdicts(rows: dict[str, dict[str, float]], chance: dict[str, float],
         retained, worst = min(ratios)
         spec = best_specialist(rows, worst)
         out.append(Verdict(f"final worst modality ({worst})", final[worst], targets.final_ratio * spec,
-                           f"{targets.final_ratio:.0%} of its specialist {spec:.3f}; retention {retained:.2f}"))
+                           f"{targets.final_ratio:.0%} of its specialist {spec:.3f}; retention {retained:.2f}",
+                           n_queries=counts.get(worst)))
     if seconds is not None and preset in targets.wall_s:
         out.append(Verdict(f"wall time (preset {preset})", seconds, targets.wall_s[preset], "sum of stage times",
                            at_most=True))
@@ -441,9 +464,14 @@ def write_report(out: Path, stages: dict[str, dict[str, Any]], preset: str, seed
         ["source", "task", "candidates", "chance", *columns],
         [[key, e["task"], str(e["n_candidates"]), _fmt(e["chance"]), *(_fmt(e["scores"].get(c)) for c in columns)]
          for key, e in sources.items()])
-    lines += ["", "## Verdicts against the targets", ""]
+    lines += ["", "## Verdicts against the targets", "",
+              "A hit@1 in a verdict carries its 95% Wilson interval over the modality's test queries in brackets "
+              "(scipy.stats.binomtest); where the target lies inside that interval the line says so: this run's "
+              "queries cannot tell the score from the target. The interval treats the target as a fixed number; where "
+              "the target is itself built from another score (a base, a specialist), that score's noise adds to it.",
+              ""]
     lines += [f"- {v.line(' s' if v.what.startswith('wall time') else '')}"
-              for v in target_verdicts(rows, chance, total, preset, targets)]
+              for v in target_verdicts(rows, chance, total, preset, targets, query_counts(stages))]
     heldout = stages.get("heldout", {})
     held = heldout_verdicts(heldout, targets)
     lines += [f"- {v.line()}" for v in held] or [
