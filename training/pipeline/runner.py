@@ -35,6 +35,7 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -355,7 +356,8 @@ class Pipeline:
             train_files, source_weights = [self.data_dir / modality / "train.jsonl"], {}
             if modality != "text" and self.preset.specialist_text_replay:
                 train_files, source_weights, steps = text_replay_mix(
-                    train_files[0], self.data_dir / "text" / "train.jsonl", self.preset.specialist_text_replay, steps)
+                    train_files[0], self.data_dir / "text" / "train.jsonl", self.preset.specialist_text_replay, steps,
+                    batch_size=batch_size)
             cfg = specialist.SpecialistConfig(
                 name=f"specialist-{modality}", modality=modality, base=str(base), output=str(out / modality),
                 data=specialist.DataConfig(train=[str(f) for f in train_files], weights=source_weights,
@@ -549,14 +551,22 @@ def training_texts(data_dir: Path) -> tuple[list[str], list[str]]:
     return texts, sorted(instructions)
 
 
-def _sources_of(pairs_file: Path) -> list[str]:
-    """The distinct `source` names of a pairs JSONL file, sorted."""
-    with open(pairs_file) as handle:
-        return sorted({json.loads(line)["source"] for line in handle if line.strip()})
+def _source_rows(pairs_file: Path) -> Counter[str]:
+    """Usable rows per `source` of a pairs JSONL file, as the specialist's loader reads it (`load_jsonl` with
+    on_error="skip", as `stage_specialists` sets it: lines that are not JSON and rows `parse_row` refuses, e.g.
+    without a non-empty str `source`, are dropped and logged); an empty counter for a file without usable rows.
+    Media files are not opened here (the loader probes them when it trains). Raises FileNotFoundError if absent."""
+    from training.contrastive.data import DataError, load_jsonl
+
+    try:
+        examples = load_jsonl(pairs_file, on_error="skip", check_media=False)
+    except DataError:   # with on_error="skip", raised only for a file without one usable row
+        return Counter()
+    return Counter(example.source for example in examples)
 
 
-def text_replay_mix(train_file: Path, text_file: Path, share: float,
-                    steps: int) -> tuple[list[Path], dict[str, float], int]:
+def text_replay_mix(train_file: Path, text_file: Path, share: float, steps: int, *,
+                    batch_size: int) -> tuple[list[Path], dict[str, float], int]:
     """(train files, source weights, total steps) of a non-text specialist whose steps are `share` text-pair steps.
 
     Why: on the small backbone each non-text specialist's LoRA erased part of the base's text skill (test hit@1
@@ -566,17 +576,33 @@ def text_replay_mix(train_file: Path, text_file: Path, share: float,
     their modality alone; this is our deviation for a backbone this small). The modality keeps its own `steps`
     (total = round(steps / (1 - share))); the sampler draws one source per step (`SourceMixtureSampler`), each of
     the modality's sources weighing 1 as without replay and the text sources together share / (1 - share) times
-    their sum. Without text pairs (`text_file` absent or empty) nothing changes. Raises ValueError unless
-    0 <= share < 1.
+    their sum. Sources are counted as the loader keeps rows (`_source_rows`). Without text pairs (`text_file`
+    absent, or no usable row in it) or without a usable row in `train_file` nothing changes (the specialist's
+    loader then reports an unusable `train_file` itself).
+
+    Raises ValueError unless 0 <= share < 1, if a source name is in both files (the loader would pool their rows,
+    so the share could not hold), or if a text source has fewer usable rows than `batch_size` (the sampler's
+    draw takes one whole batch of one source).
     """
     if not 0.0 <= share < 1.0:
         raise ValueError(f"text_replay_mix: share must be in [0, 1), got {share!r}")
-    text_sources = _sources_of(text_file) if text_file.is_file() else []
-    own = _sources_of(train_file)
-    if share == 0.0 or not text_sources or not own:
+    if share == 0.0 or not text_file.is_file():
         return [train_file], {}, steps
-    weights = {source: 1.0 for source in own}
-    weights.update({source: len(own) * share / (1.0 - share) / len(text_sources) for source in text_sources})
+    text_rows, own_rows = _source_rows(text_file), _source_rows(train_file)
+    if not text_rows or not own_rows:
+        return [train_file], {}, steps
+    shared = sorted(set(own_rows) & set(text_rows))
+    if shared:
+        raise ValueError(f"text_replay_mix: {train_file} and the text pairs {text_file} both have source(s) "
+                         f"{shared}; expected distinct source names (rename them in one file, or set the preset's "
+                         f"specialist_text_replay to 0)")
+    small = {source: n for source, n in sorted(text_rows.items()) if n < batch_size}
+    if small:
+        raise ValueError(f"text_replay_mix: in the text pairs {text_file}, " + ", ".join(
+            f"{source!r} has {n} usable row(s)" for source, n in small.items()) + f"; expected at least the "
+            f"specialist's batch size {batch_size} per source (one step draws a whole batch of one source)")
+    weights = {source: 1.0 for source in sorted(own_rows)}
+    weights.update({source: len(own_rows) * share / (1.0 - share) / len(text_rows) for source in sorted(text_rows)})
     return [train_file, text_file], weights, round(steps / (1.0 - share))
 
 
