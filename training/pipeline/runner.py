@@ -577,10 +577,11 @@ def text_replay_mix(train_file: Path, text_file: Path, share: float, steps: int,
     text, base 0.225: the image / video / document / audio specialists 0.138 / 0.125 / 0.188 / 0.163), and fusion
     adds those deltas up, so the fused model fell below the base on text (0.175). Replaying the text pairs keeps the
     text side of the shared space in place, as balanced rehearsal does after fusion (the paper's specialists train on
-    their modality alone; this is our deviation for a backbone this small). The modality keeps its own `steps`
-    (total = round(steps / (1 - share))); the sampler draws one source per step (`SourceMixtureSampler`), each of
-    the modality's sources weighing 1 as without replay and the text sources together share / (1 - share) times
-    their sum. Sources are counted as the loader keeps rows (`_source_rows`). Without text pairs (`text_file`
+    their modality alone; this is our deviation for a backbone this small). The modality keeps its own `steps` in
+    expectation (total = round(steps / (1 - share))); the sampler draws one source per step at random
+    (`SourceMixtureSampler`, so the count varies: 301 / 153 / 153 / 153 own-modality steps of 300 / 150 planned in
+    the small preset's image / video / document / audio specialists at seed 0), each of the modality's sources
+    weighing 1 as without replay and the text sources together share / (1 - share) times their sum. Sources are counted as the loader keeps rows (`_source_rows`). Without text pairs (`text_file`
     absent, or no usable row in it) or without a usable row in `train_file` nothing changes (the specialist's
     loader then reports an unusable `train_file` itself).
 
