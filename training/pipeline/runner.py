@@ -11,7 +11,8 @@ the stages that read them; a folder built with another preset or seed is refused
   specialists one contrastive LoRA specialist per modality (text anchor, image, video, document, audio), merged
               into dense weights; `Preset.visual_lora_scopes` may put LoRA on the vision tower too (the paper's
               recipe; the smoke preset does, the small one keeps the tower frozen and cached);
-              `Preset.specialist_text_replay` mixes text-pair steps into the other specialists (`text_replay_mix`)
+              `Preset.specialist_text_replay` mixes text-pair steps into the other specialists (`text_replay_mix`;
+              both presets: a quarter of their steps, their own-modality steps unchanged)
   fuse        Decoupled Specialist Fusion (task arithmetic) at the paper's weights (fuse/model, which recovery and
               rehearsal continue from) and at weights chosen by a small sweep on the DEV split (fuse/dev-chosen);
               audio projector copied from the audio specialist
@@ -23,7 +24,8 @@ the stages that read them; a folder built with another preset or seed is refused
               scored through SentenceTransformer(..., trust_remote_code=True), the text teacher on the text task
   report      report.md + PNG plots: per-modality and per-source scores after every stage, verdicts vs the targets
 Every stage is evaluated on the held-out test pairs, per modality and per source with chance levels
-(training/evaluation/stage_eval.py: an offline proxy, not MMEB/MAEB); only the fusion sweep reads the dev pairs.
+(training/evaluation/stage_eval.py: an offline proxy, not MMEB/MAEB); no stage trains or selects on the test pairs:
+the fusion sweep's weights, the recovery's best projector and the rehearsal's best step are chosen on the dev pairs.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -171,7 +174,9 @@ PRESETS = {
     # Re-alignment: the Gauss-Newton history of an earlier run gained 0.4706 -> 0.4726 -> 0.4729 (holdout agreement)
     # over 3 iterations, ~28 s each, so 2 were kept; the last three runs' second iteration added +0.0009, +0.0016 and
     # +0.0002 to the first's +0.005 / +0.008 / +0.005 (realign_report.json), and the realigned audio hit@1 equalled the
-    # fused model's in each: 1 is kept, paying for the text replay above.
+    # fused model's in each: 1 is kept, paying for the text replay above. Since then, on one fused model (the small
+    # runs of 2026-11-30 14:48 and 15:28 UTC), 1 iteration gave realigned audio test hit@1 0.412 (dev MRR 0.445) and
+    # 2 gave 0.400 (0.442), fit 23 s vs 57 s.
     "small": Preset(data="small", backbone="small", distill_steps=800, specialist_steps=150, batch_size=16,
                     recover_steps=150, rehearse_steps=150, rehearse_lr=1e-3, rehearse_eval_every=75,
                     specialist_lr_overrides=(("text", 1e-3),), specialist_steps_overrides=(("image", 300),),
@@ -355,7 +360,8 @@ class Pipeline:
             train_files, source_weights = [self.data_dir / modality / "train.jsonl"], {}
             if modality != "text" and self.preset.specialist_text_replay:
                 train_files, source_weights, steps = text_replay_mix(
-                    train_files[0], self.data_dir / "text" / "train.jsonl", self.preset.specialist_text_replay, steps)
+                    train_files[0], self.data_dir / "text" / "train.jsonl", self.preset.specialist_text_replay, steps,
+                    batch_size=batch_size)
             cfg = specialist.SpecialistConfig(
                 name=f"specialist-{modality}", modality=modality, base=str(base), output=str(out / modality),
                 data=specialist.DataConfig(train=[str(f) for f in train_files], weights=source_weights,
@@ -549,34 +555,60 @@ def training_texts(data_dir: Path) -> tuple[list[str], list[str]]:
     return texts, sorted(instructions)
 
 
-def _sources_of(pairs_file: Path) -> list[str]:
-    """The distinct `source` names of a pairs JSONL file, sorted."""
-    with open(pairs_file) as handle:
-        return sorted({json.loads(line)["source"] for line in handle if line.strip()})
+def _source_rows(pairs_file: Path) -> Counter[str]:
+    """Usable rows per `source` of a pairs JSONL file, as the specialist's loader reads it (`load_jsonl` with
+    on_error="skip", as `stage_specialists` sets it: lines that are not JSON and rows `parse_row` refuses, e.g.
+    without a non-empty str `source`, are dropped and logged); an empty counter for a file without usable rows.
+    Media files are not opened here (the loader probes them when it trains). Raises FileNotFoundError if absent."""
+    from training.contrastive.data import DataError, load_jsonl
+
+    try:
+        examples = load_jsonl(pairs_file, on_error="skip", check_media=False)
+    except DataError:   # with on_error="skip", raised only for a file without one usable row
+        return Counter()
+    return Counter(example.source for example in examples)
 
 
-def text_replay_mix(train_file: Path, text_file: Path, share: float,
-                    steps: int) -> tuple[list[Path], dict[str, float], int]:
+def text_replay_mix(train_file: Path, text_file: Path, share: float, steps: int, *,
+                    batch_size: int) -> tuple[list[Path], dict[str, float], int]:
     """(train files, source weights, total steps) of a non-text specialist whose steps are `share` text-pair steps.
 
     Why: on the small backbone each non-text specialist's LoRA erased part of the base's text skill (test hit@1
     text, base 0.225: the image / video / document / audio specialists 0.138 / 0.125 / 0.188 / 0.163), and fusion
     adds those deltas up, so the fused model fell below the base on text (0.175). Replaying the text pairs keeps the
     text side of the shared space in place, as balanced rehearsal does after fusion (the paper's specialists train on
-    their modality alone; this is our deviation for a backbone this small). The modality keeps its own `steps`
-    (total = round(steps / (1 - share))); the sampler draws one source per step (`SourceMixtureSampler`), each of
-    the modality's sources weighing 1 as without replay and the text sources together share / (1 - share) times
-    their sum. Without text pairs (`text_file` absent or empty) nothing changes. Raises ValueError unless
-    0 <= share < 1.
+    their modality alone; this is our deviation for a backbone this small). The modality keeps its own `steps` in
+    expectation (total = round(steps / (1 - share))); the sampler draws one source per step at random
+    (`SourceMixtureSampler`, so the count varies: 301 / 153 / 153 / 153 own-modality steps of 300 / 150 planned in
+    the small preset's image / video / document / audio specialists at seed 0), each of the modality's sources
+    weighing 1 as without replay and the text sources together share / (1 - share) times their sum. Sources are
+    counted as the loader keeps rows (`_source_rows`). Without text pairs (`text_file` absent, or no usable row in
+    it) or without a usable row in `train_file` nothing changes (the specialist's loader then reports an unusable
+    `train_file` itself).
+
+    Raises ValueError unless 0 <= share < 1, if a source name is in both files (the loader would pool their rows,
+    so the share could not hold), or if a text source has fewer usable rows than `batch_size` (the sampler's
+    draw takes one whole batch of one source).
     """
     if not 0.0 <= share < 1.0:
         raise ValueError(f"text_replay_mix: share must be in [0, 1), got {share!r}")
-    text_sources = _sources_of(text_file) if text_file.is_file() else []
-    own = _sources_of(train_file)
-    if share == 0.0 or not text_sources or not own:
+    if share == 0.0 or not text_file.is_file():
         return [train_file], {}, steps
-    weights = {source: 1.0 for source in own}
-    weights.update({source: len(own) * share / (1.0 - share) / len(text_sources) for source in text_sources})
+    text_rows, own_rows = _source_rows(text_file), _source_rows(train_file)
+    if not text_rows or not own_rows:
+        return [train_file], {}, steps
+    shared = sorted(set(own_rows) & set(text_rows))
+    if shared:
+        raise ValueError(f"text_replay_mix: {train_file} and the text pairs {text_file} both have source(s) "
+                         f"{shared}; expected distinct source names (rename them in one file, or set the preset's "
+                         f"specialist_text_replay to 0)")
+    small = {source: n for source, n in sorted(text_rows.items()) if n < batch_size}
+    if small:
+        raise ValueError(f"text_replay_mix: in the text pairs {text_file}, " + ", ".join(
+            f"{source!r} has {n} usable row(s)" for source, n in small.items()) + f"; expected at least the "
+            f"specialist's batch size {batch_size} per source (one step draws a whole batch of one source)")
+    weights = {source: 1.0 for source in sorted(own_rows)}
+    weights.update({source: len(own_rows) * share / (1.0 - share) / len(text_rows) for source in sorted(text_rows)})
     return [train_file, text_file], weights, round(steps / (1.0 - share))
 
 
