@@ -169,8 +169,9 @@ PRESETS = {
     # Each specialist's own test hit@1 with / without: image 0.225 / 0.212, video 0.125 / 0.075, document 0.000 /
     # 0.013, audio 0.438 / 0.463; their text 0.200 / 0.162 / 0.225 / 0.188 vs 0.138 / 0.125 / 0.188 / 0.163.
     # Four specialists 448 s with replay. TIES (density 0.2), DARE-TIES (0.5), TSV-M and Iso-C on the same
-    # specialists without replay kept fused dev text at 0.157-0.173 hit@1 and no mean dev MRR above 0.275
-    # (`/work/scratch/exp_merge.py`), so fusion stays task arithmetic, as in the paper.
+    # specialists without replay kept fused dev text at 0.157-0.173 hit@1 (task arithmetic 0.140); their mean dev MRR
+    # was 0.255-0.275 against task arithmetic's 0.273, the one above it TIES at weight 1 (0.2754, within the 40-pair
+    # dev splits' noise) (`/work/scratch/exp_merge.py`), so fusion stays task arithmetic, as in the paper.
     # Re-alignment: the Gauss-Newton history of an earlier run gained 0.4706 -> 0.4726 -> 0.4729 (holdout agreement)
     # over 3 iterations, ~28 s each, so 2 were kept; the last three runs' second iteration added +0.0009, +0.0016 and
     # +0.0002 to the first's +0.005 / +0.008 / +0.005 (realign_report.json), and the realigned audio hit@1 equalled the
