@@ -21,8 +21,7 @@ from typing import Any
 
 from training.common.modalities import MODALITIES
 from training.evaluation.metrics import (SIGNIFICANCE, WELL_ABOVE_CHANCE, chance_p_value, hit_rate_interval, hits_of,
-                                         required_hits,
-                                         well_above_chance)
+                                         required_hits, well_above_chance)
 
 # Row names of the tables (also the keys of scores.json).
 BASE, TEACHER = "base (distilled text)", "teacher (all-MiniLM-L6-v2)"
@@ -75,7 +74,7 @@ class Verdict:
         sign = "<=" if self.at_most else ">="
         status = "met" if self.met else f"not met, by {fmt.format(self.shortfall)}{unit}"
         if self.n_queries:
-            low, high = hit_rate_interval(round(self.value * self.n_queries), self.n_queries)
+            low, high = hit_rate_interval(hits_of({"hit@1": self.value, "n_queries": self.n_queries}), self.n_queries)
             value += f" [{low:.3f}, {high:.3f}]"
             if low <= self.threshold <= high:
                 status += "; the target is inside the score's 95% interval"
@@ -128,24 +127,26 @@ def score_table(stages: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]
     return {name: _hit(scores) for name, scores in stage_scores(stages).items()}
 
 
-def query_counts(stages: dict[str, dict[str, Any]]) -> dict[str, int]:
-    """{modality: test queries} from the first scores that give `n_queries` (every stage scores the same split)."""
-    counts: dict[str, int] = {}
+def _first_per_modality(stages: dict[str, dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
+    """{modality: the first stage score (pipeline order) that has a non-zero `key`}: every stage scores the same
+    test split, so the split's facts (query and candidate counts, chance) are read from whichever scored it first."""
+    first: dict[str, dict[str, Any]] = {}
     for scores in stage_scores(stages).values():
         for m, v in scores.items():
-            if m not in counts and isinstance(v, dict) and v.get("n_queries"):
-                counts[m] = int(v["n_queries"])
-    return counts
+            if m not in first and isinstance(v, dict) and v.get(key):
+                first[m] = v
+    return first
+
+
+def query_counts(stages: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """{modality: test queries} from the first scores that give `n_queries`."""
+    return {m: int(v["n_queries"]) for m, v in _first_per_modality(stages, "n_queries").items()}
 
 
 def chance_levels(stages: dict[str, dict[str, Any]]) -> dict[str, float]:
     """{modality: chance hit@1} (1 / candidates of the test split) from the first scores that give one."""
-    chance: dict[str, float] = {}
-    for scores in stage_scores(stages).values():
-        for m, v in scores.items():
-            if m not in chance and isinstance(v, dict) and v.get("n_candidates"):
-                chance[m] = float(v.get("chance", 1.0 / v["n_candidates"]))
-    return chance
+    return {m: float(v.get("chance", 1.0 / v["n_candidates"]))
+            for m, v in _first_per_modality(stages, "n_candidates").items()}
 
 
 def source_table(stages: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -193,7 +194,8 @@ def target_verdicts(rows: dict[str, dict[str, float]], chance: dict[str, float],
     base, teacher = rows.get(BASE, {}), rows.get(TEACHER, {})
     if "text" in base:
         ceiling = f"; teacher {teacher['text']:.3f}" if "text" in teacher else "; teacher -"
-        out.append(Verdict("base text", base["text"], targets.base_text, f"absolute{ceiling}", n_queries=counts.get("text")))
+        out.append(Verdict("base text", base["text"], targets.base_text, f"absolute{ceiling}",
+                           n_queries=counts.get("text")))
     for m in MODALITIES:
         spec = best_specialist(rows, m)
         if spec is None or m not in base or m not in chance:
