@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -246,3 +247,23 @@ def test_transplant_means_equal_the_per_token_loop(tiny_repo, case):
     assert transplant_token_embeddings(table, tokenizer) == {"tokens": n_tokens, "covered": int(covered.sum())}
     changed = (table.embed.weight != before).any(dim=1)
     assert torch.equal(changed, torch.cat([covered, torch.zeros(rows - n_tokens, dtype=torch.bool)]))
+
+
+def test_teacher_text_scores_rank_within_candidate_pools(tmp_path, monkeypatch):
+    """The teacher's ceiling uses the stage evaluation's pools: with pools of 2, each query ranks its fold's two
+    words only, so a teacher that confuses words across folds still scores 1.0 there and 0.5 in one pool."""
+    from training.base import distill_text as D
+
+    words = ["alpha", "beta", "gamma", "delta"]
+    rows = [{"query": {"text": f"def {w}"}, "positive": {"text": w}} for w in words]
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # each definition is nearest its own word, and equally near the word two places on (in the other fold)
+    vec = {w: torch.eye(2)[i % 2] for i, w in enumerate(words)}
+    vec.update({f"def {w}": vec[w] for w in words})
+    monkeypatch.setattr(D, "teacher_embeddings", lambda texts, cache_dir=None: torch.stack([vec[t] for t in texts]))
+    one_pool = D.teacher_text_scores(tmp_path)
+    assert one_pool == {**one_pool, "n_queries": 4, "n_candidates": 4, "pools": 1}
+    assert one_pool["hit@1"] == 0.0  # ties count against: two words share each vector
+    two_pools = D.teacher_text_scores(tmp_path, pool_size=2)
+    assert two_pools == {**two_pools, "hit@1": 1.0, "n_queries": 4, "n_candidates": 2, "pools": 2}

@@ -257,3 +257,12 @@ def test_train_caps_replace_the_train_cap_of_one_modality_only():
     assert preset.cap("text", "train") == 30
     with pytest.raises(ValueError, match="train_caps"):
         B.resolve_preset(B.Preset("p", {"train": 30, "dev": 4, "test": 8}, train_caps={"imgae": 5}))
+
+
+def test_test_caps_replace_the_test_cap_of_one_modality_only():
+    preset = B.Preset("p", {"train": 30, "dev": 4, "test": 8}, train_caps={"image": 500}, test_caps={"audio": 2})
+    assert B.resolve_preset(preset) is preset
+    assert preset.cap("audio", "test") == 2 and preset.cap("audio", "train") == 30 and preset.cap("audio", "dev") == 4
+    assert preset.cap("image", "test") == 8 and preset.cap("image", "train") == 500
+    with pytest.raises(ValueError, match="test_caps"):
+        B.resolve_preset(B.Preset("p", {"train": 30, "dev": 4, "test": 8}, test_caps={"audio": -1}))

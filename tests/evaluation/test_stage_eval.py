@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from training.evaluation import stage_eval
-from training.evaluation.stage_eval import (evaluate_model, input_kind, kind_pool_scores, score_similarity,
-                                           source_scores)
+from training.evaluation.stage_eval import (candidate_pools, evaluate_model, input_kind, kind_pool_scores,
+                                           pooled_scores, score_similarity, source_scores)
 
 
 def test_source_scores_rank_each_source_within_its_own_candidates():
@@ -121,3 +121,53 @@ def test_load_for_eval_reuses_the_processor_of_an_equal_folder_only(tiny_repo, t
     (model_a, proc_a), (model_b, proc_b), (_, proc_c) = (load_for_eval(p) for p in (a, b, c))
     assert proc_b is proc_a and model_b is not model_a and not model_b.training
     assert proc_c is not proc_a and proc_c.tokenizer.model_max_length == 77
+
+
+def test_candidate_pools_cut_rows_in_order_into_equal_folds():
+    assert [f.tolist() for f in candidate_pools(5, None)] == [[0, 1, 2, 3, 4]]
+    assert [f.tolist() for f in candidate_pools(4, 4)] == [[0, 1, 2, 3]]
+    assert [len(f) for f in candidate_pools(240, 80)] == [80, 80, 80]
+    assert [len(f) for f in candidate_pools(193, 80)] == [65, 64, 64]
+    assert np.concatenate(candidate_pools(193, 80)).tolist() == list(range(193))
+    assert candidate_pools(0, 80) == []
+    with pytest.raises(ValueError, match="pool_size"):
+        candidate_pools(10, 1)
+
+
+def test_pooled_scores_weigh_each_pool_by_its_queries():
+    a = {"hit@1": 1.0, "mrr": 1.0, "chance": 0.5, "n_queries": 1, "n_candidates": 2, "task": "t"}
+    b = {"hit@1": 0.0, "mrr": 0.25, "chance": 0.25, "n_queries": 3, "n_candidates": 4, "task": "t"}
+    pooled = pooled_scores([a, b])
+    assert pooled == {**pooled, "n_queries": 4, "n_candidates": 4, "pools": 2, "task": "t"}
+    assert pooled["hit@1"] == pytest.approx(0.25) and pooled["mrr"] == pytest.approx((1 + 0.75) / 4)
+    assert pooled["chance"] == pytest.approx((0.5 + 0.75) / 4)
+    assert "mrr" not in pooled_scores([{"hit@1": 0.5, "n_queries": 2, "n_candidates": 2}])
+    with pytest.raises(ValueError, match="no scores"):
+        pooled_scores([])
+
+
+def test_evaluate_model_pools_rank_each_query_within_its_fold(tiny_repo, tmp_path):
+    """Pools of 3 rows: each query ranks its fold's positives only; the pooled score is the mean over all queries,
+    equal to scoring each fold as a split of its own."""
+    words = ["apple", "river", "stone", "cloud", "violin", "candle"]
+    rows = [{"query": {"text": f"definition of {w}"}, "positive": {"text": w}, "source": "defs"} for w in words]
+    whole, folds = tmp_path / "whole", [tmp_path / "fold0", tmp_path / "fold1"]
+    _write_pairs(_text_dir(whole) / "test.jsonl", rows)
+    for k, folder in enumerate(folds):
+        _write_pairs(_text_dir(folder) / "test.jsonl", rows[3 * k:3 * k + 3])
+    pooled = evaluate_model(tiny_repo, whole, pool_size=3)["text"]
+    alone = [evaluate_model(tiny_repo, folder)["text"] for folder in folds]
+    assert pooled["n_queries"] == 6 and pooled["n_candidates"] == 3 and pooled["pools"] == 2
+    assert pooled["chance"] == pytest.approx(1 / 3)
+    for key in ("hit@1", "mrr"):
+        assert pooled[key] == pytest.approx((alone[0][key] + alone[1][key]) / 2)
+        assert pooled["sources"]["defs"][key] == pytest.approx(pooled[key])
+    assert evaluate_model(tiny_repo, whole)["text"]["n_candidates"] == 6
+    with pytest.raises(ValueError, match="pool_size"):
+        evaluate_model(tiny_repo, whole, pool_size=1)
+
+
+def _text_dir(root):
+    folder = root / "text"
+    folder.mkdir(parents=True)
+    return folder

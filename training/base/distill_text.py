@@ -194,17 +194,26 @@ def teacher_hit_at_1(pairs: list[tuple[str, str]], cache_dir: str | Path | None 
     return retrieval_hit_at_1(vectors[: len(queries)], vectors[len(queries):], gold)
 
 
-def teacher_text_scores(data_dir: str | Path, modality: str = "text", limit: int | None = None) -> dict[str, float]:
-    """The teacher's {"hit@1", "n_queries", "n_candidates"} on the pipeline's `data_dir/<modality>/test.jsonl`, with
-    the protocol of `training.evaluation.stage_eval` (the first `limit` rows; every distinct test positive is a
-    candidate; text rows only). The teacher sees no instruction (it has none). Raises FileNotFoundError if the file
-    is absent."""
+def teacher_text_scores(data_dir: str | Path, modality: str = "text", limit: int | None = None,
+                        pool_size: int | None = None) -> dict[str, float]:
+    """The teacher's {"hit@1", "n_queries", "n_candidates", "pools"} on the pipeline's
+    `data_dir/<modality>/test.jsonl`, with the protocol of `training.evaluation.stage_eval` (the first `limit` rows;
+    every distinct test positive of the query's candidate pool is a candidate, pools of at most `pool_size` rows as
+    `stage_eval.candidate_pools`; text rows only). The teacher sees no instruction (it has none). Raises
+    FileNotFoundError if the file is absent."""
+    from training.evaluation.stage_eval import candidate_pools, pooled_scores
+
     path = Path(data_dir) / modality / "test.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:limit]
     pairs = [(r["query"]["text"], r["positive"]["text"]) for r in rows
              if isinstance(r["query"].get("text"), str) and isinstance(r["positive"].get("text"), str)]
-    queries, candidates, _ = _pairs_as_retrieval(pairs)
-    return {"hit@1": teacher_hit_at_1(pairs), "n_queries": len(queries), "n_candidates": len(candidates)}
+    parts = []
+    for fold in candidate_pools(len(pairs), pool_size):
+        fold_pairs = [pairs[i] for i in fold]
+        queries, candidates, _ = _pairs_as_retrieval(fold_pairs)
+        parts.append({"hit@1": teacher_hit_at_1(fold_pairs), "n_queries": len(queries),
+                      "n_candidates": len(candidates)})
+    return pooled_scores(parts)
 
 
 def distillation_loss(student: torch.Tensor, projected: torch.Tensor, teacher: torch.Tensor,

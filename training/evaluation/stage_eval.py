@@ -11,7 +11,11 @@ as in MMEB where each task has its own candidate list. Each modality result also
 SOURCE (the `source` field of each row): a source's queries rank only the distinct positives of that source, so
 CIFAR-10 photos are zero-shot classified over its 10 class names, spoken digits over the 10 digit names, emoji
 glyphs over the emoji names of the split, manual page text over the page images. Every score carries its chance
-level (1 / number of candidates: the hit@1 of a random ranking). This is what the pipeline prints after every stage
+level (1 / number of candidates: the hit@1 of a random ranking). With `pool_size`, a split larger than one pool is
+scored in candidate pools: its rows are cut, in file order, into equal folds of at most `pool_size` rows and each
+query ranks only its fold's positives (the COCO "1K test" protocol of 5 folds of 1,000 images, e.g. Karpathy &
+Fei-Fei 2015); scores are the mean over all queries, so a test of 3 x 80 pairs is as hard as one of 80 pairs while
+its 95% interval is ~sqrt(3) narrower. This is what the pipeline prints after every stage
 (base, specialists, fused, recovered, rehearsed); it is an offline proxy on real local data, not an MMEB/MAEB number.
 """
 
@@ -134,6 +138,31 @@ def source_scores(similarity: np.ndarray, gold: Sequence[int], sources: Sequence
     return out
 
 
+def candidate_pools(n_rows: int, pool_size: int | None) -> list[np.ndarray]:
+    """Row indices of each candidate pool: `n_rows` rows cut in order into ceil(n_rows / pool_size) folds of equal
+    size (+-1; `np.array_split`), or one fold of all rows when `pool_size` is None. Raises ValueError for a
+    `pool_size` below 2 (one candidate is no ranking)."""
+    if pool_size is not None and pool_size < 2:
+        raise ValueError(f"candidate_pools: pool_size must be None or >= 2, got {pool_size}")
+    folds = 1 if pool_size is None or n_rows <= pool_size else -(-n_rows // pool_size)
+    return [fold for fold in np.array_split(np.arange(n_rows), folds) if len(fold)]
+
+
+def pooled_scores(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One score from the scores of disjoint query sets (the candidate pools): hit@1, MRR and chance (those present)
+    are means over queries, so each part weighs by its "n_queries" (exactly the mean over all queries);
+    "n_candidates" is the largest pool's, "pools" the number of parts. Other keys (a source's "task") are taken from
+    the first part. Raises ValueError for no parts."""
+    if not parts:
+        raise ValueError("pooled_scores: no scores to pool")
+    n = sum(int(p["n_queries"]) for p in parts)
+    pooled = dict(parts[0])
+    pooled.update({key: sum(float(p[key]) * int(p["n_queries"]) for p in parts) / n
+                   for key in ("hit@1", "mrr", "chance") if key in parts[0]})
+    pooled.update(n_queries=n, n_candidates=max(int(p["n_candidates"]) for p in parts), pools=len(parts))
+    return pooled
+
+
 def evaluate_model(
     model_dir: str | Path,
     data_dir: str | Path,
@@ -142,15 +171,19 @@ def evaluate_model(
     batch_size: int = 16,
     audio_cache_dir: str | Path | None = None,
     split: str = "test",
+    pool_size: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Scores of `model_dir` on `data_dir/<modality>/<split>.jsonl` (only that split's files are opened).
 
-    Returns {modality: {"hit@1", "mrr", "n_queries", "n_candidates", "chance", "sources": {source: {"hit@1", "mrr",
-    "n_queries", "n_candidates", "chance", "task"}}}}; `limit` keeps the first rows of each file. A modality without
-    the file is left out. Raises ValueError for an unknown `split`.
+    Returns {modality: {"hit@1", "mrr", "n_queries", "n_candidates", "chance", "pools", "sources": {source: {"hit@1",
+    "mrr", "n_queries", "n_candidates", "chance", "pools", "task"}}}}; `limit` keeps the first rows of each file;
+    `pool_size` scores a file of more rows in candidate pools of at most that many rows (`candidate_pools`, module
+    doc; "n_candidates" is then the largest pool's). A modality without the file is left out. Raises ValueError for
+    an unknown `split` or a `pool_size` below 2.
     """
     if split not in SPLITS:
         raise ValueError(f"evaluate_model: split must be one of {SPLITS}, got {split!r}")
+    candidate_pools(0, pool_size)  # checks pool_size before any model is loaded
     data_dir = Path(data_dir)
     model, processor = load_for_eval(model_dir)
     if model.config.backbone_model_type in SUPPORTED_FAMILIES:  # evaluation never trains the tower: encode items once
@@ -173,6 +206,17 @@ def evaluate_model(
         c = embed_items(model, processor, candidates, None, batch_size, desc=f"eval {modality} candidates")
         similarity = (q @ c.T).numpy()
         tasks = [f"{input_kind(r.query)} -> {input_kind(r.positive)}" for r in rows]
-        results[modality] = {**kind_pool_scores(similarity, gold, [input_kind(c) for c in candidates]),
-                             "sources": source_scores(similarity, gold, [r.source for r in rows], tasks)}
+        kinds = [input_kind(c) for c in candidates]
+        modality_parts, source_parts = [], {}
+        for fold in candidate_pools(len(rows), pool_size):
+            columns = sorted({gold[i] for i in fold})  # the fold's distinct positives
+            column_of = {column: j for j, column in enumerate(columns)}
+            fold_similarity = similarity[np.ix_(fold, columns)]
+            fold_gold = [column_of[gold[i]] for i in fold]
+            modality_parts.append(kind_pool_scores(fold_similarity, fold_gold, [kinds[c] for c in columns]))
+            for source, score in source_scores(fold_similarity, fold_gold, [rows[i].source for i in fold],
+                                               [tasks[i] for i in fold]).items():
+                source_parts.setdefault(source, []).append(score)
+        results[modality] = {**pooled_scores(modality_parts),
+                             "sources": {src: pooled_scores(parts) for src, parts in sorted(source_parts.items())}}
     return results

@@ -143,6 +143,20 @@ def query_counts(stages: dict[str, dict[str, Any]]) -> dict[str, int]:
     return {m: int(v["n_queries"]) for m, v in _first_per_modality(stages, "n_queries").items()}
 
 
+def test_sizes_line(stages: dict[str, dict[str, Any]]) -> str:
+    """One sentence with each modality's test queries and candidate pools (`stage_eval.candidate_pools`), e.g.
+    "text 240 queries in 3 pools of up to 80 candidates"; "" when no score gives query counts."""
+    first = _first_per_modality(stages, "n_queries")
+    parts = [f"{m} {int(v['n_queries'])} queries" + (
+        f" in {int(v['pools'])} pools of up to {int(v['n_candidates'])} candidates" if int(v.get("pools", 1)) > 1
+        else f", {int(v['n_candidates'])} candidates") for m, v in sorted(first.items())]
+    if not parts:
+        return ""
+    return ("Test split: " + "; ".join(parts) + ". A split of more rows than one pool is cut, in file order, into equal "
+            "folds and each query ranks only its fold's candidates (the COCO 1K-test protocol); a score is the mean "
+            "over all of the modality's queries.")
+
+
 def chance_levels(stages: dict[str, dict[str, Any]]) -> dict[str, float]:
     """{modality: chance hit@1} (1 / candidates of the test split) from the first scores that give one."""
     return {m: float(v.get("chance", 1.0 / v["n_candidates"]))
@@ -165,7 +179,7 @@ def source_table(stages: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]
             column = "own specialist" if name.startswith("specialist: ") else name
             for source, s in (v.get("sources") or {}).items():
                 entry = table.setdefault(f"{modality}/{source}", {
-                    "task": s.get("task", ""), "n_candidates": s.get("n_candidates"),
+                    "task": s.get("task", ""), "n_queries": s.get("n_queries"), "n_candidates": s.get("n_candidates"),
                     "chance": s.get("chance"), "scores": {}})
                 entry["scores"][column] = float(s["hit@1"])
     for name, scores in rows.items():  # modality-level numbers of single-source modalities
@@ -450,6 +464,7 @@ def write_report(out: Path, stages: dict[str, dict[str, Any]], preset: str, seed
         "the modality's texts, a text query its images; offline proxy on real local data, **not MMEB/MAEB**);",
         "chance = mean over queries of 1 / candidates. Per source, a source's queries rank only that source's candidates (CIFAR-10: its 10",
         "class names, i.e. zero-shot accuracy; spoken digits: the 10 digit names).",
+        *([test_sizes_line(stages)] if test_sizes_line(stages) else []),
         "",
         "## Scores per modality (hit@1)",
         "",
@@ -463,8 +478,9 @@ def write_report(out: Path, stages: dict[str, dict[str, Any]], preset: str, seed
     ]
     columns = [BASE, "own specialist", FUSED, FUSED_DEV, RECOVERED, REALIGNED, REHEARSED, TEACHER]
     lines += _markdown_table(
-        ["source", "task", "candidates", "chance", *columns],
-        [[key, e["task"], str(e["n_candidates"]), _fmt(e["chance"]), *(_fmt(e["scores"].get(c)) for c in columns)]
+        ["source", "task", "queries", "candidates", "chance", *columns],
+        [[key, e["task"], str(e.get("n_queries", "-")), str(e["n_candidates"]), _fmt(e["chance"]),
+          *(_fmt(e["scores"].get(c)) for c in columns)]
          for key, e in sources.items()])
     lines += ["", "## Verdicts against the targets", "",
               "A hit@1 in a verdict carries its 95% Wilson interval over the modality's test queries in brackets "

@@ -107,6 +107,9 @@ class Preset:
     # --compression-tokens); 0 = last-token pooling, the main job's setting
     compression_tokens: int = 0
     heldout_cap: int = 80              # queries per held-out task (training/data_sources/heldout.py)
+    # Candidate pools of the stage scores (`stage_eval.candidate_pools`): a split of more rows is scored in folds of at
+    # most this many rows, each query ranking its fold's positives (None: one pool of the whole split).
+    eval_pool_size: int | None = None
 
     def specialist_schedule(self, modality: str) -> tuple[int, int, float]:
         """(batch size, steps, LoRA learning rate) of `modality`'s specialist: its override where the preset has
@@ -182,7 +185,7 @@ PRESETS = {
                     recover_steps=150, rehearse_steps=150, rehearse_lr=1e-3, rehearse_eval_every=75,
                     specialist_lr_overrides=(("text", 1e-3),), specialist_steps_overrides=(("image", 300),),
                     specialist_batch_overrides=(("text", 64),), specialist_text_replay=0.25,
-                    realign_iterations=1,
+                    realign_iterations=1, eval_pool_size=80,
                     eval_limit=None, lora_r=16, distill_batch=64,
                     distill_groups=None, distill_eval_every=200, vision_distill_steps=600, vision_distill_batch=32,
                     # LLM-only LoRA here (smoke keeps the vision scope, so the path stays tested): measured on this
@@ -287,7 +290,7 @@ class Pipeline:
         from training.evaluation.stage_eval import evaluate_model
 
         return evaluate_model(model_dir, self.data_dir, limit=self.preset.eval_limit, audio_cache_dir=self.audio_cache,
-                              split=split)
+                              split=split, pool_size=self.preset.eval_pool_size)
 
     @property
     def data_dir(self) -> Path:
@@ -333,7 +336,8 @@ class Pipeline:
         vision_log = self.distill_vision(out / "model")
         scores: dict[str, Any] = {"base": self.evaluate(out / "model")}
         if (self.data_dir / "text" / "test.jsonl").exists():  # the teacher's ceiling on the same text test
-            scores["teacher"] = {"text": teacher_text_scores(self.data_dir, limit=self.preset.eval_limit)}
+            scores["teacher"] = {"text": teacher_text_scores(self.data_dir, limit=self.preset.eval_limit,
+                                                             pool_size=self.preset.eval_pool_size)}
         return {"model": str(out / "model"), "distill": log, "distill_vision": vision_log, "scores": scores}
 
     def distill_vision(self, model_dir: Path) -> dict[str, Any] | None:
@@ -464,7 +468,7 @@ class Pipeline:
             data=rehearse.RehearsalData(
                 train=[str(self.data_dir / m / "train.jsonl") for m in MODALITIES],
                 dev={m: str(self.data_dir / m / "dev.jsonl") for m in MODALITIES}, on_error="skip",
-                max_dev_pairs=self.preset.eval_limit or 40,
+                max_dev_pairs=self.preset.eval_limit or 80,
             ),
             lora=specialist.LoraSettings(r=self.preset.lora_r, alpha=2.0 * self.preset.lora_r, dropout=0.0),
             train=specialist.TrainConfig(per_device_batch_size=self.preset.batch_size,
