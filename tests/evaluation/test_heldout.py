@@ -61,6 +61,23 @@ def test_score_heldout_matches_encode_query_and_encode_document(tiny_repo, tiny_
     assert scores["names"]["mrr"] == pytest.approx(float(np.mean(1 / ranks)))
 
 
+def test_score_heldout_pools_rank_each_query_within_its_fold(tiny_repo, tiny_st, tmp_path):
+    """Pools of 2 rows over the 3 name -> image queries: folds [red, blue] and [green] (np.array_split), each query
+    ranking its fold's images only; the pooled MRR is the mean over the three queries."""
+    tasks = write_tasks(tmp_path / "tasks")
+    pooled = score_heldout(tiny_repo, tasks, batch_size=2, progress=False, pool_size=2)["names"]
+    assert pooled["n_queries"] == 3 and pooled["n_candidates"] == 2 and pooled["pools"] == 2
+    assert pooled["chance"] == pytest.approx((0.5 + 0.5 + 1.0) / 3)
+    names = tiny_st.encode_query([{"text": f"a {c} square"} for c in ("red", "blue", "green")],
+                                 prompt="Retrieve the emoji that this name describes.")
+    images = tiny_st.encode_document([{"image": str(tasks / "media" / f"{c}.png")} for c in ("red", "blue")])
+    ranks = np.concatenate([gold_ranks(names[:2] @ images.T, [0, 1]), [1.0]])  # green alone in its pool: rank 1
+    assert pooled["mrr"] == pytest.approx(float(np.mean(1 / ranks)))
+    assert pooled["hit@1"] == pytest.approx(float(np.mean(ranks == 1)))
+    with pytest.raises(ValueError, match="pool_size"):
+        score_heldout(tiny_repo, tasks, progress=False, pool_size=1)
+
+
 def test_score_heldout_refuses_mixed_instructions_and_empty_folders(tiny_repo, tmp_path):
     tasks = write_tasks(tmp_path / "tasks")
     rows = (tasks / "defs" / "test.jsonl").read_text().splitlines()

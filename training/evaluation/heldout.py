@@ -3,8 +3,9 @@
 The tasks are built by ``training/data_sources/heldout.py`` (``build_heldout_tasks``): ``TASKS/<task>/test.jsonl``
 in the pair format + ``TASKS/tasks.json``. Each task is scored exactly as a user would call the published model:
 ``SentenceTransformer(model_dir, trust_remote_code=True)``, queries through ``encode_query(..., prompt=
-instruction)`` and candidates (every distinct positive of the task) through ``encode_document``; cosine ranks with
-ties against the query (``metrics.gold_ranks`` via ``stage_eval.score_similarity``); chance = 1 / candidates.
+instruction)`` and candidates (every distinct positive of the task, or of the query's candidate pool: ``pool_size``,
+``stage_eval.candidate_pools``) through ``encode_document``; cosine ranks with ties against the query
+(``metrics.gold_ranks`` via ``stage_eval.score_similarity``); chance = 1 / candidates.
 
     python -m training.heldout --model runs/pipeline-small/final-model      # builds the tasks, then scores
 """
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from training.common.audio_cache import AudioFrameCache
 from training.contrastive.data import load_jsonl
-from training.evaluation.stage_eval import score_similarity
+from training.evaluation.stage_eval import candidate_pools, pool_views, pooled_scores, score_similarity
 
 
 def task_files(tasks_dir: str | Path) -> dict[str, Path]:
@@ -38,9 +39,12 @@ def task_files(tasks_dir: str | Path) -> dict[str, Path]:
 
 
 def score_heldout(model_dir: str | Path, tasks_dir: str | Path, batch_size: int = 16, progress: bool = True,
-                  device: str = "cpu", audio_cache_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
-    """{task: {"hit@1", "mrr", "chance", "n_queries", "n_candidates", "source"}} of the model at ``model_dir`` (a
-    folder ``SentenceTransformer(..., trust_remote_code=True)`` loads) on every task under ``tasks_dir``.
+                  device: str = "cpu", audio_cache_dir: str | Path | None = None,
+                  pool_size: int | None = None) -> dict[str, dict[str, Any]]:
+    """{task: {"hit@1", "mrr", "chance", "n_queries", "n_candidates", "pools", "source"}} of the model at
+    ``model_dir`` (a folder ``SentenceTransformer(..., trust_remote_code=True)`` loads) on every task under
+    ``tasks_dir``. With ``pool_size``, a task of more rows is scored in candidate pools of at most that many rows
+    (``stage_eval.candidate_pools``; "n_candidates" is the largest pool's); a ``pool_size`` below 2 raises ValueError.
 
     Every row of a task must carry the task's one instruction (the query prompt); a task mixing instructions raises
     ValueError naming it. Media paths in the rows are relative to their JSONL file. ``audio_cache_dir``: attach the
@@ -51,6 +55,7 @@ def score_heldout(model_dir: str | Path, tasks_dir: str | Path, batch_size: int 
     """
     from sentence_transformers import SentenceTransformer
 
+    candidate_pools(0, pool_size)  # checks pool_size before the model loads
     model = SentenceTransformer(str(model_dir), trust_remote_code=True, device=device)
     if audio_cache_dir is not None:
         conan = model[0].model
@@ -70,6 +75,8 @@ def score_heldout(model_dir: str | Path, tasks_dir: str | Path, batch_size: int 
                                      convert_to_numpy=True)
         candidates = model.encode_document([json.loads(p) for p in unique], batch_size=batch_size,
                                            convert_to_numpy=True)
-        scores = score_similarity(np.asarray(queries) @ np.asarray(candidates).T, gold)
-        results[task] = {**scores, "source": rows[0].source}
+        similarity = np.asarray(queries) @ np.asarray(candidates).T
+        parts = [score_similarity(block, block_gold) for _, _, block, block_gold in
+                 pool_views(similarity, gold, pool_size)]
+        results[task] = {**pooled_scores(parts), "source": rows[0].source}
     return results

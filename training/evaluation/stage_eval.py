@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +148,17 @@ def candidate_pools(n_rows: int, pool_size: int | None) -> list[np.ndarray]:
     return [fold for fold in np.array_split(np.arange(n_rows), folds) if len(fold)]
 
 
+def pool_views(similarity: np.ndarray, gold: Sequence[int], pool_size: int | None
+               ) -> Iterator[tuple[np.ndarray, list[int], np.ndarray, list[int]]]:
+    """Per candidate pool (`candidate_pools` over the rows of `similarity` (Q, C)): (its query rows, its columns =
+    the distinct gold columns of those rows, the (rows, columns) block of `similarity`, each row's gold index into
+    the block's columns)."""
+    for rows in candidate_pools(len(gold), pool_size):
+        columns = sorted({int(gold[i]) for i in rows})
+        column_of = {column: j for j, column in enumerate(columns)}
+        yield rows, columns, similarity[np.ix_(rows, columns)], [column_of[int(gold[i])] for i in rows]
+
+
 def pooled_scores(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One score from the scores of disjoint query sets (the candidate pools): hit@1, MRR and chance (those present)
     are means over queries, so each part weighs by its "n_queries" (exactly the mean over all queries);
@@ -208,11 +219,7 @@ def evaluate_model(
         tasks = [f"{input_kind(r.query)} -> {input_kind(r.positive)}" for r in rows]
         kinds = [input_kind(c) for c in candidates]
         modality_parts, source_parts = [], {}
-        for fold in candidate_pools(len(rows), pool_size):
-            columns = sorted({gold[i] for i in fold})  # the fold's distinct positives
-            column_of = {column: j for j, column in enumerate(columns)}
-            fold_similarity = similarity[np.ix_(fold, columns)]
-            fold_gold = [column_of[gold[i]] for i in fold]
+        for fold, columns, fold_similarity, fold_gold in pool_views(similarity, gold, pool_size):
             modality_parts.append(kind_pool_scores(fold_similarity, fold_gold, [kinds[c] for c in columns]))
             for source, score in source_scores(fold_similarity, fold_gold, [rows[i].source for i in fold],
                                                [tasks[i] for i in fold]).items():

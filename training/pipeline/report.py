@@ -286,8 +286,9 @@ def _heldout_lines(heldout: dict[str, Any], targets: Targets = TARGETS) -> list[
     lines = [f"Tasks from sources no stage trains on, built under the run's `{where}` (up to "
              f"{heldout.get('cap')} queries a task, seed {heldout.get('seed')}; training/data_sources/heldout.py); each "
              "model loaded as a user does, `SentenceTransformer(model, trust_remote_code=True)`, queries through "
-             "`encode_query(..., prompt=instruction)`, candidates (every distinct positive of the task) through "
-             "`encode_document`; hit@1, chance = 1 / candidates; p = the one-sided binomial probability of the final "
+             "`encode_query(..., prompt=instruction)`, candidates (every distinct positive of the task, or of the "
+             "query's candidate pool where a task has more queries than one pool: the pools of the test split above) "
+             "through `encode_document`; hit@1, chance = 1 / candidates; p = the one-sided binomial probability of the final "
              f"model's hits or more under chance. Verdict rule: **well above chance** := {_heldout_rule(targets)}.", ""]
     body = []
     for task, info in sorted(heldout.get("tasks", {}).items()):

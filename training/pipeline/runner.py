@@ -106,7 +106,7 @@ class Preset:
     # CoMa: K compression tokens in the base (embedding_pooling="compression_mean", training.build_base
     # --compression-tokens); 0 = last-token pooling, the main job's setting
     compression_tokens: int = 0
-    heldout_cap: int = 80              # queries per held-out task (training/data_sources/heldout.py)
+    heldout_cap: int = 80              # queries per held-out task (training/data_sources/heldout.py; scored in pools)
     # Candidate pools of the stage scores (`stage_eval.candidate_pools`): a split of more rows is scored in folds of at
     # most this many rows, each query ranking its fold's positives (None: one pool of the whole split).
     eval_pool_size: int | None = None
@@ -507,10 +507,12 @@ class Pipeline:
             return result
         final = self.publish_final_model()
         for name, model in (("base", self.stage_dir("base") / "model"), ("final", final)):
-            result["scores"][name] = score_heldout(model, tasks_dir, progress=False, audio_cache_dir=self.audio_cache)
+            result["scores"][name] = score_heldout(model, tasks_dir, progress=False, audio_cache_dir=self.audio_cache,
+                                                   pool_size=self.preset.eval_pool_size)
         text_task = "gcide-definitions"
         if text_task in manifest["tasks"]:
-            result["scores"]["teacher"] = {text_task: teacher_text_scores(tasks_dir, modality=text_task)}
+            result["scores"]["teacher"] = {text_task: teacher_text_scores(tasks_dir, modality=text_task,
+                                                                          pool_size=self.preset.eval_pool_size)}
         return result
 
     def stage_report(self, out: Path) -> dict[str, Any]:
