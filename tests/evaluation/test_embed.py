@@ -1,0 +1,73 @@
+"""The embedding loop's memo of decoded media (training/evaluation/embed.py: ParsedInputCache)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tests.conftest import write_fading_mp4
+from training.evaluation.embed import ParsedInputCache, embed_items
+
+
+class CountingProcessor:
+    """A stand-in whose parse_input counts calls and returns a fresh object each time."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def parse_input(self, raw, index):
+        self.calls += 1
+        return (object(), [])
+
+
+def test_media_inputs_are_decoded_once_per_processor_and_text_never_cached(tmp_path):
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(image)
+    cache, processor, other = ParsedInputCache(), CountingProcessor(), CountingProcessor()
+    first = cache.parse(processor, {"image": str(image), "text": "red"}, 0)
+    assert cache.parse(processor, {"text": "red", "image": str(image)}, 5) is first and processor.calls == 1
+    assert cache.parse(other, {"image": str(image), "text": "red"}, 0) is not first and other.calls == 1
+    cache.parse(processor, {"text": "only text"}, 0)
+    cache.parse(processor, {"text": "only text"}, 0)
+    cache.parse(processor, "a plain string", 0)
+    cache.parse(processor, {"image": str(tmp_path / "missing.png")}, 0)  # not cached: the processor raises as usual
+    assert processor.calls == 5
+
+
+def test_a_rewritten_file_is_decoded_again_and_old_entries_are_dropped(tmp_path):
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(image)
+    cache, processor = ParsedInputCache(max_items=2), CountingProcessor()
+    first = cache.parse(processor, {"image": str(image)}, 0)
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(image)
+    os.utime(image, ns=(1, 1))  # size and mtime both differ now
+    assert cache.parse(processor, {"image": str(image)}, 0) is not first and processor.calls == 2
+    for name in ("b.png", "c.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+        cache.parse(processor, {"image": str(tmp_path / name)}, 0)
+    cache.parse(processor, {"image": str(image)}, 0)  # evicted by the two newer entries (max_items=2)
+    assert processor.calls == 5
+
+
+def test_embeddings_with_the_memo_equal_the_uncached_loop(tiny_model_and_processor, tmp_path, monkeypatch):
+    model, processor = tiny_model_and_processor
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    video = write_fading_mp4(tmp_path / "v.mp4")
+    items = [{"image": str(tmp_path / "x.png")}, {"video": str(video), "text": "a fading clip"}, "plain text"]
+    fresh = ParsedInputCache()
+    monkeypatch.setattr("training.evaluation.embed.PARSED_INPUTS", fresh)
+    first = embed_items(model, processor, items, batch_size=2)
+    second = embed_items(model, processor, items, batch_size=2)  # media from the memo
+    calls = []
+    real_parse = processor.parse_input
+    monkeypatch.setattr(processor, "parse_input", lambda raw, i: calls.append(i) or real_parse(raw, i))
+    monkeypatch.setattr("training.evaluation.embed.PARSED_INPUTS", ParsedInputCache())
+    uncached = embed_items(model, processor, items, batch_size=2)
+    assert calls == [0, 1, 2]
+    torch.testing.assert_close(first, uncached, rtol=0, atol=0)
+    torch.testing.assert_close(second, uncached, rtol=0, atol=0)
+    assert len(fresh._stores[processor]) == 2
+
