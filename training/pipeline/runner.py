@@ -186,6 +186,10 @@ PRESETS = {
     # sqrt(2)) narrower. Measured on the v8 final model (`/work/scratch/heldout_big.py`): held-out name -> image had 4
     # hits of 80 there and 2 of 160 here, flite 2 of 80 and 7 of 160 (7 needed at 160 queries, 5 at 80); the 160-query
     # build took 27 s, the base's scoring (flite's 160 Whisper clips cold) most of the stage's extra ~50 s.
+    # Fusion sweep grid: a 12-point grid with the text weight apart from the visual ones (text 0.3 / 0.6 x image, video,
+    # document 0.3 / 0.6 / 1.0 x audio 0.5 / 1.0), on the v8 run's specialists with the 80-pair dev split, found no
+    # better dev mean MRR than the 6-point grid's best (0.3 all, audio 1.0: 0.2393; text 0.3 + visual 0.6: 0.2329 /
+    # 0.2363; text 0.6 + visual 0.3: 0.2335 / 0.2324), so FUSION_SWEEP_AXES keep text with the visual weights.
     "small": Preset(data="small", backbone="small", distill_steps=800, specialist_steps=150, batch_size=16,
                     recover_steps=150, rehearse_steps=150, rehearse_lr=1e-3, rehearse_eval_every=75,
                     specialist_lr_overrides=(("text", 1e-3),), specialist_steps_overrides=(("image", 300),),
