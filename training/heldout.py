@@ -22,7 +22,8 @@ from training.common.cli import require_model_folder, user_errors
 from training.common.io_utils import write_json_atomic
 from training.data_sources.heldout import ensure_tasks
 from training.evaluation.heldout import score_heldout
-from training.evaluation.metrics import SIGNIFICANCE, WELL_ABOVE_CHANCE, chance_p_value, hits_of, well_above_chance
+from training.evaluation.metrics import (SIGNIFICANCE, WELL_ABOVE_CHANCE, chance_candidates, chance_p_value, hits_of,
+                                         well_above_chance)
 
 
 def format_scores(scores: dict[str, dict[str, Any]]) -> str:
@@ -31,7 +32,7 @@ def format_scores(scores: dict[str, dict[str, Any]]) -> str:
     for task, s in scores.items():
         verdict = "well above chance" if well_above_chance(s) else \
             f"NOT well above chance (>= {WELL_ABOVE_CHANCE:g} x chance and p < {SIGNIFICANCE:g})"
-        p_value = chance_p_value(hits_of(s), int(s["n_queries"]), int(s["n_candidates"]))
+        p_value = chance_p_value(hits_of(s), int(s["n_queries"]), chance_candidates(s))
         lines.append(f"{task:24s} hit@1 {s['hit@1']:.3f}  mrr {s['mrr']:.3f}  chance {s['chance']:.3f}  "
                      f"p {p_value:.2g}  ({s['n_queries']} queries, {s['n_candidates']} candidates): {verdict}")
     return "\n".join(lines)

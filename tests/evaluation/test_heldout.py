@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from training.evaluation.heldout import score_heldout, task_files
-from training.evaluation.metrics import WELL_ABOVE_CHANCE, chance_p_value, required_hits, well_above_chance
+from training.evaluation.metrics import (WELL_ABOVE_CHANCE, chance_candidates, chance_p_value, required_hits,
+                                        well_above_chance)
 from training.evaluation.metrics import gold_ranks
 
 
@@ -103,6 +104,17 @@ def test_well_above_chance_needs_three_times_chance_and_significance():
     assert required_hits(2, 2) == 3   # 2 queries can never show it: more hits than queries
     with pytest.raises(ValueError, match="n_candidates >= 1"):
         chance_p_value(1, 4, 0)
+
+
+def test_well_above_chance_of_pools_of_unequal_size_uses_the_pooled_chance():
+    """Two pools of 80 queries, one with 80 distinct candidates and one with 40 (repeated positives): chance is
+    (1/80 + 1/40) / 2 = 0.01875, 3 hits expected; the largest pool's 80 candidates would claim chance 0.0125 and let
+    8 hits (7 needed there) pass. The binomial at the pooled chance bounds the tail of the per-query chances."""
+    pooled = {"hit@1": 8 / 160, "n_queries": 160, "n_candidates": 80, "pools": 2, "chance": (1 / 80 + 1 / 40) / 2}
+    assert chance_candidates(pooled) == pytest.approx(1 / 0.01875)
+    assert required_hits(160, chance_candidates(pooled)) == 9
+    assert not well_above_chance(pooled) and well_above_chance({**pooled, "hit@1": 9 / 160})
+    assert chance_candidates({"n_candidates": 80, "n_queries": 80}) == 80  # a score without "chance"
 
 
 def test_cli_scores_a_prebuilt_task_folder(tiny_repo, tmp_path, capsys):

@@ -213,6 +213,17 @@ def test_heldout_verdicts_need_three_times_chance_and_significance_per_task():
     assert report.heldout_verdicts({}) == []
 
 
+def test_heldout_verdict_of_unequal_pools_uses_their_pooled_chance():
+    """A task scored in two pools of 80 queries with 80 and 40 distinct candidates: chance 0.01875 (not 1/80), so
+    9 of 160 hits are needed and 8 are not enough."""
+    stage = _heldout({"gcide-definitions": 8 / 160})
+    stage["scores"]["final"]["gcide-definitions"].update(n_queries=160, pools=2, chance=(1 / 80 + 1 / 40) / 2)
+    verdict, = report.heldout_verdicts(stage)
+    assert not verdict.met and verdict.threshold == pytest.approx(9 / 160)
+    assert "needs 9 of 160 hits" in verdict.line()
+    assert "| not well above chance |" in "\n".join(report._heldout_lines(stage))
+
+
 def test_write_report_heldout_section_and_skips(tmp_path):
     stages = {**_stages(), "heldout": _heldout({"gcide-definitions": 0.2, "flite-spoken-words": 0.0},
                                                skipped={"twemoji": "Twemoji artwork not found: npm install ..."})}

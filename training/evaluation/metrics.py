@@ -168,7 +168,7 @@ WELL_ABOVE_CHANCE = 3.0
 SIGNIFICANCE = 0.01
 
 
-def chance_p_value(hits: int, n_queries: int, n_candidates: int) -> float:
+def chance_p_value(hits: int, n_queries: int, n_candidates: float) -> float:
     """One-sided p-value of `hits` or more correct top-1 answers in `n_queries` under chance: P(X >= hits) for
     X ~ Binomial(n_queries, 1 / n_candidates) (every query ranks all `n_candidates`; scipy.stats.binom)."""
     from scipy.stats import binom
@@ -178,7 +178,7 @@ def chance_p_value(hits: int, n_queries: int, n_candidates: int) -> float:
     return float(binom.sf(hits - 1, n_queries, 1.0 / n_candidates))
 
 
-def required_hits(n_queries: int, n_candidates: int, multiple: float = WELL_ABOVE_CHANCE,
+def required_hits(n_queries: int, n_candidates: float, multiple: float = WELL_ABOVE_CHANCE,
                   alpha: float = SIGNIFICANCE) -> int:
     """The fewest hits of `n_queries` that are well above chance: at least `multiple` x the chance count
     (n_queries / n_candidates) and `chance_p_value` below `alpha`. n_queries + 1 when no count qualifies (too few
@@ -207,7 +207,16 @@ def hits_of(score: dict[str, Any]) -> int:
     return round(float(score["hit@1"]) * int(score["n_queries"]))
 
 
+def chance_candidates(score: dict[str, Any]) -> float:
+    """The candidate count whose 1 / n is `score`'s chance: 1 / score["chance"] where the score has one, else
+    score["n_candidates"]. Scores pooled over candidate pools of unequal size (`stage_eval.pooled_scores`) carry the
+    mean per-query chance but the largest pool's "n_candidates"; the binomial at the mean chance bounds the upper tail
+    of the per-query (Poisson-binomial) chance hits (Hoeffding 1956), the largest pool's understates it."""
+    chance = score.get("chance")
+    return 1.0 / float(chance) if chance else float(score["n_candidates"])
+
+
 def well_above_chance(score: dict[str, Any], multiple: float = WELL_ABOVE_CHANCE, alpha: float = SIGNIFICANCE) -> bool:
-    """The held-out verdict: the hits behind `score` ({"hit@1", "n_queries", "n_candidates"}) reach
-    `required_hits`."""
-    return hits_of(score) >= required_hits(int(score["n_queries"]), int(score["n_candidates"]), multiple, alpha)
+    """The held-out verdict: the hits behind `score` ({"hit@1", "n_queries", "n_candidates"}, "chance" where given:
+    `chance_candidates`) reach `required_hits`."""
+    return hits_of(score) >= required_hits(int(score["n_queries"]), chance_candidates(score), multiple, alpha)

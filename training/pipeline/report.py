@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from training.common.modalities import MODALITIES
-from training.evaluation.metrics import (SIGNIFICANCE, WELL_ABOVE_CHANCE, chance_p_value, hit_rate_interval, hits_of,
-                                         required_hits, well_above_chance)
+from training.evaluation.metrics import (SIGNIFICANCE, WELL_ABOVE_CHANCE, chance_candidates, chance_p_value,
+                                         hit_rate_interval, hits_of, required_hits, well_above_chance)
 
 # Row names of the tables (also the keys of scores.json).
 BASE, TEACHER = "base (distilled text)", "teacher (all-MiniLM-L6-v2)"
@@ -251,7 +251,7 @@ def target_verdicts(rows: dict[str, dict[str, float]], chance: dict[str, float],
 
 def _heldout_threshold(score: dict[str, Any], targets: Targets = TARGETS) -> float:
     """The hit@1 of `required_hits` (the fewest hits that are well above chance) over the task's queries."""
-    hits = required_hits(int(score["n_queries"]), int(score["n_candidates"]), targets.heldout_chance_multiple,
+    hits = required_hits(int(score["n_queries"]), chance_candidates(score), targets.heldout_chance_multiple,
                          targets.heldout_alpha)
     return hits / int(score["n_queries"])
 
@@ -271,8 +271,8 @@ def heldout_verdicts(heldout: dict[str, Any], targets: Targets = TARGETS) -> lis
         needed = round(_heldout_threshold(s, targets) * n)
         out.append(Verdict(f"held-out {task} ({kind}), final", float(s["hit@1"]), _heldout_threshold(s, targets),
                            f"needs {needed} of {n} hits: >= {targets.heldout_chance_multiple:g} x chance 1/"
-                           f"{s['n_candidates']} and p < {targets.heldout_alpha:g}; has {hits}, p = "
-                           f"{chance_p_value(hits, n, int(s['n_candidates'])):.2g}"))
+                           f"{chance_candidates(s):.4g} and p < {targets.heldout_alpha:g}; has {hits}, p = "
+                           f"{chance_p_value(hits, n, chance_candidates(s)):.2g}"))
     return out
 
 
@@ -299,7 +299,7 @@ def _heldout_lines(heldout: dict[str, Any], targets: Targets = TARGETS) -> list[
             "well above chance" if well_above_chance(final, targets.heldout_chance_multiple, targets.heldout_alpha)
             else "not well above chance")
         p_value = "-" if final is None else \
-            f"{chance_p_value(hits_of(final), int(final['n_queries']), int(final['n_candidates'])):.2g}"
+            f"{chance_p_value(hits_of(final), int(final['n_queries']), chance_candidates(final)):.2g}"
         body.append([task, info.get("source", ""), info.get("kind", ""),
                      str(ref["n_candidates"]) if ref else "-", _fmt(ref["chance"]) if ref else "-",
                      _fmt(base and base["hit@1"]), _fmt(final and final["hit@1"]), p_value,
