@@ -71,3 +71,20 @@ def test_embeddings_with_the_memo_equal_the_uncached_loop(tiny_model_and_process
     torch.testing.assert_close(second, uncached, rtol=0, atol=0)
     assert len(fresh._stores[processor]) == 2
 
+
+
+def test_a_relative_path_is_keyed_by_the_file_it_names_from_the_current_directory(tmp_path, monkeypatch):
+    """The same relative path in two folders names two files: with equal size and mtime (a tar or `cp -p` copy of a
+    fixed-size clip or glyph) the memo must not hand the first folder's decode to the second."""
+    cache, processor = ParsedInputCache(), CountingProcessor()
+    for name, colour in (("one", (255, 0, 0)), ("two", (0, 0, 255))):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8), colour).save(tmp_path / name / "a.bmp")  # uncompressed: equal sizes
+        os.utime(tmp_path / name / "a.bmp", ns=(10**18, 10**18))
+    assert os.path.getsize(tmp_path / "one" / "a.bmp") == os.path.getsize(tmp_path / "two" / "a.bmp")
+    monkeypatch.chdir(tmp_path / "one")
+    first = cache.parse(processor, {"image": "a.bmp"}, 0)
+    monkeypatch.chdir(tmp_path / "two")
+    assert cache.parse(processor, {"image": "a.bmp"}, 0) is not first and processor.calls == 2
+    monkeypatch.chdir(tmp_path / "one")
+    assert cache.parse(processor, {"image": "a.bmp"}, 0) is first and processor.calls == 2

@@ -28,8 +28,8 @@ class ParsedInputCache:
     conversion 6 s of a 9.6 s video test evaluation, 240 clips; WAV read + resample per clip). `parse_input` only
     reads the file (the resize, patches and audio features come later, in `prepare_parsed`, which does not change
     its input), so the decoded `ParsedInput` can be shared. An entry's key is the input as JSON plus each media
-    file's size and mtime, so a rewritten file is decoded again; inputs without a file path (text, in-memory
-    arrays, PIL images) are not cached. Least recently used entries beyond `max_items` per processor are dropped.
+    file's absolute path, size and mtime, so a rewritten file is decoded again; inputs without a file path (text,
+    in-memory arrays, PIL images) are not cached. Least recently used entries beyond `max_items` per processor are dropped.
     """
 
     def __init__(self, max_items: int = 4096) -> None:
@@ -45,7 +45,8 @@ class ParsedInputCache:
         if not paths:
             return None
         try:
-            stats = [(os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in paths]
+            # the absolute path: a relative one names another file after a change of the current directory
+            stats = [(os.path.abspath(path), os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in paths]
             return json.dumps([raw, stats], sort_keys=True, default=os.fspath)
         except (OSError, TypeError):  # a missing file or a value JSON cannot hold: parse as usual, uncached
             return None
