@@ -146,6 +146,14 @@ def test_pooled_scores_weigh_each_pool_by_its_queries():
         pooled_scores([])
 
 
+def test_pooled_scores_label_every_task_of_the_pools():
+    """A source asked in two directions whose first pool holds only one of them: the pooled label names both."""
+    a = {"hit@1": 1.0, "chance": 0.5, "n_queries": 1, "n_candidates": 2, "task": "image -> text"}
+    b = {"hit@1": 0.0, "chance": 0.5, "n_queries": 2, "n_candidates": 2, "task": "image -> text / text -> image"}
+    assert pooled_scores([a, b])["task"] == "image -> text / text -> image"
+    assert "task" not in pooled_scores([{k: v for k, v in a.items() if k != "task"}])
+
+
 def test_evaluate_model_pools_rank_each_query_within_its_fold(tiny_repo, tmp_path):
     """Pools of 3 rows: each query ranks its fold's positives only; the pooled score is the mean over all queries,
     equal to scoring each fold as a split of its own."""

@@ -162,8 +162,8 @@ def pool_views(similarity: np.ndarray, gold: Sequence[int], pool_size: int | Non
 def pooled_scores(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One score from the scores of disjoint query sets (the candidate pools): hit@1, MRR and chance (those present)
     are means over queries, so each part weighs by its "n_queries" (exactly the mean over all queries);
-    "n_candidates" is the largest pool's, "pools" the number of parts. Other keys (a source's "task") are taken from
-    the first part. Raises ValueError for no parts."""
+    "n_candidates" is the largest pool's, "pools" the number of parts; a source's "task" labels of all parts are
+    joined (`source_scores`' " / " form). Other keys are taken from the first part. Raises ValueError for no parts."""
     if not parts:
         raise ValueError("pooled_scores: no scores to pool")
     n = sum(int(p["n_queries"]) for p in parts)
@@ -171,6 +171,8 @@ def pooled_scores(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     pooled.update({key: sum(float(p[key]) * int(p["n_queries"]) for p in parts) / n
                    for key in ("hit@1", "mrr", "chance") if key in parts[0]})
     pooled.update(n_queries=n, n_candidates=max(int(p["n_candidates"]) for p in parts), pools=len(parts))
+    if "task" in pooled:  # a pool may hold only some of a source's directions
+        pooled["task"] = " / ".join(sorted({t for p in parts for t in str(p.get("task", "")).split(" / ") if t}))
     return pooled
 
 
