@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -251,3 +252,15 @@ def test_real_build_is_deterministic(real_tasks, tmp_path):
     for task in manifest["tasks"]:
         assert (tmp_path / task / "test.jsonl").read_text() == (out / task / "test.jsonl").read_text(), task
     assert again["tasks"] == manifest["tasks"]
+
+
+def test_sample_draws_in_random_order_so_candidate_pools_mix_the_source():
+    """Rows keep the drawn order (not the source's), so pools cut in file order are random draws; the same seed
+    draws the same rows in the same order."""
+    from training.data_sources.heldout import _sample
+
+    items = list(range(200))
+    drawn = _sample(items, 160, np.random.default_rng(0))
+    assert len(drawn) == len(set(drawn)) == 160 and drawn != sorted(drawn)
+    assert drawn == _sample(items, 160, np.random.default_rng(0))
+    assert sorted(_sample(items, 500, np.random.default_rng(1))) == items
