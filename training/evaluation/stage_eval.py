@@ -140,8 +140,10 @@ def source_scores(similarity: np.ndarray, gold: Sequence[int], sources: Sequence
 
 def candidate_pools(n_rows: int, pool_size: int | None) -> list[np.ndarray]:
     """Row indices of each candidate pool: `n_rows` rows cut in order into ceil(n_rows / pool_size) folds of equal
-    size (+-1; `np.array_split`), or one fold of all rows when `pool_size` is None. Raises ValueError for a
-    `pool_size` below 2 (one candidate is no ranking)."""
+    size (+-1; `np.array_split`), or one fold of all rows when `pool_size` is None. File order decides the pools, so
+    the rows must be in random order (the pipeline's builders shuffle test splits and write held-out tasks in the
+    drawn order): a file sorted by label or source would pool neighbours. Raises ValueError for a `pool_size` below
+    2 (one candidate is no ranking)."""
     if pool_size is not None and pool_size < 2:
         raise ValueError(f"candidate_pools: pool_size must be None or >= 2, got {pool_size}")
     folds = 1 if pool_size is None or n_rows <= pool_size else -(-n_rows // pool_size)
