@@ -183,9 +183,10 @@ PRESETS = {
     # 2 gave 0.400 (0.442), fit 23 s vs 57 s.
     # Test splits: 240 pairs a modality (audio 80) and held-out tasks of 160 queries, scored in candidate pools of 80
     # (`eval_pool_size`), so each hit@1 is as hard as on the 80-pair splits before and its interval ~sqrt(3) (held-out:
-    # sqrt(2)) narrower. Measured on the v8 final model (`/work/scratch/heldout_big.py`): held-out name -> image had 4
-    # hits of 80 there and 2 of 160 here, flite 2 of 80 and 7 of 160 (7 needed at 160 queries, 5 at 80); the 160-query
-    # build took 27 s, the base's scoring (flite's 160 Whisper clips cold) most of the stage's extra ~50 s.
+    # sqrt(2)) narrower. Held-out on the final model of the v8 / v11 runs (the same model): name -> image 4 of 80 hits
+    # before, 5 of 160 now; image -> name 3 / 6; flite 2 / 6; GCIDE 20 / 41 (7 needed at 160 queries, 5 at 80; rows in
+    # the drawn order: the first 160-query build kept source order and its pools of neighbours gave 2 / 3 / 7 / 42).
+    # The 160-query build took 27 s; the held-out stage 106 s (62 s at 80), mostly flite's 80 more Whisper clips.
     # Fusion sweep grid: a 12-point grid with the text weight apart from the visual ones (text 0.3 / 0.6 x image, video,
     # document 0.3 / 0.6 / 1.0 x audio 0.5 / 1.0), on the v8 run's specialists with the 80-pair dev split, found no
     # better dev mean MRR than the 6-point grid's best (0.3 all, audio 1.0: 0.2393; text 0.3 + visual 0.6: 0.2329 /
