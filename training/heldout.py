@@ -1,6 +1,7 @@
 """Entry point `python -m training.heldout`: held-out generalisation of a saved model on unseen sources.
 
     python -m training.heldout --model runs/pipeline-small/final-model [--tasks runs/heldout-tasks] [--out s.json]
+    python -m training.heldout --model runs/pipeline-small/final-model --cap 160 --pool-size 80   # as the small pipeline
 
 Builds the tasks (training/data_sources/heldout.py: GCIDE definitions, Twemoji names <-> images, flite spoken words,
 gnuplot manual pages) into `--tasks` unless that folder already holds them for the same `--cap` and `--seed`,
@@ -47,13 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap", type=int, default=80, help="queries per task (default 80)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--pool-size", type=int, default=None,
+                        help="score each task in candidate pools of at most this many queries (the small pipeline: "
+                             "--cap 160 --pool-size 80); default: one pool of the whole task")
     args = parser.parse_args(argv)
     require_model_folder(parser, "--model", args.model)
     with user_errors(parser):
         manifest = ensure_tasks(args.tasks, cap=args.cap, seed=args.seed)
         for source, why in manifest["skipped"].items():
             print(f"skipped {source}: {why}", file=sys.stderr)
-        scores = score_heldout(args.model, args.tasks, batch_size=args.batch_size)
+        scores = score_heldout(args.model, args.tasks, batch_size=args.batch_size, pool_size=args.pool_size)
     print(format_scores(scores))
     if args.output:
         write_json_atomic(Path(args.output), {"model": str(args.model), "tasks": str(args.tasks),

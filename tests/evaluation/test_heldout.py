@@ -127,6 +127,10 @@ def test_cli_scores_a_prebuilt_task_folder(tiny_repo, tmp_path, capsys):
     assert "defs" in captured.out and "chance 0.500" in captured.out
     saved = json.loads((tmp_path / "scores.json").read_text())
     assert set(saved["scores"]) == {"defs", "names"} and saved["skipped"] == {}
+    assert main(["--model", str(tiny_repo), "--tasks", str(tasks), "--cap", "3", "--pool-size", "2", "--out",
+                 str(tmp_path / "pooled.json")]) == 0
+    pooled = json.loads((tmp_path / "pooled.json").read_text())["scores"]["names"]
+    assert pooled["pools"] == 2 and pooled["n_candidates"] == 2 and pooled["n_queries"] == 3
     with pytest.raises(SystemExit) as stopped:  # one `python -m training.heldout: error:` line, as every CLI
         main(["--model", str(tmp_path / "no-model"), "--tasks", str(tasks), "--cap", "3"])
     assert stopped.value.code == 2
