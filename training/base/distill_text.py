@@ -201,19 +201,17 @@ def teacher_text_scores(data_dir: str | Path, modality: str = "text", limit: int
     every distinct test positive of the query's candidate pool is a candidate, pools of at most `pool_size` rows as
     `stage_eval.candidate_pools`; text rows only). The teacher sees no instruction (it has none). Raises
     FileNotFoundError if the file is absent."""
-    from training.evaluation.stage_eval import candidate_pools, pooled_scores
+    from training.evaluation.stage_eval import pool_views, pooled_scores, score_similarity
 
     path = Path(data_dir) / modality / "test.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:limit]
     pairs = [(r["query"]["text"], r["positive"]["text"]) for r in rows
              if isinstance(r["query"].get("text"), str) and isinstance(r["positive"].get("text"), str)]
-    parts = []
-    for fold in candidate_pools(len(pairs), pool_size):
-        fold_pairs = [pairs[i] for i in fold]
-        queries, candidates, _ = _pairs_as_retrieval(fold_pairs)
-        parts.append({"hit@1": teacher_hit_at_1(fold_pairs), "n_queries": len(queries),
-                      "n_candidates": len(candidates)})
-    return pooled_scores(parts)
+    queries, candidates, gold = _pairs_as_retrieval(pairs)
+    vectors = teacher_embeddings(queries + candidates)  # the teacher loads and encodes once, all pools together
+    similarity = (vectors[: len(queries)] @ vectors[len(queries):].T).numpy()
+    parts = [score_similarity(block, block_gold) for _, _, block, block_gold in pool_views(similarity, gold, pool_size)]
+    return {k: v for k, v in pooled_scores(parts).items() if k in ("hit@1", "n_queries", "n_candidates", "pools")}
 
 
 def distillation_loss(student: torch.Tensor, projected: torch.Tensor, teacher: torch.Tensor,

@@ -465,7 +465,7 @@ def write_report(out: Path, stages: dict[str, dict[str, Any]], preset: str, seed
         "the modality's texts, a text query its images; offline proxy on real local data, **not MMEB/MAEB**);",
         "chance = mean over queries of 1 / candidates. Per source, a source's queries rank only that source's candidates (CIFAR-10: its 10",
         "class names, i.e. zero-shot accuracy; spoken digits: the 10 digit names).",
-        *([test_sizes_line(stages)] if test_sizes_line(stages) else []),
+        *([sizes] if (sizes := test_sizes_line(stages)) else []),
         "",
         "## Scores per modality (hit@1)",
         "",
