@@ -46,7 +46,7 @@ class ParsedInputCache:
             return None
         try:
             # the absolute path: a relative one names another file after a change of the current directory
-            stats = [(os.path.abspath(path), os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in paths]
+            stats = [(os.path.abspath(path), st.st_size, st.st_mtime_ns) for path in paths for st in [os.stat(path)]]
             return json.dumps([raw, stats], sort_keys=True, default=os.fspath)
         except (OSError, TypeError):  # a missing file or a value JSON cannot hold: parse as usual, uncached
             return None
