@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from training.fusion import ConfigError, FusionConfig, ModelSpec
-from training.fusion.sweep import sweep_weights, weight_grid
+from training.fusion.sweep import coordinate_ascent_weights, sweep_weights, weight_grid
 
 KEY = "backbone.language_model.layers.0.mlp.up_proj.weight"
 
@@ -61,3 +61,56 @@ def test_sweep_rejects_a_grid_point_without_every_specialist(tmp_path):
         sweep_weights(cfg, [{"b": 1.0}], lambda d: {}, lambda d: 0.0, tmp_path / "c", tmp_path / "w")
     with pytest.raises(ConfigError, match="empty"):
         sweep_weights(cfg, [], lambda d: {}, lambda d: 0.0, tmp_path / "c", tmp_path / "w")
+
+
+def _three_specialists(tmp_path: Path) -> FusionConfig:
+    base = _save(tmp_path / "base", 0.0)
+    a, b, c = _save(tmp_path / "a", 1.0), _save(tmp_path / "b", 10.0), _save(tmp_path / "c", 100.0)
+    return FusionConfig(base=base, output=tmp_path / "unused", progress=False,
+                        models=[ModelSpec(a, "a"), ModelSpec(b, "b"), ModelSpec(c, "c")])
+
+
+def _value(model_dir: Path) -> float:
+    return float(load_file(model_dir / "model.safetensors")[KEY][0, 0])
+
+
+def test_coordinate_ascent_moves_one_weight_at_a_time_and_scores_each_point_once(tmp_path):
+    cfg = _three_specialists(tmp_path)   # fused value = a + 10 b + 100 c
+    seen = []
+
+    def evaluate(model_dir: Path) -> dict:   # "dev score": closeness to 12.0, reached at a 0.0, b 0.2, c 0.1
+        seen.append(_value(model_dir))
+        return {"value": seen[-1]}
+
+    result = coordinate_ascent_weights(
+        cfg, {"a": 1.0, "b": 0.0, "c": 0.0}, {"a": (0.0, 1.0), "b": (0.0, 0.2, 0.5), "c": (0.0, 0.1)},
+        evaluate, lambda dev: -abs(dev["value"] - 12.0), tmp_path / "chosen", tmp_path / "work", rounds=3)
+    assert result["weights"] == {"a": 0.0, "b": 0.2, "c": 0.1}
+    assert _value(tmp_path / "chosen") == pytest.approx(12.0)
+    # round 1: start 1.0 -> a 0.0 (0.0: worse) -> b 0.2 (3.0: moves), b 0.5 (6.0: moves) -> c 0.1 (16.0: 4 from 12,
+    # moves); round 2 moves a to 0.0 and b to 0.2; round 3 finds no move and stops
+    assert seen[:5] == pytest.approx([1.0, 0.0, 3.0, 6.0, 16.0])
+    # every point fused once, the best trial kept at `output`, the work folder gone
+    points = [tuple(sorted(t["weights"].items())) for t in result["trials"]]
+    assert len(points) == len(set(points)) == len(seen)
+    assert not (tmp_path / "work").exists()
+
+
+def test_coordinate_ascent_keeps_the_start_on_ties_and_stops_after_a_still_round(tmp_path):
+    cfg = _three_specialists(tmp_path)
+    result = coordinate_ascent_weights(cfg, {"a": 0.3, "b": 0.3, "c": 0.5}, {"a": (0.3, 1.0), "c": (0.5, 1.0)},
+                                       lambda d: {}, lambda dev: 0.0, tmp_path / "chosen", tmp_path / "w", rounds=5)
+    assert result["weights"] == {"a": 0.3, "b": 0.3, "c": 0.5} and result["best"] == 0
+    assert len(result["trials"]) == 3   # start, a 1.0, c 1.0; no second round after one without a move
+
+
+def test_coordinate_ascent_rejects_bad_arguments(tmp_path):
+    cfg = _three_specialists(tmp_path)
+    start = {"a": 0.3, "b": 0.3, "c": 0.5}
+    with pytest.raises(ConfigError, match="start"):
+        coordinate_ascent_weights(cfg, {"a": 0.3}, {"a": (1.0,)}, lambda d: {}, lambda d: 0.0, tmp_path / "o", tmp_path / "w")
+    for values, rounds in (({"z": (1.0,)}, 1), ({"a": ()}, 1), ({"a": (1.0,)}, 0)):
+        with pytest.raises(ConfigError, match="values must give"):
+            coordinate_ascent_weights(cfg, start, values, lambda d: {}, lambda d: 0.0, tmp_path / "o", tmp_path / "w",
+                                      rounds=rounds)
+    assert not (tmp_path / "o").exists()

@@ -1,4 +1,4 @@
-"""The pipeline's fusion weight sweep scores every grid point on the dev split and never opens a test file."""
+"""The pipeline's fusion weight search scores every point on the dev split and never opens a test file."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def test_pipeline_fusion_sweep_reads_only_dev_pairs(tiny_repo, tmp_path, monkeyp
     result = pipeline.fusion_sweep(cfg, out / "fuse" / "dev-chosen", out / "fuse" / ".sweep")
 
     assert opened and all(p == str(pairs / "dev.jsonl") for p in opened)
-    assert len(opened) == len(result["trials"]) == 6 and result["trials"][0]["weights"] == PAPER_FUSION_WEIGHTS
+    # coordinate ascent, one round: the paper point, then each specialist's other values (2 each, audio 1)
+    assert len(opened) == len(result["trials"]) == 10 and result["trials"][0]["weights"] == PAPER_FUSION_WEIGHTS
     best = max(t["objective"] for t in result["trials"])
     assert result["trials"][result["best"]]["objective"] == best
     assert all(t["objective"] < best for t in result["trials"][:result["best"]])   # the first best point

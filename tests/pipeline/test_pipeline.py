@@ -45,7 +45,7 @@ def test_every_stage_finished_and_was_evaluated(smoke_run):
     assert any(k.startswith("audio_projector.") for k in manifest["summary"]["needs_recovery"])
     assert {m["weight"] for m in manifest["config"]["models"]} == {0.3, 0.5}   # the paper's weights
     fuse = json.loads((smoke_run / "fuse" / "stage.json").read_text())
-    assert (smoke_run / "fuse" / "dev-chosen" / "model.safetensors").exists() and len(fuse["dev_chosen"]["trials"]) == 6
+    assert (smoke_run / "fuse" / "dev-chosen" / "model.safetensors").exists() and len(fuse["dev_chosen"]["trials"]) == 10
     assert fuse["dev_chosen"]["weights"] in [t["weights"] for t in fuse["dev_chosen"]["trials"]]
     assert set(fuse["scores_dev_chosen"]) == set(MODALITIES)
     heldout = json.loads((smoke_run / "heldout" / "stage.json").read_text())
@@ -63,7 +63,10 @@ def test_every_stage_finished_and_was_evaluated(smoke_run):
 def test_recovery_changed_only_the_projector(smoke_run):
     from safetensors.torch import load_file
 
-    fused = load_file(smoke_run / "fuse" / "model" / "model.safetensors")
+    from training.pipeline.runner import FUSED_MODELS
+
+    continued_from = json.loads((smoke_run / "fuse" / "stage.json").read_text())["continued_from"]
+    fused = load_file(smoke_run / "fuse" / FUSED_MODELS[continued_from] / "model.safetensors")
     recovered = load_file(smoke_run / "recover" / "model" / "model.safetensors")
     assert fused.keys() == recovered.keys()
     changed = {k for k in fused if not (fused[k] == recovered[k]).all()}

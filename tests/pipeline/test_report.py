@@ -178,6 +178,21 @@ def test_write_report_sections_teacher_and_skips(tmp_path):
     assert "| teacher (all-MiniLM-L6-v2) | 0.675 | - |" in open(text_with_teacher).read()
 
 
+def test_report_says_which_fused_model_recovery_continued_from(tmp_path):
+    stages = _stages()   # paper fused audio 0.10, recovered 0.48
+    stages["fuse"]["scores_dev_chosen"] = _scores({"text": 0.58, "image": 0.28, "video": 0.09, "document": 0.12,
+                                                   "audio": 0.30})
+    for folder in ("p", "d"):
+        (tmp_path / folder).mkdir()
+    paper = open(write_report(tmp_path / "p", stages, "small", 0, "cmd")["report"]).read()
+    assert "continue from the **paper-weight** fused model" in paper
+    assert "Projector Recovery recovered audio: 0.100 (paper weights) -> 0.480 (+0.380)" in paper
+    stages["fuse"]["continued_from"] = "dev-chosen"
+    dev = open(write_report(tmp_path / "d", stages, "small", 0, "cmd")["report"]).read()
+    assert "continue from the **dev-chosen** fused model (`fuse/dev-chosen`)" in dev
+    assert "Projector Recovery recovered audio: 0.300 (dev-chosen weights) -> 0.480 (+0.180)" in dev
+
+
 @pytest.mark.parametrize("teacher, printed, value", [(0.675, "teacher: 0.68", 0.675),
                                                      ({"hit@1": 0.6}, "teacher: 0.60", 0.6),
                                                      ({"text": {"hit@1": 0.6}}, "teacher: text=0.60", 0.6)])
@@ -241,3 +256,13 @@ def test_write_report_heldout_section_and_skips(tmp_path):
     assert json.loads((tmp_path / "scores.json").read_text())["heldout"]["final"]["gcide-definitions"]["hit@1"] == 0.2
     write_report(tmp_path, _stages(), "small", 0, "cmd")   # a run without the stage says so
     assert "Not measured: this run has no `heldout` stage" in (tmp_path / "report.md").read_text()
+
+
+def test_report_prints_the_machine_its_numbers_come_from(tmp_path):
+    from training.pipeline.runner import machine_summary
+
+    machine = machine_summary()
+    assert machine["cores"] >= 1 and machine["torch_threads"] >= 1 and machine["torch"] and machine["cpu"]
+    text = open(write_report(tmp_path, _stages(), "small", 0, "cmd", machine=machine)["report"]).read()
+    assert f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}" in text
+    assert "Machine:" not in open(write_report(tmp_path, _stages(), "small", 0, "cmd")["report"]).read()

@@ -1,11 +1,12 @@
-"""Choose per-specialist fusion weights by a small grid sweep scored on a DEV split (never the test split).
+"""Choose per-specialist fusion weights by a small search scored on a DEV split (never the test split).
 
 Task arithmetic's scale is a hyperparameter the literature tunes on validation data (fusion.md §2: "λ tuned on
-validation"; the paper grid-searched α on a diagnostic validation set disjoint from MMEB/MAEB, paper.md). This module
-fuses one model per grid point, asks the caller's `evaluate(model_dir)` for its dev scores, reduces them to one number
+validation"; the paper grid-searched α on a diagnostic validation set disjoint from MMEB/MAEB, paper.md). Two
+searches: a grid (`sweep_weights`) and per-specialist coordinate ascent (`coordinate_ascent_weights`). Each fuses one
+model per weight point, asks the caller's `evaluate(model_dir)` for its dev scores, reduces them to one number
 with `objective`, keeps the best model and deletes the others. It never looks at data itself: which split is read is
 the caller's `evaluate`, so the pipeline passes one that opens only `dev.jsonl` (tests check that). Why our own loop:
-the grid is a handful of points and each trial is a full fused model folder, which no tuning library writes for us.
+the searches are a handful of points and each trial is a full fused model folder, which no tuning library writes for us.
 """
 
 from __future__ import annotations
@@ -45,6 +46,58 @@ def weight_grid(paper: Mapping[str, float], axes: Mapping[str, Sequence[str]],
     return grid
 
 
+class _Trials:
+    """Fuses and dev-scores weight points, each point once, keeping only the best trial's folder.
+
+    Shared by the grid sweep and the coordinate ascent: both are sequences of `score(weights)` calls.
+    """
+
+    def __init__(self, config: FusionConfig, evaluate: Callable[[Path], dict[str, Any]],
+                 objective: Callable[[dict[str, Any]], float], work_dir: Path):
+        self.config, self.evaluate, self.objective = config, evaluate, objective
+        self.names = [m.name for m in config.models]
+        self.work_dir = Path(work_dir)
+        self.trials: list[dict[str, Any]] = []
+        self.best, self.best_dir = -1, None
+
+    def score(self, weights: Mapping[str, float]) -> float:
+        """The objective of `weights` (fused and evaluated on the first call; later calls reuse the trial)."""
+        weights = {name: float(weights[name]) for name in weights}
+        for trial in self.trials:
+            if trial["weights"] == weights:
+                return trial["objective"]
+        if set(weights) != set(self.names):
+            raise ConfigError(f"weight point {weights} must give a weight to each of {self.names}")
+        i = len(self.trials)
+        trial_dir = self.work_dir / f"trial-{i}"
+        models = [ModelSpec(path=m.path, name=m.name, weight=weights[m.name], kind=m.kind) for m in self.config.models]
+        fuse(replace(self.config, models=models, output=trial_dir, overwrite=True, progress=False))
+        dev = self.evaluate(trial_dir)
+        score = float(self.objective(dev))
+        self.trials.append({"weights": weights, "objective": score, "dev": dev})
+        if self.best < 0 or score > self.trials[self.best]["objective"]:
+            if self.best_dir is not None:
+                shutil.rmtree(self.best_dir)
+            self.best, self.best_dir = i, trial_dir
+        else:
+            shutil.rmtree(trial_dir)
+        return score
+
+    def run(self, search: Callable[[], None], output: Path) -> dict[str, Any]:
+        """Run `search` (which calls `score`), move the best trial to `output`, delete `work_dir`."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            search()
+            output = Path(output)
+            if output.exists():
+                shutil.rmtree(output)
+            output.parent.mkdir(parents=True, exist_ok=True)
+            self.best_dir.rename(output)
+        finally:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+        return {"trials": self.trials, "best": self.best, "weights": self.trials[self.best]["weights"]}
+
+
 def sweep_weights(
     config: FusionConfig,
     grid: Sequence[Mapping[str, float]],
@@ -67,29 +120,50 @@ def sweep_weights(
     for weights in grid:
         if set(weights) != set(names):
             raise ConfigError(f"sweep_weights: grid point {dict(weights)} must give a weight to each of {names}")
-    work_dir, output = Path(work_dir), Path(output)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    trials: list[dict[str, Any]] = []
-    best, best_dir = -1, None
-    try:
-        for i, weights in enumerate(grid):
-            trial_dir = work_dir / f"trial-{i}"
-            models = [ModelSpec(path=m.path, name=m.name, weight=float(weights[m.name]), kind=m.kind)
-                      for m in config.models]
-            fuse(replace(config, models=models, output=trial_dir, overwrite=True, progress=False))
-            dev = evaluate(trial_dir)
-            score = float(objective(dev))
-            trials.append({"weights": dict(weights), "objective": score, "dev": dev})
-            if best < 0 or score > trials[best]["objective"]:
-                if best_dir is not None:
-                    shutil.rmtree(best_dir)
-                best, best_dir = i, trial_dir
-            else:
-                shutil.rmtree(trial_dir)
-        if output.exists():
-            shutil.rmtree(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        best_dir.rename(output)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
-    return {"trials": trials, "best": best, "weights": trials[best]["weights"]}
+    trials = _Trials(config, evaluate, objective, work_dir)
+    return trials.run(lambda: [trials.score(weights) for weights in grid], output)
+
+
+def coordinate_ascent_weights(
+    config: FusionConfig,
+    start: Mapping[str, float],
+    values: Mapping[str, Sequence[float]],
+    evaluate: Callable[[Path], dict[str, Any]],
+    objective: Callable[[dict[str, Any]], float],
+    output: Path,
+    work_dir: Path,
+    rounds: int = 1,
+) -> dict[str, Any]:
+    """Per-specialist weights by coordinate ascent on the caller's dev data, from `start` (e.g. the paper's α).
+
+    Each round visits the specialists in `values`' order and moves one weight at a time to the value of
+    `values[name]` with the best objective, the others held; a move needs a strictly better objective (ties keep the
+    current point, so the start wins ties). Stops after `rounds` rounds or a round without a move. Cost: 1 + the sum
+    of len(values[name]) - 1 fused models a round, against the product of them for a full grid. Why: per-specialist
+    weights can do better than one shared α (a video delta that also helps image), and a grid over five specialists
+    is too dear for the main job's budget. Returns what `sweep_weights` returns (trials in visiting order). Raises
+    ConfigError when `start` misses a specialist, `values` names an unknown one or gives none, or `rounds` < 1.
+    """
+    names = [m.name for m in config.models]
+    if set(start) != set(names):
+        raise ConfigError(f"coordinate_ascent_weights: start {dict(start)} must give a weight to each of {names}")
+    unknown = sorted(set(values) - set(names))
+    if unknown or any(not values[name] for name in values) or rounds < 1:
+        raise ConfigError(f"coordinate_ascent_weights: values must give at least one weight to specialists out of "
+                          f"{names} and rounds must be >= 1; got values {dict(values)}, rounds {rounds}")
+    trials = _Trials(config, evaluate, objective, work_dir)
+
+    def search() -> None:
+        current = {name: float(start[name]) for name in names}
+        current_score = trials.score(current)
+        for _ in range(rounds):
+            moved = False
+            for name, candidates in values.items():
+                for value in candidates:
+                    point = {**current, name: float(value)}
+                    if point != current and trials.score(point) > current_score:
+                        current, current_score, moved = point, trials.score(point), True
+            if not moved:
+                break
+
+    return trials.run(search, output)
