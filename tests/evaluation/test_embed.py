@@ -88,3 +88,35 @@ def test_a_relative_path_is_keyed_by_the_file_it_names_from_the_current_director
     assert cache.parse(processor, {"image": "a.bmp"}, 0) is not first and processor.calls == 2
     monkeypatch.chdir(tmp_path / "one")
     assert cache.parse(processor, {"image": "a.bmp"}, 0) is first and processor.calls == 2
+
+
+class DecodingProcessor(CountingProcessor):
+    """parse_input decodes the image into a ParsedInput, as ConanProcessor does."""
+
+    def parse_input(self, raw, index):
+        from training.common import hub_code
+
+        self.calls += 1
+        return hub_code.load("processing_conan").ParsedInput(images=[Image.open(raw["image"]).convert("RGB")])
+
+
+def test_the_memo_holds_at_most_max_bytes_of_decoded_media(tmp_path):
+    from training.evaluation.embed import parsed_nbytes
+
+    for name, side in (("a.png", 10), ("b.png", 10), ("big.png", 40)):
+        Image.new("RGB", (side, side)).save(tmp_path / name)
+    cache, processor = ParsedInputCache(max_bytes=700), DecodingProcessor()   # 10x10 RGB: 300 bytes; 40x40: 4,800
+    a = cache.parse(processor, {"image": str(tmp_path / "a.png")}, 0)
+    assert parsed_nbytes(a) == 300 and cache.nbytes(processor) == 300
+    cache.parse(processor, {"image": str(tmp_path / "b.png")}, 0)
+    assert cache.nbytes(processor) == 600 and processor.calls == 2
+    big = cache.parse(processor, {"image": str(tmp_path / "big.png")}, 0)   # over the budget alone: not cached
+    assert parsed_nbytes(big) == 4800 and cache.nbytes(processor) == 600
+    assert cache.parse(processor, {"image": str(tmp_path / "big.png")}, 0) is not big and processor.calls == 4
+    assert cache.parse(processor, {"image": str(tmp_path / "a.png")}, 0) is a and processor.calls == 4
+    Image.new("RGB", (10, 10)).save(tmp_path / "c.png")
+    cache.parse(processor, {"image": str(tmp_path / "c.png")}, 0)   # 900 > 700: the least recently used (b) goes
+    assert cache.nbytes(processor) == 600
+    cache.parse(processor, {"image": str(tmp_path / "a.png")}, 0)
+    cache.parse(processor, {"image": str(tmp_path / "b.png")}, 0)
+    assert processor.calls == 6   # a still cached, b decoded again

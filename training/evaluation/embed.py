@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -29,12 +30,15 @@ class ParsedInputCache:
     reads the file (the resize, patches and audio features come later, in `prepare_parsed`, which does not change
     its input), so the decoded `ParsedInput` can be shared. An entry's key is the input as JSON plus each media
     file's absolute path, size and mtime, so a rewritten file is decoded again; inputs without a file path (text,
-    in-memory arrays, PIL images) are not cached. Least recently used entries beyond `max_items` per processor are dropped.
+    in-memory arrays, PIL images) are not cached. Least recently used entries are dropped beyond `max_items` or
+    `max_bytes` (decoded pixels and samples, `parsed_nbytes`) per processor; an entry larger than `max_bytes` alone is
+    returned uncached (long real videos must not pile up in memory).
     """
 
-    def __init__(self, max_items: int = 4096) -> None:
-        self.max_items = max_items
-        self._stores: weakref.WeakKeyDictionary[Any, OrderedDict[str, Any]] = weakref.WeakKeyDictionary()
+    def __init__(self, max_items: int = 4096, max_bytes: int = 2 << 30) -> None:
+        self.max_items, self.max_bytes = max_items, max_bytes
+        self._stores: weakref.WeakKeyDictionary[Any, OrderedDict[str, tuple[Any, int]]] = weakref.WeakKeyDictionary()
+        self._bytes: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
     @staticmethod
     def key(raw: Any) -> str | None:
@@ -59,11 +63,29 @@ class ParsedInputCache:
         store = self._stores.setdefault(processor, OrderedDict())
         if key in store:
             store.move_to_end(key)
-            return store[key]
-        parsed = store[key] = processor.parse_input(raw, index)
-        while len(store) > self.max_items:
-            store.popitem(last=False)
+            return store[key][0]
+        parsed = processor.parse_input(raw, index)
+        size = parsed_nbytes(parsed)
+        if size > self.max_bytes:
+            return parsed
+        store[key] = (parsed, size)
+        self._bytes[processor] = total = self._bytes.get(processor, 0) + size
+        while len(store) > self.max_items or total > self.max_bytes:
+            total -= store.popitem(last=False)[1][1]
+        self._bytes[processor] = total
         return parsed
+
+    def nbytes(self, processor: Any) -> int:
+        """Bytes of decoded media held for `processor` (`parsed_nbytes` of its entries)."""
+        return self._bytes.get(processor, 0)
+
+
+def parsed_nbytes(parsed: Any) -> int:
+    """Bytes of a `ParsedInput`'s decoded media: PIL images (width x height x bands), video frames and audio arrays."""
+    images = sum(image.width * image.height * len(image.getbands()) for image in getattr(parsed, "images", []) or [])
+    frames = sum(np.asarray(frame).nbytes for frame in getattr(parsed, "video", None) or [])
+    audio = getattr(parsed, "audio", None)
+    return images + frames + (0 if audio is None else np.asarray(audio).nbytes)
 
 
 PARSED_INPUTS = ParsedInputCache()
