@@ -142,6 +142,22 @@ def test_final_worst_modality_is_the_lowest_retention():
     assert final[0].what == "final worst modality (image)"
 
 
+def test_a_worst_modality_whose_specialist_is_within_chance_gets_the_learned_worst_beside_it():
+    stages = _stages()   # 20 queries a modality; document's candidates 80 (chance 0.0125)
+    stages["rehearse"]["scores"] = _scores({"text": 0.60, "image": 0.20, "video": 0.10, "document": 0.03,
+                                            "audio": 0.50})
+    chance, counts = report.chance_levels(stages), report.query_counts(stages)
+    stages["specialists"]["document"]["scores"]["document"]["hit@1"] = 0.05   # 1 of 20: within chance
+    final = [v for v in target_verdicts(report.score_table(stages), chance, n_queries=counts) if v.what.startswith("final worst")]
+    assert [v.what for v in final] == ["final worst modality (document)",
+                                       "final worst modality whose specialist beats chance (image)"]
+    assert final[1].rule.endswith("retention 0.67; document's specialist is within chance")
+    stages["specialists"]["document"]["scores"]["document"]["hit@1"] = 0.12   # learned: one verdict, as before
+    final = [v for v in target_verdicts(report.score_table(stages), chance, n_queries=counts)
+             if v.what.startswith("final worst")]
+    assert [v.what for v in final] == ["final worst modality (document)"]
+
+
 def test_source_table_columns_and_chance():
     table = source_table(_stages(teacher={"hit@1": 0.675}))
     cifar = table["image/cifar10-photos"]

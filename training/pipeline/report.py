@@ -192,6 +192,13 @@ def source_table(stages: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]
     return dict(sorted(table.items()))
 
 
+def _above_chance(score: float, chance: float | None, n_queries: int | None) -> bool:
+    """Whether a hit@1's 95% Wilson interval lies above `chance` (unknown query count or chance: assumed so)."""
+    if chance is None or not n_queries:
+        return True
+    return hit_rate_interval(hits_of({"hit@1": score, "n_queries": n_queries}), n_queries)[0] > chance
+
+
 def best_specialist(rows: dict[str, dict[str, float]], modality: str) -> float | None:
     value = rows.get(f"specialist: {modality}", {}).get(modality)
     return None if value is None else float(value)
@@ -243,6 +250,15 @@ def target_verdicts(rows: dict[str, dict[str, float]], chance: dict[str, float],
         out.append(Verdict(f"final worst modality ({worst})", final[worst], targets.final_ratio * spec,
                            f"{targets.final_ratio:.0%} of its specialist {spec:.3f}; retention {retained:.2f}",
                            n_queries=counts.get(worst)))
+        # A specialist whose score its queries cannot tell from chance has no skill to retain: where the worst is
+        # one, the worst among the specialists that learned is given beside it.
+        learned = [(r, m) for r, m in ratios if _above_chance(best_specialist(rows, m), chance.get(m), counts.get(m))]
+        if learned and worst not in {m for _, m in learned}:
+            retained, m = min(learned)
+            spec = best_specialist(rows, m)
+            out.append(Verdict(f"final worst modality whose specialist beats chance ({m})", final[m],
+                               targets.final_ratio * spec, f"{targets.final_ratio:.0%} of its specialist {spec:.3f}; "
+                               f"retention {retained:.2f}; {worst}'s specialist is within chance", n_queries=counts.get(m)))
     if seconds is not None and preset in targets.wall_s:
         out.append(Verdict(f"wall time (preset {preset})", seconds, targets.wall_s[preset], "sum of stage times",
                            at_most=True))
