@@ -91,13 +91,13 @@ def test_a_relative_path_is_keyed_by_the_file_it_names_from_the_current_director
 
 
 class DecodingProcessor(CountingProcessor):
-    """parse_input decodes the image into a ParsedInput, as ConanProcessor does."""
+    """parse_input decodes the image into a (ParsedInput, document flags) pair, as ConanProcessor does."""
 
     def parse_input(self, raw, index):
         from training.common import hub_code
 
         self.calls += 1
-        return hub_code.load("processing_conan").ParsedInput(images=[Image.open(raw["image"]).convert("RGB")])
+        return hub_code.load("processing_conan").ParsedInput(images=[Image.open(raw["image"]).convert("RGB")]), [False]
 
 
 def test_the_memo_holds_at_most_max_bytes_of_decoded_media(tmp_path):
@@ -120,3 +120,22 @@ def test_the_memo_holds_at_most_max_bytes_of_decoded_media(tmp_path):
     cache.parse(processor, {"image": str(tmp_path / "a.png")}, 0)
     cache.parse(processor, {"image": str(tmp_path / "b.png")}, 0)
     assert processor.calls == 6   # a still cached, b decoded again
+
+
+def test_the_byte_budget_counts_what_the_real_processor_returns(tiny_model_and_processor, tmp_path):
+    """ConanProcessor.parse_input returns (ParsedInput, document flags), not a bare ParsedInput: the budget must count
+    that pair's media (it counted 0 bytes for every real input, so `max_bytes` never bounded anything)."""
+    from training.evaluation.embed import parsed_nbytes
+
+    _, processor = tiny_model_and_processor
+    Image.new("RGB", (40, 30)).save(tmp_path / "x.png")
+    video = write_fading_mp4(tmp_path / "v.mp4")
+    parsed = processor.parse_input({"image": str(tmp_path / "x.png")}, 0)
+    assert isinstance(parsed, tuple) and parsed_nbytes(parsed) == 40 * 30 * 3
+    clip = processor.parse_input({"video": str(video)}, 0)
+    assert parsed_nbytes(clip) == sum(frame.nbytes for frame in clip[0].video) > 0
+    cache = ParsedInputCache(max_bytes=40 * 30 * 3)
+    cache.parse(processor, {"image": str(tmp_path / "x.png")}, 0)
+    assert cache.nbytes(processor) == 40 * 30 * 3
+    cache.parse(processor, {"video": str(video)}, 0)   # larger than the whole budget: returned uncached
+    assert cache.nbytes(processor) == 40 * 30 * 3 and len(cache._stores[processor]) == 1

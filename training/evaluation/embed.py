@@ -81,7 +81,12 @@ class ParsedInputCache:
 
 
 def parsed_nbytes(parsed: Any) -> int:
-    """Bytes of a `ParsedInput`'s decoded media: PIL images (width x height x bands), video frames and audio arrays."""
+    """Bytes of a `ParsedInput`'s decoded media: PIL images (width x height x bands), video frames and audio arrays.
+
+    `parsed` is what `parse_input` returns: ConanProcessor's is a (ParsedInput, document flags) pair, whose first
+    element is counted; a bare ParsedInput is counted as it is."""
+    if isinstance(parsed, tuple) and parsed:
+        parsed = parsed[0]
     images = sum(image.width * image.height * len(image.getbands()) for image in getattr(parsed, "images", []) or [])
     frames = sum(np.asarray(frame).nbytes for frame in getattr(parsed, "video", None) or [])
     audio = getattr(parsed, "audio", None)
