@@ -7,6 +7,7 @@ The stages are replaced by instant fakes that record their calls; the bookkeepin
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +120,27 @@ def test_specialist_schedule_takes_each_override_else_the_preset_default():
     assert preset.specialist_schedule("text") == (64, 12, 1e-3)
     assert preset.specialist_schedule("image") == (8, 300, 2e-3)
     assert preset.specialist_schedule("audio") == (8, 12, 2e-3)
+
+
+@pytest.mark.parametrize("continue_from, folder", [("dev-chosen", "dev-chosen"), ("paper", "model")])
+def test_drift_and_recover_record_the_fused_model_they_continued_from(tmp_path, monkeypatch, continue_from, folder):
+    """The report names the fused model recovery continued from by the recover stage's record: the stage picks it
+    when it runs (a fuse stage finished by older code, or under another setting, does not say)."""
+    import dataclasses
+
+    from training.recovery import drift, realign
+    from training.recovery import recover as recover_module
+
+    used = []
+    monkeypatch.setattr(drift, "drift_report", lambda specialist, fused, *a, **k: used.append(fused) or {})
+    monkeypatch.setattr(drift, "format_table", lambda report: "table")
+    monkeypatch.setattr(recover_module, "recover", lambda cfg: used.append(Path(cfg.model)) or {"best_step": 1})
+    monkeypatch.setattr(realign, "run", lambda specialist, fused, *a, **k: used.append(fused) or {"rank": 1})
+    pipeline = Pipeline(tmp_path, dataclasses.replace(PRESETS["smoke"], continue_from=continue_from))
+    monkeypatch.setattr(pipeline, "evaluate", lambda model, split="test": {})
+    for stage in ("drift", "recover"):
+        (tmp_path / stage).mkdir()
+        record = getattr(pipeline, f"stage_{stage}")(tmp_path / stage)
+        assert record["continued_from"] == continue_from
+        assert record["fused_model"] == str(tmp_path / "fuse" / folder)
+    assert used == [tmp_path / "fuse" / folder] * 3

@@ -282,3 +282,34 @@ def test_report_prints_the_machine_its_numbers_come_from(tmp_path):
     text = open(write_report(tmp_path, _stages(), "small", 0, "cmd", machine=machine)["report"]).read()
     assert f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}" in text
     assert "Machine:" not in open(write_report(tmp_path, _stages(), "small", 0, "cmd")["report"]).read()
+
+
+def test_report_reads_which_fused_model_recovery_continued_from_off_the_recover_stage(tmp_path):
+    """The recover stage picks the fused model it continues from (runner.Pipeline.continued_fused_model) when it
+    runs, so its own record says which; a fuse stage from before `continued_from` was recorded (or another setting)
+    must not make the report name the other model."""
+    stages = _stages()
+    stages["fuse"]["scores_dev_chosen"] = _scores({"text": 0.58, "image": 0.28, "video": 0.09, "document": 0.12,
+                                                   "audio": 0.30})
+    stages["recover"]["continued_from"] = "dev-chosen"     # fuse record without it: an older fuse stage
+    text = open(write_report(tmp_path, stages, "small", 0, "cmd")["report"]).read()
+    assert "continue from the **dev-chosen** fused model (`fuse/dev-chosen`)" in text
+    assert "Projector Recovery recovered audio: 0.300 (dev-chosen weights) -> 0.480 (+0.180)" in text
+    stages["fuse"]["continued_from"], stages["recover"]["continued_from"] = "dev-chosen", "paper"
+    text = open(write_report(tmp_path, stages, "small", 0, "cmd")["report"]).read()
+    assert "continue from the **paper-weight** fused model" in text
+    assert "Projector Recovery recovered audio: 0.100 (paper weights) -> 0.480 (+0.380)" in text
+
+
+def test_report_describes_the_search_the_fuse_stage_ran(tmp_path):
+    """A fuse stage from before the coordinate ascent (no `continued_from`, no `search`) ran the grid sweep: its report
+    must not describe a coordinate ascent."""
+    stages = _stages()
+    old = open(write_report(tmp_path, stages, "small", 0, "cmd")["report"]).read()
+    assert "coordinate ascent" not in old and "one model per grid point" in old
+    stages["fuse"]["continued_from"] = "dev-chosen"        # the first records of the coordinate ascent had no `search`
+    new = open(write_report(tmp_path, stages, "small", 0, "cmd")["report"]).read()
+    assert "coordinate ascent" in new and "grid point" not in new
+    del stages["fuse"]["continued_from"]
+    stages["fuse"]["dev_chosen"]["search"] = "coordinate ascent"
+    assert "coordinate ascent" in open(write_report(tmp_path, stages, "small", 0, "cmd")["report"]).read()

@@ -331,7 +331,7 @@ def _heldout_lines(heldout: dict[str, Any], targets: Targets = TARGETS) -> list[
 def observations(rows: dict[str, dict[str, float]], continued_from: str = "paper") -> list[str]:
     """Plain statements about the paper's story (drift, recovery, composition), each computed from the table.
 
-    `continued_from`: the fused model recovery started from ("paper" or "dev-chosen", the fuse stage's record)."""
+    `continued_from`: the fused model recovery started from ("paper" or "dev-chosen": `continued_from(stages)`)."""
     lines = []
     fused, recovered = rows.get(FUSED, {}), rows.get(RECOVERED, {})
     start = rows.get(FUSED_DEV if continued_from == "dev-chosen" else FUSED, {})
@@ -429,7 +429,31 @@ def _markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in body]
 
 
-def _sweep_lines(fuse: dict[str, Any]) -> list[str]:
+def continued_from(stages: dict[str, dict[str, Any]]) -> str:
+    """The fused model ("paper" or "dev-chosen") that drift, recovery and rehearsal continued from: the recover stage's
+    record (it picks the model when it runs), else the fuse stage's, else "paper" (run folders from before either
+    recorded it continued from `fuse/model`)."""
+    for stage in ("recover", "fuse"):
+        if stages.get(stage, {}).get("continued_from"):
+            return stages[stage]["continued_from"]
+    return "paper"
+
+
+def search_kind(fuse: dict[str, Any]) -> str:
+    """The dev weight search the fuse stage ran: its record's `dev_chosen.search`; a record without it is the grid
+    sweep's, unless it has `continued_from` (recorded since the coordinate ascent, which came with it)."""
+    search = fuse.get("dev_chosen", {}).get("search")
+    return search or ("coordinate ascent" if "continued_from" in fuse else "grid")
+
+
+def _search_description(fuse: dict[str, Any]) -> str:
+    if search_kind(fuse) == "grid":
+        return "The sweep fuses one model per grid point and scores "
+    return ("The search (coordinate ascent: from the paper point, each specialist's α in turn moves to its best value "
+            "with the others held, a move needing a strictly better dev score) fuses one model per point and scores ")
+
+
+def _sweep_lines(fuse: dict[str, Any], continued: str = "paper") -> list[str]:
     trials = fuse.get("dev_chosen", {}).get("trials", [])
     if not trials:
         return ["No dev weight search was recorded for this run."]
@@ -444,11 +468,9 @@ def _sweep_lines(fuse: dict[str, Any]) -> list[str]:
                      f"{t['objective']:.3f}", *[_fmt(t["dev"].get(m, {}).get("hit@1")) for m in MODALITIES], tag])
     paper = ", ".join(f"{m} {fuse.get('weights', {}).get(m, '-')}" for m in MODALITIES)
     return [f"Task arithmetic θ = θ₀ + Σ α_m τ_m. Paper weights: {paper} (text: our choice, the "
-            "visual α, since the paper has no text specialist). The search (coordinate ascent: from the paper point, each "
-            "specialist's α in turn moves to its best value with the others held, a move needing a strictly better "
-            "dev score) fuses one model per point and scores "
+            f"visual α, since the paper has no text specialist). {_search_description(fuse)}"
             f"it on the **dev** split only ({fuse['dev_chosen'].get('objective', 'mean dev MRR')}); the best is "
-            f"`fuse/dev-chosen`, scored once on test above. {_continued_from_line(fuse)}", "",
+            f"`fuse/dev-chosen`, scored once on test above. {_continued_from_line(continued)}", "",
             *_markdown_table(header, body)]
 
 
@@ -462,8 +484,8 @@ def machine_line(machine: dict[str, Any]) -> str:
             "count; on another CPU model training rounds differently and the scores move.")
 
 
-def _continued_from_line(fuse: dict[str, Any]) -> str:
-    if fuse.get("continued_from", "paper") == "paper":
+def _continued_from_line(continued: str) -> str:
+    if continued == "paper":
         return ("Drift, recovery and rehearsal continue from the **paper-weight** fused model (`fuse/model`).")
     return ("Drift, recovery and rehearsal continue from the **dev-chosen** fused model (`fuse/dev-chosen`), as the "
             "paper continues from the α its validation search chose.")
@@ -539,9 +561,9 @@ def write_report(out: Path, stages: dict[str, dict[str, Any]], preset: str, seed
     if stages.get("data", {}).get("skipped"):
         lines += ["- This run skipped data sources (see Data sources); the targets apply to the full run."]
     lines += ["", "## Held-out generalisation (unseen sources)", "", *_heldout_lines(heldout, targets)]
-    continued_from = stages.get("fuse", {}).get("continued_from", "paper")
-    lines += ["", "## What the numbers say", ""] + [f"- {v}" for v in observations(rows, continued_from)]
-    lines += ["", "## Fusion weights: paper vs dev-chosen", "", *_sweep_lines(stages.get("fuse", {}))]
+    continued = continued_from(stages)
+    lines += ["", "## What the numbers say", ""] + [f"- {v}" for v in observations(rows, continued)]
+    lines += ["", "## Fusion weights: paper vs dev-chosen", "", *_sweep_lines(stages.get("fuse", {}), continued)]
     drift = stages.get("drift", {}).get("table")
     if drift:
         lines += ["", "## Projector Drift diagnosis (audio specialist vs fused)", "",

@@ -439,7 +439,8 @@ class Pipeline:
         return {"model": str(out / "model"), "weights": dict(PAPER_FUSION_WEIGHTS), "needs_recovery": flagged,
                 "scores": self.evaluate(out / "model"),
                 "dev_chosen": {"model": str(out / "dev-chosen"), "weights": sweep["weights"],
-                               "objective": "mean dev MRR over modalities", "trials": sweep["trials"]},
+                               "objective": "mean dev MRR over modalities", "search": "coordinate ascent",
+                               "trials": sweep["trials"]},
                 "scores_dev_chosen": self.evaluate(out / "dev-chosen"),
                 "continued_from": self.preset.continue_from}
 
@@ -460,15 +461,17 @@ class Pipeline:
     def stage_drift(self, out: Path) -> dict[str, Any]:
         from training.recovery.drift import drift_report, format_table
 
+        fused = self.continued_fused_model()
         report = drift_report(
-            self.stage_dir("specialists") / "audio", self.continued_fused_model(),
+            self.stage_dir("specialists") / "audio", fused,
             self.data_dir / "audio" / "test.jsonl", max_pairs=self.preset.eval_limit or 80,
             feature_cache_dir=self.audio_cache, progress=False,
         )
         write_json_atomic(out / "drift.json", report)
         (out / "drift.md").write_text(format_table(report) + "\n")
         print(format_table(report))
-        return {"report": str(out / "drift.json"), "table": format_table(report)}
+        return {"report": str(out / "drift.json"), "table": format_table(report), "fused_model": str(fused),
+                "continued_from": self.preset.continue_from}
 
     def stage_recover(self, out: Path) -> dict[str, Any]:
         from training.recovery import realign
@@ -490,8 +493,9 @@ class Pipeline:
                                 dev_data=audio / "dev.jsonl", max_pairs=self.preset.eval_limit or 80,
                                 iterations=self.preset.realign_iterations,
                                 feature_cache_dir=self.audio_cache, progress=False)
-        return {
-            "model": str(out / "model"), "recovery": _compact(report), "realign": _compact(realigned),
+        return {  # continued_from: the report reads it here (this stage picked the model), rehearsal continues on
+            "model": str(out / "model"), "fused_model": str(fused), "continued_from": self.preset.continue_from,
+            "recovery": _compact(report), "realign": _compact(realigned),
             "scores": self.evaluate(out / "model"),
             "scores_realigned": self.evaluate(out / "realigned"),
         }
