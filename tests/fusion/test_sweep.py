@@ -114,3 +114,17 @@ def test_coordinate_ascent_rejects_bad_arguments(tmp_path):
             coordinate_ascent_weights(cfg, start, values, lambda d: {}, lambda d: 0.0, tmp_path / "o", tmp_path / "w",
                                       rounds=rounds)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_nan_objective_never_wins(tmp_path):
+    """A trial whose objective is NaN (e.g. a fused model whose embeddings went non-finite) ranks below every number:
+    NaN compares False both ways, so a NaN first trial was kept as the best, and a NaN start stopped every move."""
+    cfg = _three_specialists(tmp_path)
+    nan_at = lambda value: (lambda dev: float("nan") if dev["value"] == pytest.approx(value) else -abs(dev["value"]))  # noqa: E731
+    evaluate = lambda model_dir: {"value": _value(model_dir)}  # noqa: E731
+    grid = [{"a": 1.0, "b": 0.0, "c": 0.0}, {"a": 0.0, "b": 0.5, "c": 0.0}]
+    result = sweep_weights(cfg, grid, evaluate, nan_at(1.0), tmp_path / "chosen", tmp_path / "work")
+    assert result["best"] == 1 and _value(tmp_path / "chosen") == pytest.approx(5.0)
+    result = coordinate_ascent_weights(cfg, grid[0], {"a": (0.0, 1.0)}, evaluate, nan_at(1.0), tmp_path / "chosen",
+                                       tmp_path / "work")
+    assert result["weights"] == {"a": 0.0, "b": 0.0, "c": 0.0} and _value(tmp_path / "chosen") == pytest.approx(0.0)

@@ -11,6 +11,7 @@ the searches are a handful of points and each trial is a full fused model folder
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -61,11 +62,12 @@ class _Trials:
         self.best, self.best_dir = -1, None
 
     def score(self, weights: Mapping[str, float]) -> float:
-        """The objective of `weights` (fused and evaluated on the first call; later calls reuse the trial)."""
+        """The objective of `weights` (fused and evaluated on the first call; later calls reuse the trial), for
+        comparing: a NaN objective (recorded as it is in the trial) counts as -inf, below every number."""
         weights = {name: float(weights[name]) for name in weights}
         for trial in self.trials:
             if trial["weights"] == weights:
-                return trial["objective"]
+                return _rank(trial["objective"])
         if set(weights) != set(self.names):
             raise ConfigError(f"weight point {weights} must give a weight to each of {self.names}")
         i = len(self.trials)
@@ -75,13 +77,13 @@ class _Trials:
         dev = self.evaluate(trial_dir)
         score = float(self.objective(dev))
         self.trials.append({"weights": weights, "objective": score, "dev": dev})
-        if self.best < 0 or score > self.trials[self.best]["objective"]:
+        if self.best < 0 or _rank(score) > _rank(self.trials[self.best]["objective"]):
             if self.best_dir is not None:
                 shutil.rmtree(self.best_dir)
             self.best, self.best_dir = i, trial_dir
         else:
             shutil.rmtree(trial_dir)
-        return score
+        return _rank(score)
 
     def run(self, search: Callable[[], None], output: Path) -> dict[str, Any]:
         """Run `search` (which calls `score`), move the best trial to `output`, delete `work_dir`."""
@@ -98,6 +100,11 @@ class _Trials:
         return {"trials": self.trials, "best": self.best, "weights": self.trials[self.best]["weights"]}
 
 
+def _rank(objective: float) -> float:
+    """`objective` for comparisons: NaN (which compares False both ways) as -inf."""
+    return -math.inf if math.isnan(objective) else objective
+
+
 def sweep_weights(
     config: FusionConfig,
     grid: Sequence[Mapping[str, float]],
@@ -109,9 +116,9 @@ def sweep_weights(
     """Fuse `config` once per weight dict of `grid`, score each on the caller's dev data, keep the best at `output`.
 
     `config.models` give the specialists (their `weight` is replaced by the grid's, by model name); `evaluate` gets a
-    fused model folder and returns its dev scores; `objective` maps those to one number (higher is better; the first
-    best grid point wins ties). Trial folders live under `work_dir` and are deleted; `output` is replaced by the best
-    one. Returns {"trials": [{"weights", "objective", "dev"}], "best": index, "weights": best weights}. Raises
+    fused model folder and returns its dev scores; `objective` maps those to one number (higher is better, NaN
+    lowest; the first best grid point wins ties). Trial folders live under `work_dir` and are deleted; `output` is
+    replaced by the best one. Returns {"trials": [{"weights", "objective", "dev"}], "best": index, "weights": best weights}. Raises
     ConfigError when a grid point misses a specialist name or the grid is empty.
     """
     names = [m.name for m in config.models]
