@@ -144,3 +144,20 @@ def test_drift_and_recover_record_the_fused_model_they_continued_from(tmp_path, 
         assert record["continued_from"] == continue_from
         assert record["fused_model"] == str(tmp_path / "fuse" / folder)
     assert used == [tmp_path / "fuse" / folder] * 3
+
+
+def test_each_stage_records_the_machine_it_ran_on(tmp_path):
+    from training.pipeline.runner import machine_summary
+
+    pipeline = make(tmp_path)
+    pipeline.run(["data", "base"])
+    assert pipeline.stage_record("base")["machine"] == machine_summary()
+
+
+def test_the_specialists_summary_line_ignores_the_recorded_machine():
+    from training.pipeline.runner import machine_summary, summary_line
+
+    scores = {m: {"hit@1": 0.5} for m in ("text", "image")}
+    record = {m: {"scores": scores} for m in ("text", "image")}
+    assert summary_line({**record, "seconds": 3.0, "machine": machine_summary()}) == summary_line(record)
+    assert summary_line(record).startswith("text->0.50 image->0.50")

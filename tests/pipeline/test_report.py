@@ -313,3 +313,21 @@ def test_report_describes_the_search_the_fuse_stage_ran(tmp_path):
     del stages["fuse"]["continued_from"]
     stages["fuse"]["dev_chosen"]["search"] = "coordinate ascent"
     assert "coordinate ascent" in open(write_report(tmp_path, stages, "small", 0, "cmd")["report"]).read()
+
+
+def test_report_machine_comes_from_the_stages_and_says_when_they_ran_on_several(tmp_path):
+    """run.json is rewritten by every run that lists the data stage (a plain resumed run does, skipping it), so its
+    machine may not be the one the finished stages ran on; each stage records its own."""
+    one = {"cpu": "CPU A", "cores": 2, "torch": "2.5", "torch_threads": 2, "python": "3.12"}
+    two = {**one, "cpu": "CPU B"}
+    stages = _stages()
+    for name in stages:
+        stages[name]["machine"] = one
+    text = open(write_report(tmp_path, stages, "small", 0, "cmd", machine=two)["report"]).read()
+    assert "Machine: CPU A, 2 cores" in text and "CPU B" not in text
+    stages["recover"]["machine"] = stages["rehearse"]["machine"] = two
+    text = open(write_report(tmp_path, stages, "small", 0, "cmd", machine=two)["report"]).read()
+    assert "Machines: the stages ran on more than one machine" in text
+    assert "CPU A, 2 cores" in text and "(data, base, specialists, fuse, drift)" in text
+    assert "CPU B, 2 cores" in text and "(recover, rehearse)" in text
+    assert "The same command reproduces these numbers" not in text

@@ -478,10 +478,33 @@ def machine_line(machine: dict[str, Any]) -> str:
     """The report's machine line: the same command reproduces the report exactly on the same CPU model and thread
     count; on another CPU training rounds differently and the scores move (measured: the same training code and seed
     on two VMs of this project's kind, 2026-11-30, gave video specialists of 0.121 and 0.083 test hit@1)."""
-    return (f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, torch "
-            f"{machine.get('torch', '?')} on {machine.get('torch_threads', '?')} threads, Python "
-            f"{machine.get('python', '?')}. The same command reproduces these numbers on the same CPU model and thread "
+    return (f"Machine: {_machine_words(machine)}. The same command reproduces these numbers on the same CPU model and thread "
             "count; on another CPU model training rounds differently and the scores move.")
+
+
+def machine_lines(stages: dict[str, dict[str, Any]], machine: dict[str, Any] | None) -> list[str]:
+    """The machine the stages ran on, from their records (`machine`, each stage's own); where none has one, the run's
+    `machine` (OUT/run.json, rewritten by a resumed run: older folders only). Stages run on several machines (a run
+    resumed elsewhere) are listed by machine, without the reproduction claim."""
+    by_machine: list[tuple[dict[str, Any], list[str]]] = []
+    for stage, record in stages.items():
+        if isinstance(record.get("machine"), dict):
+            group = next((g for g in by_machine if g[0] == record["machine"]), None)
+            if group is None:
+                by_machine.append((record["machine"], [stage]))
+            else:
+                group[1].append(stage)
+    if len(by_machine) == 1:
+        return [machine_line(by_machine[0][0])]
+    if not by_machine:
+        return [machine_line(machine)] if machine else []
+    return ["Machines: the stages ran on more than one machine, so the scores mix their roundings: " + "; ".join(
+        f"{_machine_words(m)} ({', '.join(names)})" for m, names in by_machine) + "."]
+
+
+def _machine_words(machine: dict[str, Any]) -> str:
+    return (f"{machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, torch {machine.get('torch', '?')} on "
+            f"{machine.get('torch_threads', '?')} threads, Python {machine.get('python', '?')}")
 
 
 def _continued_from_line(continued: str) -> str:
@@ -509,7 +532,8 @@ def _data_lines(data: dict[str, Any]) -> list[str]:
 def write_report(out: Path, stages: dict[str, dict[str, Any]], preset: str, seed: int, command: str,
                  targets: Targets = TARGETS, machine: dict[str, Any] | None = None) -> dict[str, str]:
     """Write `out/report.md`, `out/scores.json` (per-modality and per-source tables, held-out task scores) and the
-    PNG plots. `machine`: the run's `runner.machine_summary()` (printed under the command where given)."""
+    PNG plots. `machine`: the run's `runner.machine_summary()` (printed under the command where no stage record has its
+    own: `machine_lines`)."""
     out = Path(out)
     rows, chance, sources = score_table(stages), chance_levels(stages), source_table(stages)
     timings = {s: round(v.get("seconds", 0.0)) for s, v in stages.items()}
@@ -527,7 +551,7 @@ def write_report(out: Path, stages: dict[str, dict[str, Any]], preset: str, seed
         "chance = mean over queries of 1 / candidates. Per source, a source's queries rank only that source's candidates (CIFAR-10: its 10",
         "class names, i.e. zero-shot accuracy; spoken digits: the 10 digit names).",
         *([sizes] if (sizes := test_sizes_line(stages)) else []),
-        *([machine_line(machine)] if machine else []),
+        *machine_lines(stages, machine),
         "",
         "## Scores per modality (hit@1)",
         "",

@@ -312,7 +312,9 @@ class Pipeline:
         result = fn(self.stage_dir(stage))
         result["seconds"] = time.perf_counter() - start
         # Prefixed: a stage result may hold its own "seed" (e.g. of a task build).
-        result.update(pipeline_preset=self.preset_name, pipeline_seed=self.seed, finished_at=time.time())
+        # machine: the report prints it (a resumed run may run later stages on another machine than run.json's)
+        result.update(pipeline_preset=self.preset_name, pipeline_seed=self.seed, finished_at=time.time(),
+                      machine=machine_summary())
         write_json_atomic(marker, result)
         print(f"[{stage}] finished in {result['seconds']:.0f} s: {summary_line(result)}", flush=True)
         return result
@@ -712,6 +714,8 @@ def summary_line(result: dict[str, Any]) -> str:
             return f"{scores['hit@1']:.2f}"
         return " ".join(f"{m}={v['hit@1']:.2f}" for m, v in (scores or {}).items()
                         if isinstance(v, dict) and "hit@1" in v)
+
+    result = {k: v for k, v in result.items() if k != "machine"}   # every record's (run_stage), no stage result
 
     if all(isinstance(v, dict) and "scores" in v for v in result.values() if isinstance(v, dict)) and any(
             isinstance(v, dict) for v in result.values()):  # the specialists stage: one entry per modality
