@@ -118,8 +118,8 @@ def sweep_weights(
     `config.models` give the specialists (their `weight` is replaced by the grid's, by model name); `evaluate` gets a
     fused model folder and returns its dev scores; `objective` maps those to one number (higher is better, NaN
     lowest; the first best grid point wins ties). Trial folders live under `work_dir` and are deleted; `output` is
-    replaced by the best one. Returns {"trials": [{"weights", "objective", "dev"}], "best": index, "weights": best weights}. Raises
-    ConfigError when a grid point misses a specialist name or the grid is empty.
+    replaced by the best one. Returns {"trials": [{"weights", "objective", "dev"}], "best": index, "weights": best
+    weights}. Raises ConfigError when a grid point misses a specialist name or the grid is empty.
     """
     names = [m.name for m in config.models]
     if not grid:

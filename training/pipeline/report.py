@@ -478,8 +478,8 @@ def machine_line(machine: dict[str, Any]) -> str:
     """The report's machine line: the same command reproduces the report exactly on the same CPU model and thread
     count; on another CPU training rounds differently and the scores move (measured: the same training code and seed
     on two VMs of this project's kind, 2026-11-30, gave video specialists of 0.121 and 0.083 test hit@1)."""
-    return (f"Machine: {_machine_words(machine)}. The same command reproduces these numbers on the same CPU model and thread "
-            "count; on another CPU model training rounds differently and the scores move.")
+    return (f"Machine: {_machine_words(machine)}. The same command reproduces these numbers on the same CPU model and "
+            "thread count; on another CPU model training rounds differently and the scores move.")
 
 
 def machine_lines(stages: dict[str, dict[str, Any]], machine: dict[str, Any] | None) -> list[str]:
