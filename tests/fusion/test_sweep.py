@@ -128,3 +128,22 @@ def test_a_nan_objective_never_wins(tmp_path):
     result = coordinate_ascent_weights(cfg, grid[0], {"a": (0.0, 1.0)}, evaluate, nan_at(1.0), tmp_path / "chosen",
                                        tmp_path / "work")
     assert result["weights"] == {"a": 0.0, "b": 0.0, "c": 0.0} and _value(tmp_path / "chosen") == pytest.approx(0.0)
+
+
+def test_the_chosen_model_replaces_an_earlier_output_whole_and_a_failed_search_keeps_it(tmp_path):
+    cfg = _three_specialists(tmp_path)
+    chosen = tmp_path / "chosen"
+    _save(chosen, -1.0)
+    (chosen / "stale.txt").write_text("from an earlier search")
+
+    def failing(model_dir: Path) -> dict:
+        raise RuntimeError("dev evaluation failed")
+
+    with pytest.raises(RuntimeError, match="dev evaluation failed"):
+        coordinate_ascent_weights(cfg, {"a": 1.0, "b": 0.0, "c": 0.0}, {"a": (0.0,)}, failing, lambda d: 0.0,
+                                  chosen, tmp_path / "work")
+    assert _value(chosen) == -1.0 and not (tmp_path / "work").exists()
+    coordinate_ascent_weights(cfg, {"a": 1.0, "b": 0.0, "c": 0.0}, {"a": (0.0,)}, lambda d: {"value": _value(d)},
+                              lambda dev: dev["value"], chosen, tmp_path / "work")
+    assert _value(chosen) == 1.0 and not (chosen / "stale.txt").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".chosen")] == []   # no partial or old folder

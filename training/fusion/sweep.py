@@ -18,6 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from training.common.io_utils import atomic_output_dir
+
 from .config import ConfigError, FusionConfig, ModelSpec
 from .engine import fuse
 
@@ -86,15 +88,14 @@ class _Trials:
         return _rank(score)
 
     def run(self, search: Callable[[], None], output: Path) -> dict[str, Any]:
-        """Run `search` (which calls `score`), move the best trial to `output`, delete `work_dir`."""
+        """Run `search` (which calls `score`), move the best trial to `output` (`atomic_output_dir`: an earlier
+        `output` is replaced in one rename, so a killed run leaves the old model or the new one), delete `work_dir`."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
         try:
             search()
-            output = Path(output)
-            if output.exists():
-                shutil.rmtree(output)
-            output.parent.mkdir(parents=True, exist_ok=True)
-            self.best_dir.rename(output)
+            with atomic_output_dir(output, overwrite=True) as staging:
+                for entry in self.best_dir.iterdir():   # a rename on one file system, a copy across two
+                    shutil.move(str(entry), str(staging / entry.name))
         finally:
             shutil.rmtree(self.work_dir, ignore_errors=True)
         return {"trials": self.trials, "best": self.best, "weights": self.trials[self.best]["weights"]}
