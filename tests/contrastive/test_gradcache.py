@@ -31,6 +31,12 @@ def test_info_nce_matches_manual_and_masks_duplicates():
     sym = info_nce(q, t, temperature=0.1, symmetric=True)
     s = q @ t.T / 0.1
     assert torch.allclose(sym.value, 0.5 * (F.cross_entropy(s, torch.arange(4)) + F.cross_entropy(s.T, torch.arange(4))))
+    # symmetric with a repeated positive (rows 0 and 2: one class name): target 0 must not rank query 2 as a negative
+    sym_keys = info_nce(q, t, positive_keys=keys, temperature=0.1, symmetric=True)
+    forward, back = s.clone(), s.T.clone()
+    forward[0, 2] = forward[2, 0] = back[0, 2] = back[2, 0] = torch.finfo(s.dtype).min
+    assert torch.allclose(sym_keys.value, 0.5 * (F.cross_entropy(forward, torch.arange(4))
+                                                 + F.cross_entropy(back, torch.arange(4))))
     with pytest.raises(ValueError, match="temperature"):
         info_nce(q, t, temperature=0)
 

@@ -125,9 +125,15 @@ def info_nce(
     value = F.cross_entropy(logits, labels)
     if symmetric:
         back = (t @ q.T).float() / temperature
+        # Row j (target j) ranks the queries: query i is a false negative when its own positive has target j's
+        # content (two CIFAR photos of one class name) or when it repeats query j's content.
+        back_mask = _duplicate_mask(pk, pk, diagonal=True) if positive_keys is not None else None
         if query_keys is not None:
             qk, _ = gather(query_keys)
-            back = back.masked_fill(_duplicate_mask(qk, qk, diagonal=True), torch.finfo(back.dtype).min)
+            same_query = _duplicate_mask(qk, qk, diagonal=True)
+            back_mask = same_query if back_mask is None else back_mask | same_query
+        if back_mask is not None:
+            back = back.masked_fill(back_mask, torch.finfo(back.dtype).min)
         value = 0.5 * (value + F.cross_entropy(back, labels))
     with torch.no_grad():
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
