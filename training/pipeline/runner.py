@@ -216,7 +216,7 @@ PRESETS = {
     # same base, data and seed as that run (`/work/scratch/sym_exp.py`; own-modality hit@1 / MRR): dev video 0.037 /
     # 0.168 vs one-way 0.050 / 0.177, image 0.212 / 0.365 vs 0.175 / 0.347, audio 0.463 / 0.539 vs 0.425 / 0.514;
     # test video 0.113 vs 0.083, image 0.212 vs 0.233, audio 0.425 vs 0.438. Dev and test disagree per modality,
-    # all within the splits' noise, so the specialists stay one-way (query -> positive), as the paper's.
+    # all within the splits' noise, so the specialists stay one-way (query -> positive).
     "small": Preset(data="small", backbone="small", distill_steps=800, specialist_steps=150, batch_size=16,
                     recover_steps=150, rehearse_steps=150, rehearse_lr=1e-3, rehearse_eval_every=75,
                     specialist_lr_overrides=(("text", 1e-3),), specialist_steps_overrides=(("image", 300),),
