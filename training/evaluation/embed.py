@@ -69,7 +69,7 @@ class ParsedInputCache:
         if size > self.max_bytes:
             return parsed
         store[key] = (parsed, size)
-        self._bytes[processor] = total = self._bytes.get(processor, 0) + size
+        total = self._bytes.get(processor, 0) + size
         while len(store) > self.max_items or total > self.max_bytes:
             total -= store.popitem(last=False)[1][1]
         self._bytes[processor] = total

@@ -52,13 +52,13 @@ def weight_grid(paper: Mapping[str, float], axes: Mapping[str, Sequence[str]],
 class _Trials:
     """Fuses and dev-scores weight points, each point once, keeping only the best trial's folder.
 
-    Shared by the grid sweep and the coordinate ascent: both are sequences of `score(weights)` calls.
+    Shared by the grid sweep and the coordinate ascent: both are sequences of `score(weights)` calls, and both check
+    up front that every point names each specialist.
     """
 
     def __init__(self, config: FusionConfig, evaluate: Callable[[Path], dict[str, Any]],
                  objective: Callable[[dict[str, Any]], float], work_dir: Path):
         self.config, self.evaluate, self.objective = config, evaluate, objective
-        self.names = [m.name for m in config.models]
         self.work_dir = Path(work_dir)
         self.trials: list[dict[str, Any]] = []
         self.best, self.best_dir = -1, None
@@ -70,8 +70,6 @@ class _Trials:
         for trial in self.trials:
             if trial["weights"] == weights:
                 return _rank(trial["objective"])
-        if set(weights) != set(self.names):
-            raise ConfigError(f"weight point {weights} must give a weight to each of {self.names}")
         i = len(self.trials)
         trial_dir = self.work_dir / f"trial-{i}"
         models = [ModelSpec(path=m.path, name=m.name, weight=weights[m.name], kind=m.kind) for m in self.config.models]
@@ -169,8 +167,11 @@ def coordinate_ascent_weights(
             for name, candidates in values.items():
                 for value in candidates:
                     point = {**current, name: float(value)}
-                    if point != current and trials.score(point) > current_score:
-                        current, current_score, moved = point, trials.score(point), True
+                    if point == current:
+                        continue
+                    score = trials.score(point)
+                    if score > current_score:
+                        current, current_score, moved = point, score, True
             if not moved:
                 break
 
