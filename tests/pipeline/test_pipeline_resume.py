@@ -78,10 +78,10 @@ def test_partial_rerun_blocks_a_stage_with_out_of_date_inputs(tmp_path, capsys):
 
 def test_records_from_before_finished_at_still_resume(tmp_path):
     make(tmp_path).run(list(STAGES))
-    for stage in STAGES:  # as written before stage.json recorded preset, seed and time
+    for stage in STAGES:  # as written before stage.json recorded preset, seed, time and settings
         marker = tmp_path / stage / "stage.json"
         record = json.loads(marker.read_text())
-        for key in ("finished_at", "pipeline_preset", "pipeline_seed"):
+        for key in ("finished_at", "pipeline_preset", "pipeline_seed", "settings"):
             record.pop(key)
         marker.write_text(json.dumps(record))
     rerun = make(tmp_path, preset="small", force={"rehearse"})
@@ -161,3 +161,64 @@ def test_the_specialists_summary_line_ignores_the_recorded_machine():
     record = {m: {"scores": scores} for m in ("text", "image")}
     assert summary_line({**record, "seconds": 3.0, "machine": machine_summary()}) == summary_line(record)
     assert summary_line(record).startswith("text->0.50 image->0.50")
+
+
+def test_every_preset_field_is_a_setting_of_some_stage():
+    """A field no stage lists would be a change that leaves every finished stage in place."""
+    import dataclasses
+
+    from training.pipeline.runner import STAGE_SETTINGS
+
+    listed = {name for names in STAGE_SETTINGS.values() for name in names}
+    assert {f.name for f in dataclasses.fields(Preset)} <= listed
+    assert set(STAGE_SETTINGS) == set(STAGES)
+
+
+def make_with(out, **changes):
+    import dataclasses
+
+    return FakePipeline(out, dataclasses.replace(PRESETS["smoke"], **changes), seed=0, preset_name="smoke",
+                        command="test")
+
+
+@pytest.mark.parametrize("change, first_redone", [
+    ({"rehearse_steps": 11}, "rehearse"),
+    ({"distill_lr": 5e-4}, "base"),
+    ({"specialist_steps_overrides": (("image", 20),)}, "specialists"),
+    ({"continue_from": "paper"}, "drift"),
+])
+def test_a_changed_preset_setting_redoes_its_stage_and_what_reads_it(tmp_path, capsys, change, first_redone):
+    make(tmp_path).run(list(STAGES))
+    capsys.readouterr()
+    edited = make_with(tmp_path, **change)
+    edited.run(list(STAGES))
+    name, value = next(iter(change.items()))
+    assert f"[{first_redone}] redone: {first_redone} was built with other settings ({name} " in capsys.readouterr().out
+    assert edited.calls[0] == first_redone and edited.calls[-1] == "report"
+    assert edited.calls == list(STAGES[STAGES.index(first_redone):]) or first_redone == "drift"
+    if first_redone == "drift":   # continue_from: drift, recover and what reads recover; fuse is left as it is
+        assert edited.calls == ["drift", "recover", "rehearse", "heldout", "report"]
+    again = make_with(tmp_path, **change)
+    again.run(list(STAGES))
+    assert again.calls == []   # the rerun recorded the new values
+
+
+def test_a_stage_that_reads_a_stage_with_changed_settings_refuses_to_start(tmp_path):
+    make(tmp_path).run(list(STAGES))
+    edited = make_with(tmp_path, distill_steps=31)
+    with pytest.raises(PipelineError, match=r"reads base, which is not up to date \(base was built with other "
+                                            r"settings \(distill_steps 30 -> 31\)\)"):
+        edited.run(["report"])
+    assert edited.calls == []
+
+
+def test_records_from_before_settings_are_not_checked(tmp_path):
+    make(tmp_path).run(list(STAGES))
+    for stage in STAGES:
+        marker = tmp_path / stage / "stage.json"
+        record = json.loads(marker.read_text())
+        record.pop("settings")
+        marker.write_text(json.dumps(record))
+    rerun = make_with(tmp_path, rehearse_steps=11)
+    rerun.run(list(STAGES))
+    assert rerun.calls == []

@@ -71,6 +71,31 @@ FUSION_SEARCH_VALUES = {"text": (0.3, 0.6, 1.0), "image": (0.3, 0.6, 1.0), "vide
                         "document": (0.3, 0.6, 1.0), "audio": (0.5, 1.0)}
 
 
+# The settings each stage's result depends on: Preset fields, plus the fusion constants above for fuse. Each
+# stage.json records their values ("settings"); a finished stage whose recorded values differ from the preset's now
+# is out of date (`Pipeline.why_outdated`), so editing a preset (or pulling code that does) and rerunning into the
+# same folder redoes that stage and every stage after it that reads it, never silently reusing the old result.
+# tests/pipeline/test_pipeline_resume.py checks that every Preset field is listed under some stage.
+_EVAL_SETTINGS = ("eval_limit", "eval_pool_size")  # the test / dev scoring of every stage that scores a model
+STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "data": ("data",),
+    "base": ("backbone", "compression_tokens", "distill_steps", "distill_batch", "distill_groups", "distill_dev",
+             "distill_eval_every", "distill_lr", "vision_distill_steps", "vision_distill_image_size",
+             "vision_distill_batch", *_EVAL_SETTINGS),
+    "specialists": ("lora_r", "batch_size", "specialist_steps", "specialist_lr", "specialist_lr_overrides",
+                    "specialist_steps_overrides", "specialist_batch_overrides", "specialist_temperature",
+                    "specialist_text_replay", "visual_lora_scopes", *_EVAL_SETTINGS),
+    "fuse": ("fusion_lambda", "PAPER_FUSION_WEIGHTS", "FUSION_SEARCH_VALUES", *_EVAL_SETTINGS),
+    "drift": ("continue_from", "eval_limit"),
+    "recover": ("continue_from", "recover_steps", "batch_size", "realign_iterations", *_EVAL_SETTINGS),
+    "rehearse": ("lora_r", "batch_size", "rehearse_steps", "rehearse_lr", "rehearse_eval_every",
+                 "specialist_temperature", *_EVAL_SETTINGS),
+    "heldout": ("heldout_cap", "eval_pool_size"),
+    "report": (),
+}
+_SETTING_CONSTANTS = {"PAPER_FUSION_WEIGHTS": PAPER_FUSION_WEIGHTS, "FUSION_SEARCH_VALUES": FUSION_SEARCH_VALUES}
+
+
 @dataclass(frozen=True)
 class Preset:
     """Everything that differs between the CI-sized run and the README's small run."""
@@ -239,10 +264,11 @@ class Pipeline:
     """Runs the stages in order; each stage's result is `OUT/<stage>/stage.json` (present = finished).
 
     Each `stage.json` records the preset name, the seed and when the stage finished (`pipeline_preset`,
-    `pipeline_seed`, `finished_at` in epoch s). A rerun skips a finished stage unless it is forced or one of its
-    :data:`STAGE_INPUTS` finished after it (redone since: then it is redone too, so `--force specialists` also redoes
-    fuse ... report). A stage finished under another preset or seed is never reused: :meth:`run` raises
-    :class:`PipelineError` instead.
+    `pipeline_seed`, `finished_at` in epoch s) and the values of its :data:`STAGE_SETTINGS` (`settings`). A rerun
+    skips a finished stage unless it is forced, one of its :data:`STAGE_INPUTS` finished after it (redone since: then
+    it is redone too, so `--force specialists` also redoes fuse ... report), or one of its settings changed in the
+    preset since (then it and what reads it are redone). A stage finished under another preset or seed is never
+    reused: :meth:`run` raises :class:`PipelineError` instead.
     """
 
     def __init__(self, out: Path, preset: Preset, seed: int = 0, force: set[str] | None = None,
@@ -263,13 +289,33 @@ class Pipeline:
         marker = self.stage_dir(stage) / "stage.json"
         return json.loads(marker.read_text()) if marker.exists() else None
 
+    def stage_settings(self, stage: str) -> dict[str, Any]:
+        """The values of `STAGE_SETTINGS[stage]` now, as JSON gives them back (tuples as lists)."""
+        values = {name: _SETTING_CONSTANTS[name] if name in _SETTING_CONSTANTS else getattr(self.preset, name)
+                  for name in STAGE_SETTINGS[stage]}
+        return json.loads(json.dumps(values))
+
+    def changed_settings(self, stage: str, record: dict[str, Any]) -> list[str]:
+        """`name was -> now` for each setting of `stage` whose value in `record` differs from the preset's now
+        (records from before settings were recorded: none; a setting added since counts as changed)."""
+        if "settings" not in record:
+            return []
+        was, now = record["settings"], self.stage_settings(stage)
+        missing = object()
+        return [f"{name} {json.dumps(was.get(name))} -> {json.dumps(value)}"
+                for name, value in now.items() if was.get(name, missing) != value]
+
     def why_outdated(self, stage: str) -> str | None:
         """None when `stage` has finished after each of its inputs and those are up to date themselves (checked
-        down to `data`); else the reason. Records from before `finished_at` count as finished at time 0; an optional
+        down to `data`), and under the preset's values of its `STAGE_SETTINGS`; else the reason. Records from before
+        `finished_at` count as finished at time 0, and from before `settings` as built with today's; an optional
         stage that never ran counts as up to date (the report reads it only where present)."""
         record = self.stage_record(stage)
         if record is None:
             return None if stage in OPTIONAL_STAGES else f"{stage} has not finished in {self.out}"
+        changed = self.changed_settings(stage, record)
+        if changed:
+            return f"{stage} was built with other settings ({'; '.join(changed)})"
         for name in STAGE_INPUTS[stage]:
             upstream = self.stage_record(name)
             if upstream is not None and upstream.get("finished_at", 0.0) > record.get("finished_at", 0.0):
@@ -319,7 +365,7 @@ class Pipeline:
         # Prefixed: a stage result may hold its own "seed" (e.g. of a task build).
         # machine: the report prints it (a resumed run may run later stages on another machine than run.json's)
         result.update(pipeline_preset=self.preset_name, pipeline_seed=self.seed, finished_at=time.time(),
-                      machine=machine_summary())
+                      machine=machine_summary(), settings=self.stage_settings(stage))
         write_json_atomic(marker, result)
         print(f"[{stage}] finished in {result['seconds']:.0f} s: {summary_line(result)}", flush=True)
         return result
