@@ -127,8 +127,12 @@ def test_rehearsal_resume_selection_and_output(tiny_repo, rehearsal_data, tmp_pa
     assert refs["origin"] == {"image": "given", "text": "given", "audio": str(tiny_repo)}
     best = straight["selection"]["best"]
     assert best["worst_retention"] == max(evals[s]["worst_retention"] for s in ("2", "4"))
+    chance = straight["selection"]["chance"]
+    assert chance == {"image": 0.5, "audio": 0.5, "text": 0.5}   # R@1 of a random ranking of 2 dev positives
+    judged = straight["selection"]["groups"]
+    assert judged == B.selection_groups(refs["scores"], chance, "learned")
     for e in evals.values():
-        assert e["worst_retention"] == min(e["retention"].values())
+        assert e["worst_retention"] == min(e["retention"][g] for g in judged)
     assert straight["selected_step"] == best["step"]
 
     cfg = _config(tiny_repo, rehearsal_data, tmp_path / "resumed")
@@ -172,6 +176,8 @@ def test_config_errors(tmp_path):
         B.load_config(None, raw={"model": "m", "output": "o"})
     with pytest.raises(ValueError, match="selection_metric must be one of"):
         B.load_config(None, raw={"model": "m", "output": "o", "data": {"train": ["x"]}, "selection_metric": "ndcg"})
+    with pytest.raises(ValueError, match="selection_groups must be one of"):
+        B.load_config(None, raw={"model": "m", "output": "o", "data": {"train": ["x"]}, "selection_groups": "best"})
 
 
 def test_dev_scores_follow_the_selection_metric(tiny_repo, rehearsal_data, tmp_path):
@@ -236,8 +242,29 @@ def test_frozen_tower_caches_leave_rehearsal_unchanged(tiny_repo, rehearsal_data
 def test_resume_refuses_a_different_selection_metric(tiny_repo, rehearsal_data, tmp_path):
     cfg = _config(tiny_repo, rehearsal_data, tmp_path / "run")
     assert B.rehearse(cfg, stop_after=1)["output"] is None  # the step-0 retentions are saved, scored by R@1
-    with pytest.raises(ValueError, match="scored by 'r@1', but selection_metric is 'mrr'"):
+    with pytest.raises(ValueError, match="scored by 'r@1' over 'learned' groups, but this run asks for 'mrr'"):
         B.rehearse(dataclasses.replace(cfg, selection_metric="mrr"))
+    with pytest.raises(ValueError, match="over 'learned' groups, but this run asks for 'r@1' over 'all'"):
+        B.rehearse(dataclasses.replace(cfg, selection_groups="all"))
+
+
+def test_selection_leaves_out_groups_whose_specialist_is_at_chance():
+    refs = {"image": 0.30, "document": 0.09, "audio": 0.45}
+    chance = {"image": 0.08, "document": 0.106, "audio": 0.08}   # document's specialist is below its chance MRR
+    assert B.selection_groups(refs, chance, "learned") == ["audio", "image"]
+    assert B.selection_groups(refs, chance, "all") == ["audio", "document", "image"]
+    assert B.selection_groups({"image": 0.05}, {"image": 0.08}, "learned") == ["image"]   # none learned: all
+    with pytest.raises(ValueError, match="selection_groups must be one of"):
+        B.selection_groups(refs, chance, "best")
+
+
+def test_dev_chance_is_a_random_rankings_score(rehearsal_data, tmp_path):
+    cfg = B.load_config(None, raw={"model": "m", "output": str(tmp_path / "o"),
+                                   "data": {"train": ["x"], "dev": {"text": str(rehearsal_data / "words.jsonl")}}})
+    assert B.dev_chance(cfg) == {"text": pytest.approx(1 / 6)}
+    mrr = B.dev_chance(dataclasses.replace(cfg, selection_metric="mrr"))["text"]
+    ranks = np.arange(1, 7)
+    assert mrr == pytest.approx(np.mean(1 / ranks))   # each rank of 6 equally likely
 
 
 def test_reference_scores_are_the_same_with_the_frozen_tower_caches(tiny_repo, rehearsal_data, tmp_path):

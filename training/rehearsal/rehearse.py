@@ -13,7 +13,8 @@ sampling is the exponent-0.5 multinomial sampling of XLM, arXiv 1901.07291):
   audio (`training.contrastive.trainer.zero_touch`);
 - every `eval_every` steps each modality's dev score (`selection_metric`: R@1, or MRR, which is smoother on a few
   dev pairs) is divided by its specialist's (retention) and the step with the best *worst-modality* retention is
-  kept (min_m score_m / specialist_m, not the mean);
+  kept (min_m score_m / specialist_m, not the mean), the minimum over the modalities whose specialist is above
+  chance on dev (`selection_groups`; a specialist at chance has nothing to retain);
 - `trainer.save_checkpoint` checkpoints with exact resume (model, optimizer, scheduler, RNG, sampler step); the
   selection record and the best trainable weights live next to them.
 The shared pieces (data, loss, GradCache step, loop, checkpoints) come from training/contrastive/ (data, trainer).
@@ -55,6 +56,7 @@ logger = logging.getLogger("training.rehearse")
 SELECTION_FILE = "selection.json"
 BEST_FILE = "best_trainable.safetensors"
 SELECTION_METRICS = ("r@1", "mrr")  # keys of training.evaluation.metrics.retrieval_scores
+SELECTION_GROUPS = ("learned", "all")  # RehearsalConfig.selection_groups
 
 
 # ----------------------------------------------------------------------------------------------------- config
@@ -87,6 +89,10 @@ class RehearsalConfig:
     specialists: dict[str, str] = field(default_factory=dict)  # group -> specialist folder (retention reference)
     specialist_scores: dict[str, float] = field(default_factory=dict)  # group -> specialist dev score, in selection_metric units
     selection_metric: str = "r@1"  # the dev score of the retention: "r@1" or "mrr"
+    # "learned": the worst retention is taken over the groups whose reference (specialist) dev score is above the
+    # chance score of their dev split (a specialist at chance has no skill to retain, and its ratio is noise); the
+    # others are still scored and recorded. "all": over every group. With no group above chance, all are used.
+    selection_groups: str = "learned"
     checkpoint_dir: str | None = None  # default <output>.checkpoints
     save_dtype: str = "float32"
     audio_cache_dir: str | None = None  # share cached frozen-Whisper frames across stages (training/common/audio_cache.py)
@@ -122,6 +128,8 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     loss_settings_from(cfg.loss, cfg.seed, where)  # ConfigError on bad loss keys / objective / weights
     if cfg.selection_metric not in SELECTION_METRICS:
         raise ConfigError(f"{where}: selection_metric must be one of {SELECTION_METRICS}, got {cfg.selection_metric!r}")
+    if cfg.selection_groups not in SELECTION_GROUPS:
+        raise ConfigError(f"{where}: selection_groups must be one of {SELECTION_GROUPS}, got {cfg.selection_groups!r}")
     if cfg.train.lr_projector is None:
         cfg.train.lr_projector = cfg.projector_lr_scale * cfg.train.lr
     fix = resolve_path
@@ -180,6 +188,25 @@ def dev_scores(model: torch.nn.Module, processor: Any, cfg: RehearsalConfig, bat
                                          [t_index[first[q]] for q in rows])[cfg.selection_metric]
     model.train(was_training)
     return scores
+
+
+def dev_chance(cfg: RehearsalConfig) -> dict[str, float]:
+    """Each dev group's `cfg.selection_metric` under a random ranking (what `dev_scores` gives a model without the
+    skill): R@1 = 1/n, MRR = H_n / n (the mean of 1/k over the n ranks), n = the group's distinct dev positives."""
+    chance = {}
+    for group, path in sorted(cfg.data.dev.items()):
+        n = len(_dev_inputs(path, cfg)[1])
+        chance[group] = 1.0 / n if cfg.selection_metric == "r@1" else sum(1.0 / k for k in range(1, n + 1)) / n
+    return chance
+
+
+def selection_groups(references: dict[str, float], chance: dict[str, float], mode: str) -> list[str]:
+    """The groups the worst retention is taken over (`RehearsalConfig.selection_groups`); raises ValueError for an
+    unknown `mode`."""
+    if mode not in SELECTION_GROUPS:
+        raise ValueError(f"selection_groups must be one of {SELECTION_GROUPS}, got {mode!r}")
+    learned = [g for g in sorted(references) if mode == "all" or references[g] > chance.get(g, 0.0)]
+    return learned or sorted(references)
 
 
 def retention(scores: dict[str, float], references: dict[str, float]) -> dict[str, float]:
@@ -261,13 +288,15 @@ def rehearse(cfg: RehearsalConfig, resume: str | None = "auto", stop_after: int 
         load_checkpoint(accelerator, checkpoint, state, sampler)
         logger.info("resumed from %s at step %d", checkpoint, state.step)
     selection_path = ckpt_root / SELECTION_FILE
-    selection: dict[str, Any] = {"metric": cfg.selection_metric, "evals": {}, "best": None}
+    selection: dict[str, Any] = {"metric": cfg.selection_metric, "mode": cfg.selection_groups, "evals": {},
+                                 "best": None}
     if selection_path.is_file() and checkpoint is not None:
         selection = json.loads(selection_path.read_text())
-        if selection.get("metric", "r@1") != cfg.selection_metric:
-            raise ValueError(f"{selection_path} holds retentions scored by {selection.get('metric', 'r@1')!r}, but "
-                             f"selection_metric is {cfg.selection_metric!r}; resume with the same metric or start "
-                             f"from a fresh checkpoint_dir")
+        was = (selection.get("metric", "r@1"), selection.get("mode", "all"))
+        if was != (cfg.selection_metric, cfg.selection_groups):
+            raise ValueError(f"{selection_path} holds retentions scored by {was[0]!r} over {was[1]!r} groups, but "
+                             f"this run asks for {cfg.selection_metric!r} over {cfg.selection_groups!r}; resume with "
+                             f"the same selection_metric and selection_groups or start from a fresh checkpoint_dir")
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
                                          num_workers=cfg.data.num_workers,
                                          generator=torch.Generator().manual_seed(cfg.seed))
@@ -282,10 +311,15 @@ def rehearse(cfg: RehearsalConfig, resume: str | None = "auto", stop_after: int 
         scores = dev_scores(conan, processor, cfg)
         if "references" not in selection:
             selection["references"] = reference_scores(cfg, scores, processor)
+        if "groups" not in selection:
+            chance = dev_chance(cfg)
+            selection["chance"] = chance
+            selection["groups"] = selection_groups(selection["references"]["scores"], chance, cfg.selection_groups)
         kept = retention(scores, selection["references"]["scores"])
-        worst = min(kept.values()) if kept else float("nan")
+        judged = {g: r for g, r in kept.items() if g in selection["groups"]}
+        worst = min(judged.values()) if judged else float("nan")
         selection["evals"][str(step)] = {"scores": scores, "retention": kept, "worst_retention": worst,
-                                         "worst_group": min(kept, key=kept.get) if kept else None}
+                                         "worst_group": min(judged, key=judged.get) if judged else None}
         best = selection["best"]
         if step > 0 and (best is None or worst > best["worst_retention"]):
             selection["best"] = {"step": step, "worst_retention": worst}
