@@ -128,7 +128,7 @@ def test_rehearsal_resume_selection_and_output(tiny_repo, rehearsal_data, tmp_pa
     best = straight["selection"]["best"]
     assert best["worst_retention"] == max(evals[s]["worst_retention"] for s in ("2", "4"))
     chance = straight["selection"]["chance"]
-    assert chance == {"image": 0.5, "audio": 0.5, "text": 0.5}   # R@1 of a random ranking of 2 dev positives
+    assert {g: c["mean"] for g, c in chance.items()} == {"image": 0.5, "audio": 0.5, "text": 0.5}  # 2 positives
     judged = straight["selection"]["groups"]
     assert judged == B.selection_groups(refs["scores"], chance, "learned")
     for e in evals.values():
@@ -250,21 +250,24 @@ def test_resume_refuses_a_different_selection_metric(tiny_repo, rehearsal_data, 
 
 def test_selection_leaves_out_groups_whose_specialist_is_at_chance():
     refs = {"image": 0.30, "document": 0.09, "audio": 0.45}
-    chance = {"image": 0.08, "document": 0.106, "audio": 0.08}   # document's specialist is below its chance MRR
+    chance = {g: {"mean": 0.062, "bound": 0.091} for g in refs}   # document: above the mean, within noise
     assert B.selection_groups(refs, chance, "learned") == ["audio", "image"]
     assert B.selection_groups(refs, chance, "all") == ["audio", "document", "image"]
-    assert B.selection_groups({"image": 0.05}, {"image": 0.08}, "learned") == ["image"]   # none learned: all
+    assert B.selection_groups({"image": 0.05}, {"image": {"mean": 0.08, "bound": 0.1}}, "learned") == ["image"]
     with pytest.raises(ValueError, match="selection_groups must be one of"):
         B.selection_groups(refs, chance, "best")
 
 
-def test_dev_chance_is_a_random_rankings_score(rehearsal_data, tmp_path):
+def test_dev_chance_is_a_random_rankings_score_and_its_noise(rehearsal_data, tmp_path):
     cfg = B.load_config(None, raw={"model": "m", "output": str(tmp_path / "o"),
                                    "data": {"train": ["x"], "dev": {"text": str(rehearsal_data / "words.jsonl")}}})
-    assert B.dev_chance(cfg) == {"text": pytest.approx(1 / 6)}
+    r1 = B.dev_chance(cfg)["text"]   # 6 queries, 6 positives
+    assert r1["mean"] == pytest.approx(1 / 6)
+    assert r1["bound"] == pytest.approx(1 / 6 + 2 * np.sqrt(1 / 6 * 5 / 6 / 6))
     mrr = B.dev_chance(dataclasses.replace(cfg, selection_metric="mrr"))["text"]
-    ranks = np.arange(1, 7)
-    assert mrr == pytest.approx(np.mean(1 / ranks))   # each rank of 6 equally likely
+    reciprocal = 1 / np.arange(1, 7)   # each rank of 6 equally likely
+    assert mrr["mean"] == pytest.approx(reciprocal.mean())
+    assert mrr["bound"] == pytest.approx(reciprocal.mean() + 2 * reciprocal.std() / np.sqrt(6))
 
 
 def test_reference_scores_are_the_same_with_the_frozen_tower_caches(tiny_repo, rehearsal_data, tmp_path):

@@ -89,9 +89,10 @@ class RehearsalConfig:
     specialists: dict[str, str] = field(default_factory=dict)  # group -> specialist folder (retention reference)
     specialist_scores: dict[str, float] = field(default_factory=dict)  # group -> specialist dev score, in selection_metric units
     selection_metric: str = "r@1"  # the dev score of the retention: "r@1" or "mrr"
-    # "learned": the worst retention is taken over the groups whose reference (specialist) dev score is above the
-    # chance score of their dev split (a specialist at chance has no skill to retain, and its ratio is noise); the
-    # others are still scored and recorded. "all": over every group. With no group above chance, all are used.
+    # "learned": the worst retention is taken over the groups whose reference (specialist) dev score is above chance
+    # on their dev split by more than two standard errors (`dev_chance`; a specialist at chance has no skill to
+    # retain, and its ratio is noise); the others are still scored and recorded. "all": over every group. With no
+    # group above chance, all are used.
     selection_groups: str = "learned"
     checkpoint_dir: str | None = None  # default <output>.checkpoints
     save_dtype: str = "float32"
@@ -190,22 +191,32 @@ def dev_scores(model: torch.nn.Module, processor: Any, cfg: RehearsalConfig, bat
     return scores
 
 
-def dev_chance(cfg: RehearsalConfig) -> dict[str, float]:
-    """Each dev group's `cfg.selection_metric` under a random ranking (what `dev_scores` gives a model without the
-    skill): R@1 = 1/n, MRR = H_n / n (the mean of 1/k over the n ranks), n = the group's distinct dev positives."""
+def dev_chance(cfg: RehearsalConfig) -> dict[str, dict[str, float]]:
+    """Each dev group's `cfg.selection_metric` under a random ranking, what `dev_scores` gives a model without the
+    skill: {"mean", "bound"}, bound = mean + 2 standard errors over the group's q dev queries (a one-sided ~98% test
+    that a score is above chance, as the report's Wilson intervals do for hit@1). Per query, with n distinct dev
+    positives and the rank uniform: R@1 is Bernoulli(1/n); the reciprocal rank has mean H_n / n and second moment
+    (sum of 1/k^2) / n."""
     chance = {}
     for group, path in sorted(cfg.data.dev.items()):
-        n = len(_dev_inputs(path, cfg)[1])
-        chance[group] = 1.0 / n if cfg.selection_metric == "r@1" else sum(1.0 / k for k in range(1, n + 1)) / n
+        _, targets, pairs = _dev_inputs(path, cfg)
+        n, queries = len(targets), len({q for q, _ in pairs})
+        if cfg.selection_metric == "r@1":
+            mean, second = 1.0 / n, 1.0 / n
+        else:
+            mean, second = sum(1.0 / k for k in range(1, n + 1)) / n, sum(1.0 / k**2 for k in range(1, n + 1)) / n
+        chance[group] = {"mean": mean, "bound": mean + 2.0 * math.sqrt(max(second - mean**2, 0.0) / queries)}
     return chance
 
 
-def selection_groups(references: dict[str, float], chance: dict[str, float], mode: str) -> list[str]:
-    """The groups the worst retention is taken over (`RehearsalConfig.selection_groups`); raises ValueError for an
+def selection_groups(references: dict[str, float], chance: dict[str, dict[str, float]], mode: str) -> list[str]:
+    """The groups the worst retention is taken over (`RehearsalConfig.selection_groups`): with "learned", those
+    whose reference score is above their `dev_chance` bound (all of them when none is); raises ValueError for an
     unknown `mode`."""
     if mode not in SELECTION_GROUPS:
         raise ValueError(f"selection_groups must be one of {SELECTION_GROUPS}, got {mode!r}")
-    learned = [g for g in sorted(references) if mode == "all" or references[g] > chance.get(g, 0.0)]
+    learned = [g for g in sorted(references)
+               if mode == "all" or g not in chance or references[g] > chance[g]["bound"]]
     return learned or sorted(references)
 
 
