@@ -58,6 +58,36 @@ def test_only_train_split_media_are_used(pairs):
         training_visual_items(pairs / "image")
 
 
+def test_train_split_photos_are_every_cifar_train_photo_and_no_other():
+    from tests.conftest import shared_path
+
+    from training.base.distill_vision import train_split_photos
+
+    root = shared_path("data", "cifar10-test")
+    photos = [Path(next(iter(i.values()))) for i in train_split_photos(root.parents[1])]
+    assert len(photos) == len(set(photos)) == 7000   # 700 a class (splits.cifar_split: 0-699 train)
+    assert all(int(p.stem) < 700 and p.is_file() for p in photos)
+    assert [p.parent.name for p in photos[:3]] == ["airplane", "automobile", "bird"]   # classes interleaved
+
+
+def test_train_split_photos_name_the_missing_source(tmp_path):
+    from training.base.distill_vision import train_split_photos
+    from training.common.shared_data import SourceMissing
+
+    with pytest.raises(SourceMissing, match="CIFAR-10 test images not found"):
+        train_split_photos(tmp_path)
+
+
+def test_distinct_media_drops_byte_identical_copies_in_order(tmp_path):
+    from training.base.distill_vision import distinct_media
+
+    for name, colour in (("a.png", "red"), ("b.png", "blue"), ("copy-of-a.png", "red")):
+        Image.new("RGB", (8, 8), colour).save(tmp_path / name)
+    items = [{"image": str(tmp_path / n)} for n in ("a.png", "b.png", "copy-of-a.png")]
+    assert distinct_media(items) == items[:2]
+    assert distinct_media(items[::-1]) == [items[2], items[1]]
+
+
 def test_distillation_loss_falls_and_moves_only_the_vision_tower(tiny_repo, pairs, tmp_path):
     _efficientnet_installed()
     from training.base.distill_vision import distill_vision, training_visual_items

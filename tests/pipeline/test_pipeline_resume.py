@@ -222,3 +222,33 @@ def test_records_from_before_settings_are_not_checked(tmp_path):
     rerun = make_with(tmp_path, rehearse_steps=11)
     rerun.run(list(STAGES))
     assert rerun.calls == []
+
+
+@pytest.mark.parametrize("shared_present", [True, False])
+def test_vision_distillation_adds_the_train_split_photos_or_says_they_were_skipped(tmp_path, monkeypatch,
+                                                                                  shared_present):
+    import dataclasses
+
+    from training.base import distill_vision as module
+    from training.common.shared_data import SourceMissing
+
+    seen = {}
+    pair_items = [{"image": str(tmp_path / "pair.png")}]
+    photos = [{"image": str(tmp_path / "photo.png")}]
+
+    def photos_or_missing():
+        if not shared_present:
+            raise SourceMissing("CIFAR-10 test images not found at /nowhere")
+        return photos
+
+    monkeypatch.setattr(module, "training_visual_items", lambda data_dir: pair_items)
+    monkeypatch.setattr(module, "train_split_photos", photos_or_missing)
+    monkeypatch.setattr(module, "distinct_media", lambda items: items)
+    monkeypatch.setattr(module, "distill_vision", lambda model, items, *a, **k: seen.update(items=items) or
+                        {"items": {"image": len(items)}, "log": []})
+    preset = dataclasses.replace(PRESETS["smoke"], vision_distill_train_photos=True)
+    record = Pipeline(tmp_path, preset).distill_vision(tmp_path / "model")
+    if shared_present:
+        assert seen["items"] == pair_items + photos and "train_photos_skipped" not in record
+    else:
+        assert seen["items"] == pair_items and "not found" in record["train_photos_skipped"]

