@@ -48,6 +48,9 @@ def test_every_stage_finished_and_was_evaluated(smoke_run):
     assert (smoke_run / "fuse" / "dev-chosen" / "model.safetensors").exists() and len(fuse["dev_chosen"]["trials"]) == 10
     assert fuse["dev_chosen"]["weights"] in [t["weights"] for t in fuse["dev_chosen"]["trials"]]
     assert set(fuse["scores_dev_chosen"]) == set(MODALITIES)
+    selection = json.loads((smoke_run / "rehearse" / "stage.json").read_text())["selection"]
+    assert selection["mode"] == "learned" and set(selection["groups"]) <= set(MODALITIES)
+    assert selection["best"]["step"] > 0   # the smoke preset checks dev at its last step at least
     heldout = json.loads((smoke_run / "heldout" / "stage.json").read_text())
     assert heldout["cap"] == PRESETS["smoke"].heldout_cap and set(heldout["tasks"]) | set(heldout["skipped"])
     for model in ("base", "final"):

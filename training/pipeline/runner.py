@@ -598,7 +598,11 @@ class Pipeline:
         )
         report = rehearse.rehearse(cfg, resume="never")
         shutil.rmtree(out / ".checkpoints", ignore_errors=True)
+        selection = report.get("selection") or {}
         return {"model": str(out / "model"), "rehearsal": _compact(report),
+                # the kept step's retention, and the groups it was judged over (the full record, with every dev
+                # evaluation, is rehearse/model/rehearsal_report.json)
+                "selection": {k: selection.get(k) for k in ("metric", "mode", "groups", "best")},
                 "scores": self.evaluate(out / "model")}
 
     def publish_final_model(self) -> Path:
