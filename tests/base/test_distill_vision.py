@@ -143,3 +143,19 @@ def test_patch_embed_as_linear_matches_the_conv(tiny_model_and_processor):
     with patch_embed_as_linear(visual):
         fast = visual.patch_embed(pixels)
     assert torch.allclose(fast, reference, atol=1e-5) and "forward" not in vars(visual.patch_embed)
+
+
+def test_a_checkpoint_of_another_teacher_image_size_is_not_resumed(tiny_repo, pairs, tmp_path, monkeypatch):
+    """The teacher's input size changes its targets: a tower checkpointed while matching 64-px features must not be
+    continued silently towards 96-px ones (e.g. a pipeline run that stopped mid-distillation, rerun after the
+    preset's vision_distill_image_size was edited)."""
+    from training.base import distill_vision as module
+
+    monkeypatch.setattr(module, "teacher_features", lambda items, loaded, cache_dir=None, image_size=224:
+                        torch.randn(len(items), 1280, generator=torch.Generator().manual_seed(image_size)))
+    items = module.training_visual_items(pairs)[:6]
+    common = dict(steps=2, batch_size=4, checkpoint_dir=tmp_path / "ckpt", save_every=1, progress=False)
+    module.distill_vision(tiny_repo, items, tmp_path / "a", teacher_image_size=64, **common)
+    with pytest.raises(ValueError, match="was saved by a distillation with config"):
+        module.distill_vision(tiny_repo, items, tmp_path / "b", teacher_image_size=96, **common)
+    module.distill_vision(tiny_repo, items, tmp_path / "c", teacher_image_size=64, **common)   # same: resumes

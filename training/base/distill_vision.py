@@ -246,8 +246,13 @@ def distill_vision(
     batch_size = min(batch_size, len(items))
     model.train()
     runner = DistillSteps(model, head, optimizer, schedule, checkpoint_dir, save_every)
-    saved = runner.resume(resume, {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-                                   "items": len(items), "relational_weight": relational_weight})
+    settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "items": len(items),
+                "relational_weight": relational_weight}
+    # The teacher's input size sets the targets, so a checkpoint trained towards features of another size must not be
+    # continued; recorded only when not 160 (the default), so checkpoints from before it still resume.
+    if teacher_image_size != 160:
+        settings["teacher_image_size"] = teacher_image_size
+    saved = runner.resume(resume, settings)
     log = saved["log"] if saved is not None else []
     with patch_embed_as_linear(model.backbone.visual):
         _train(runner, model, head, targets, loaded, processor, params, steps, batch_size, relational_weight, seed,
