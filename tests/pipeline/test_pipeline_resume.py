@@ -252,3 +252,16 @@ def test_vision_distillation_adds_the_train_split_photos_or_says_they_were_skipp
         assert seen["items"] == pair_items + photos and "train_photos_skipped" not in record
     else:
         assert seen["items"] == pair_items and "not found" in record["train_photos_skipped"]
+
+
+def test_a_setting_the_record_lacks_is_named_as_not_recorded_not_as_null(tmp_path):
+    """A stage.json from before a setting was listed: the reason must not claim the old value was None."""
+    make(tmp_path).run(list(STAGES))
+    marker = tmp_path / "base" / "stage.json"
+    record = json.loads(marker.read_text())
+    record["settings"].pop("vision_distill_train_photos")
+    record["settings"]["distill_groups"] = None
+    marker.write_text(json.dumps(record))
+    pipeline = make(tmp_path)
+    changed = pipeline.changed_settings("base", pipeline.stage_record("base"))
+    assert changed == ["distill_groups null -> 500", "vision_distill_train_photos (not recorded) -> false"]

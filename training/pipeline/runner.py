@@ -317,7 +317,7 @@ class Pipeline:
             return []
         was, now = record["settings"], self.stage_settings(stage)
         missing = object()
-        return [f"{name} {json.dumps(was.get(name))} -> {json.dumps(value)}"
+        return [f"{name} {json.dumps(was[name]) if name in was else '(not recorded)'} -> {json.dumps(value)}"
                 for name, value in now.items() if was.get(name, missing) != value]
 
     def why_outdated(self, stage: str) -> str | None:
