@@ -316,9 +316,8 @@ class Pipeline:
         if "settings" not in record:
             return []
         was, now = record["settings"], self.stage_settings(stage)
-        missing = object()
         return [f"{name} {json.dumps(was[name]) if name in was else '(not recorded)'} -> {json.dumps(value)}"
-                for name, value in now.items() if was.get(name, missing) != value]
+                for name, value in now.items() if name not in was or was[name] != value]
 
     def why_outdated(self, stage: str) -> str | None:
         """None when `stage` has finished after each of its inputs and those are up to date themselves (checked
@@ -460,7 +459,10 @@ class Pipeline:
                              teacher_image_size=self.preset.vision_distill_image_size,
                              checkpoint_dir=self.out / "cache" / "base-vision-checkpoints", save_every=50)
         shutil.rmtree(self.out / "cache" / "base-vision-checkpoints", ignore_errors=True)
-        return {**{k: v for k, v in log.items() if k != "log"}, **({"train_photos_skipped": skipped} if skipped else {})}
+        record = {k: v for k, v in log.items() if k != "log"}
+        if skipped:
+            record["train_photos_skipped"] = skipped
+        return record
 
     def stage_specialists(self, out: Path) -> dict[str, Any]:
         from training.specialist import decouple as specialist
