@@ -159,3 +159,17 @@ def test_a_checkpoint_of_another_teacher_image_size_is_not_resumed(tiny_repo, pa
     with pytest.raises(ValueError, match="was saved by a distillation with config"):
         module.distill_vision(tiny_repo, items, tmp_path / "b", teacher_image_size=96, **common)
     module.distill_vision(tiny_repo, items, tmp_path / "c", teacher_image_size=64, **common)   # same: resumes
+
+
+def test_a_checkpoint_over_other_media_of_the_same_count_is_not_resumed(tiny_repo, pairs, tmp_path, monkeypatch):
+    """The checkpoint's config names its items, not only how many: six other images must not continue it."""
+    from training.base import distill_vision as module
+
+    monkeypatch.setattr(module, "teacher_features", lambda items, loaded, cache_dir=None, image_size=224:
+                        torch.randn(len(items), 1280, generator=torch.Generator().manual_seed(len(items))))
+    items = module.training_visual_items(pairs)
+    common = dict(steps=2, batch_size=4, checkpoint_dir=tmp_path / "ckpt", save_every=1, progress=False)
+    module.distill_vision(tiny_repo, items[:6], tmp_path / "a", **common)
+    with pytest.raises(ValueError, match="was saved by a distillation with config"):
+        module.distill_vision(tiny_repo, items[6:12], tmp_path / "b", **common)
+    module.distill_vision(tiny_repo, items[:6], tmp_path / "c", **common)   # the same items: resumes

@@ -266,3 +266,18 @@ def test_test_caps_replace_the_test_cap_of_one_modality_only():
     assert preset.cap("image", "test") == 8 and preset.cap("image", "train") == 500
     with pytest.raises(ValueError, match="test_caps"):
         B.resolve_preset(B.Preset("p", {"train": 30, "dev": 4, "test": 8}, test_caps={"audio": -1}))
+
+
+def test_cifar10_listing_keeps_every_file_when_classes_differ_in_size(tmp_path):
+    """The listing interleaves the classes; one class with fewer files must not cut the others short."""
+    from training.common.shared_data import CIFAR10_CLASSES, cifar10_images
+
+    root = tmp_path / "data" / "cifar10-test"
+    for ci, cls in enumerate(CIFAR10_CLASSES):
+        (root / cls).mkdir(parents=True)
+        for i in range(3 if ci == 0 else 5):
+            (root / cls / f"{i:04d}.jpg").write_bytes(b"")
+    listed = cifar10_images(tmp_path)
+    assert len(listed) == 3 + 9 * 5
+    assert [c for _, c in listed[:10]] == list(range(10))          # one of each class in turn
+    assert [c for _, c in listed[30:]] == list(range(1, 10)) * 2   # class 0 ran out after three rounds

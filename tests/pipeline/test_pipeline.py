@@ -68,7 +68,7 @@ def test_recovery_changed_only_the_projector(smoke_run):
 
     from training.pipeline.runner import FUSED_MODELS
 
-    continued_from = json.loads((smoke_run / "fuse" / "stage.json").read_text())["continued_from"]
+    continued_from = json.loads((smoke_run / "recover" / "stage.json").read_text())["continued_from"]
     fused = load_file(smoke_run / "fuse" / FUSED_MODELS[continued_from] / "model.safetensors")
     recovered = load_file(smoke_run / "recover" / "model" / "model.safetensors")
     assert fused.keys() == recovered.keys()

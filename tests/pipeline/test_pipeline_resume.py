@@ -203,6 +203,28 @@ def test_a_changed_preset_setting_redoes_its_stage_and_what_reads_it(tmp_path, c
     assert again.calls == []   # the rerun recorded the new values
 
 
+@pytest.mark.parametrize("table, stage, module, name, edit", [
+    ("DATA_TABLE", "data", "training.data_sources.build", "PRESETS",
+     lambda presets: {**presets, "smoke": __import__("dataclasses").replace(presets["smoke"], train_caps={"image": 30})}),
+    ("BACKBONE_TABLE", "base", "training.base.small_base", "PROCESSOR_LIMITS",
+     lambda limits: {**limits, "video_max_frames": 4}),
+])
+def test_an_edited_table_the_preset_names_redoes_its_stage(tmp_path, capsys, monkeypatch, table, stage, module, name,
+                                                            edit):
+    """The preset names its data and backbone tables (`data="smoke"`): editing a table's contents changes the stage
+    as much as editing a preset field."""
+    import importlib
+
+    make(tmp_path).run(list(STAGES))
+    capsys.readouterr()
+    target = importlib.import_module(module)
+    monkeypatch.setattr(target, name, edit(getattr(target, name)))
+    rerun = make(tmp_path)
+    rerun.run(list(STAGES))
+    assert f"[{stage}] redone: {stage} was built with other settings ({table} " in capsys.readouterr().out
+    assert rerun.calls == list(STAGES[STAGES.index(stage):])
+
+
 def test_a_stage_that_reads_a_stage_with_changed_settings_refuses_to_start(tmp_path):
     make(tmp_path).run(list(STAGES))
     edited = make_with(tmp_path, distill_steps=31)

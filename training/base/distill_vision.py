@@ -246,7 +246,9 @@ def distill_vision(
     batch_size = min(batch_size, len(items))
     model.train()
     runner = DistillSteps(model, head, optimizer, schedule, checkpoint_dir, save_every)
+    # The items' identity, not only their count: a checkpoint of the same size over other media must not resume.
     settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "items": len(items),
+                "items_sha256": hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest(),
                 "relational_weight": relational_weight}
     # The teacher's input size sets the targets, so a checkpoint trained towards features of another size must not be
     # continued; recorded only when not 160 (the default), so checkpoints from before it still resume.

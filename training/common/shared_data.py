@@ -6,6 +6,7 @@ skip a task with a clear reason on a machine that lacks that source. Nothing her
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import subprocess
@@ -84,7 +85,8 @@ def fsdd_split(clips: list[Clip], split: str) -> list[Clip]:
 def cifar10_images(
     shared: Path | None = None, per_class: int | None = None, split: str | None = None
 ) -> list[tuple[Path, int]]:
-    """(path, class index) pairs, ``per_class`` first files of each class (of ``split`` if given), by class."""
+    """(path, class index) pairs, ``per_class`` first files of each class (of ``split`` if given), interleaved by
+    class (one of each class in turn; a class with fewer files drops out of the rotation, none is cut short)."""
     root = (shared or default_shared_root()) / "data" / "cifar10-test"
     if not root.is_dir():
         raise SourceMissing(f"CIFAR-10 test images not found at {root}: {INSTALL['cifar10']}")
@@ -96,7 +98,7 @@ def cifar10_images(
         if not files:
             raise SourceMissing(f"no JPEGs in {root / cls}: {INSTALL['cifar10']}")
         per.append([(p, ci) for p in files[:per_class]])
-    return [x for group in zip(*per) for x in group]
+    return [x for group in itertools.zip_longest(*per) for x in group if x is not None]
 
 
 def emoji_names(n: int | None = None, split: str | None = None) -> list[tuple[str, str]]:

@@ -431,9 +431,10 @@ def _markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
 
 def continued_from(stages: dict[str, dict[str, Any]]) -> str:
     """The fused model ("paper" or "dev-chosen") that drift, recovery and rehearsal continued from: the recover stage's
-    record (it picks the model when it runs), else the fuse stage's, else "paper" (run folders from before either
+    record (it picks the model when it runs), else the drift stage's, else an older fuse stage's (fuse records it no
+    more: it builds both models whatever `Preset.continue_from` says), else "paper" (run folders from before any
     recorded it continued from `fuse/model`)."""
-    for stage in ("recover", "fuse"):
+    for stage in ("recover", "drift", "fuse"):
         if stages.get(stage, {}).get("continued_from"):
             return stages[stage]["continued_from"]
     return "paper"
@@ -441,7 +442,7 @@ def continued_from(stages: dict[str, dict[str, Any]]) -> str:
 
 def search_kind(fuse: dict[str, Any]) -> str:
     """The dev weight search the fuse stage ran: its record's `dev_chosen.search`; a record without it is the grid
-    sweep's, unless it has `continued_from` (recorded since the coordinate ascent, which came with it)."""
+    sweep's, unless it has `continued_from` (the first coordinate-ascent fuse records had that, not `search`)."""
     search = fuse.get("dev_chosen", {}).get("search")
     return search or ("coordinate ascent" if "continued_from" in fuse else "grid")
 
