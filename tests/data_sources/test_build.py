@@ -281,3 +281,15 @@ def test_cifar10_listing_keeps_every_file_when_classes_differ_in_size(tmp_path):
     assert len(listed) == 3 + 9 * 5
     assert [c for _, c in listed[:10]] == list(range(10))          # one of each class in turn
     assert [c for _, c in listed[30:]] == list(range(1, 10)) * 2   # class 0 ran out after three rounds
+
+
+def test_installed_since_names_the_skipped_sources_whose_check_passes_now(monkeypatch):
+    def missing(ctx):
+        raise B.SourceMissing("not here")
+
+    info = lambda name: B.SourceInfo(name=name, modality="image", licence="", obtained="", split_rule="", install="")
+    monkeypatch.setattr(B, "SOURCES", {"image": [(info("a"), lambda ctx: None, None), (info("b"), missing, None)],
+                                       "audio": [(info("c"), lambda ctx: None, None)]})
+    assert B.installed_since({"image": {"a": "was missing", "b": "was missing"}}) == ["a"]
+    assert B.installed_since({"audio": {"all": "no source installed"}}) == ["c"]
+    assert B.installed_since({}) == []

@@ -225,6 +225,27 @@ def test_an_edited_table_the_preset_names_redoes_its_stage(tmp_path, capsys, mon
     assert rerun.calls == list(STAGES[STAGES.index(stage):])
 
 
+def test_data_built_without_a_source_that_is_installed_now_is_redone(tmp_path, capsys, monkeypatch):
+    """A run on a clone without ../shared skips its sources; once ../shared is placed beside it, a rerun into the
+    same folder rebuilds the data (and all that reads it) instead of keeping the smaller build."""
+    from training.data_sources import build
+
+    make(tmp_path).run(list(STAGES))
+    marker = tmp_path / "data" / "stage.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()),
+                                  "skipped": {"image": {"cifar10-photos": "CIFAR-10 test images not found"}}}))
+    monkeypatch.setattr(build, "installed_since", lambda skipped: [])      # still missing: kept
+    kept = make(tmp_path)
+    kept.run(list(STAGES))
+    assert kept.calls == []
+    monkeypatch.setattr(build, "installed_since", lambda skipped: sorted(skipped["image"]))
+    capsys.readouterr()
+    rerun = make(tmp_path)
+    rerun.run(list(STAGES))
+    assert "[data] redone: data skipped cifar10-photos, which is installed now" in capsys.readouterr().out
+    assert rerun.calls == list(STAGES)
+
+
 def test_a_stage_that_reads_a_stage_with_changed_settings_refuses_to_start(tmp_path):
     make(tmp_path).run(list(STAGES))
     edited = make_with(tmp_path, distill_steps=31)

@@ -212,6 +212,23 @@ def build_datasets(out_dir: str | Path, preset: str | Preset = "smoke", modaliti
     return {**manifest, "out_dir": str(out_dir), "seconds": round(time.time() - t0, 2)}
 
 
+def installed_since(skipped: dict[str, dict[str, str]], shared: str | Path | None = None) -> list[str]:
+    """The sources of a build's skip list ({modality: {source or "all": reason}}, as `build_datasets` records it)
+    that are installed now (their availability check passes): a rebuild would use them. Checks only; writes nothing."""
+    ctx = BuildContext(root=Path(tempfile.gettempdir()), seed=0,
+                       **({"shared": Path(shared)} if shared is not None else {}))
+    found = []
+    for modality, sources in skipped.items():
+        for info, check, _ in SOURCES.get(modality, []):
+            if info.name in sources or "all" in sources:
+                try:
+                    check(ctx)
+                except SourceMissing:
+                    continue
+                found.append(info.name)
+    return found
+
+
 def summary(result: dict) -> str:
     """A short human-readable table of the counts and skips."""
     lines = [f"data written to {result['out_dir']} in {result['seconds']} s (preset {result['preset']['name']}, "

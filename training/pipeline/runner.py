@@ -354,15 +354,22 @@ class Pipeline:
 
     def why_outdated(self, stage: str) -> str | None:
         """None when `stage` has finished after each of its inputs and those are up to date themselves (checked
-        down to `data`), and under the preset's values of its `STAGE_SETTINGS`; else the reason. Records from before
-        `finished_at` count as finished at time 0, and from before `settings` as built with today's; an optional
-        stage that never ran counts as up to date (the report reads it only where present)."""
+        down to `data`), under the preset's values of its `STAGE_SETTINGS`, and (data) with no source it skipped as
+        not installed installed now (e.g. `../shared` placed beside the clone since); else the reason. Records from
+        before `finished_at` count as finished at time 0, and from before `settings` as built with today's; an
+        optional stage that never ran counts as up to date (the report reads it only where present)."""
         record = self.stage_record(stage)
         if record is None:
             return None if stage in OPTIONAL_STAGES else f"{stage} has not finished in {self.out}"
         changed = self.changed_settings(stage, record)
         if changed:
             return f"{stage} was built with other settings ({'; '.join(changed)})"
+        if stage == "data" and record.get("skipped"):
+            from training.data_sources.build import installed_since
+
+            found = installed_since(record["skipped"])
+            if found:
+                return f"data skipped {', '.join(found)}, which {'is' if len(found) == 1 else 'are'} installed now"
         for name in STAGE_INPUTS[stage]:
             upstream = self.stage_record(name)
             if upstream is not None and upstream.get("finished_at", 0.0) > record.get("finished_at", 0.0):
