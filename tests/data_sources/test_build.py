@@ -291,5 +291,18 @@ def test_installed_since_names_the_skipped_sources_whose_check_passes_now(monkey
     monkeypatch.setattr(B, "SOURCES", {"image": [(info("a"), lambda ctx: None, None), (info("b"), missing, None)],
                                        "audio": [(info("c"), lambda ctx: None, None)]})
     assert B.installed_since({"image": {"a": "was missing", "b": "was missing"}}) == ["a"]
-    assert B.installed_since({"audio": {"all": "no source installed"}}) == ["c"]
+    assert B.installed_since({"image": {"a": "was missing"}, "audio": {"c": "was missing"}}) == ["a", "c"]
     assert B.installed_since({}) == []
+
+
+def test_installed_since_ignores_a_modality_that_produced_no_pairs_with_its_sources_installed(monkeypatch, tmp_path):
+    """`build_datasets` records {"all": "no pairs produced"} only where every source passed its check: nothing was
+    missing, so nothing is installed since (else every rerun would redo the data stage, to record the same again)."""
+    info = B.SourceInfo(name="empty", modality="audio", licence="", obtained="", split_rule="", install="")
+    monkeypatch.setattr(B, "SOURCES", {**B.SOURCES, "audio": [(info, lambda ctx: None, lambda split, cap, ctx: [])]})
+    manifest = B.build_datasets(tmp_path / "out", preset="smoke", modalities=["audio"])
+    from training.pipeline.runner import data_sources_summary
+
+    skipped = data_sources_summary(manifest)["skipped"]
+    assert skipped == {"audio": {"all": "no pairs produced"}}
+    assert B.installed_since(skipped) == []

@@ -214,13 +214,15 @@ def build_datasets(out_dir: str | Path, preset: str | Preset = "smoke", modaliti
 
 def installed_since(skipped: dict[str, dict[str, str]], shared: str | Path | None = None) -> list[str]:
     """The sources of a build's skip list ({modality: {source or "all": reason}}, as `build_datasets` records it)
-    that are installed now (their availability check passes): a rebuild would use them. Checks only; writes nothing."""
+    that are installed now (their availability check passes): a rebuild would use them. Checks only; writes nothing.
+    An "all" entry names no source: `build_datasets` writes it ("no pairs produced") only where every source of the
+    modality passed its check then, so a rebuild would not change it (counting it would redo the data every run)."""
     ctx = BuildContext(root=Path(tempfile.gettempdir()), seed=0,
                        **({"shared": Path(shared)} if shared is not None else {}))
     found = []
     for modality, sources in skipped.items():
         for info, check, _ in SOURCES.get(modality, []):
-            if info.name in sources or "all" in sources:
+            if info.name in sources:
                 try:
                     check(ctx)
                 except SourceMissing:
