@@ -205,7 +205,8 @@ def test_a_changed_preset_setting_redoes_its_stage_and_what_reads_it(tmp_path, c
 
 @pytest.mark.parametrize("table, stage, module, name, edit", [
     ("DATA_TABLE", "data", "training.data_sources.build", "PRESETS",
-     lambda presets: {**presets, "smoke": __import__("dataclasses").replace(presets["smoke"], train_caps={"image": 30})}),
+     lambda presets: {**presets,
+                      "smoke": __import__("dataclasses").replace(presets["smoke"], train_caps={"image": 30})}),
     ("BACKBONE_TABLE", "base", "training.base.small_base", "PROCESSOR_LIMITS",
      lambda limits: {**limits, "video_max_frames": 4}),
 ])
