@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -54,3 +55,17 @@ def test_pipeline_fusion_sweep_reads_only_dev_pairs(tiny_repo, tmp_path, monkeyp
                                                           - weights[key]) for m in MODALITIES)
     torch.testing.assert_close(chosen, expected, rtol=1e-5, atol=1e-6)
     assert not (out / "fuse" / ".sweep").exists()
+
+
+def test_the_search_objective_leaves_out_what_recovery_repairs():
+    """Projector Recovery re-trains audio's projector after fusion, so the fused model's audio MRR is not what the
+    final model keeps: the objective averages the other modalities (all of them when only audio was scored)."""
+    from training.pipeline.runner import RECOVERED_MODALITIES, mean_mrr
+
+    scores = {"text": {"mrr": 0.4}, "image": {"mrr": 0.2}, "audio": {"mrr": 0.9}}
+    assert RECOVERED_MODALITIES == ("audio",)
+    assert mean_mrr(scores, leave_out=RECOVERED_MODALITIES) == pytest.approx(0.3)
+    assert mean_mrr(scores) == pytest.approx(0.5)
+    assert mean_mrr({"audio": {"mrr": 0.9}}, leave_out=RECOVERED_MODALITIES) == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="no modality was scored"):
+        mean_mrr({}, leave_out=RECOVERED_MODALITIES)

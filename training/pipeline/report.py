@@ -459,7 +459,7 @@ def _sweep_lines(fuse: dict[str, Any], continued: str = "paper") -> list[str]:
     if not trials:
         return ["No dev weight search was recorded for this run."]
     chosen = fuse["dev_chosen"].get("weights")
-    header = [f"weights α ({', '.join(MODALITIES)})", "dev mean MRR",
+    header = [f"weights α ({', '.join(MODALITIES)})", "dev objective",
               *[f"dev hit@1 {m}" for m in MODALITIES], ""]
     body = []
     for t in trials:
