@@ -280,8 +280,22 @@ def test_report_prints_the_machine_its_numbers_come_from(tmp_path):
     machine = machine_summary()
     assert machine["cores"] >= 1 and machine["torch_threads"] >= 1 and machine["torch"] and machine["cpu"]
     text = open(write_report(tmp_path, _stages(), "small", 0, "cmd", machine=machine)["report"]).read()
-    assert f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}" in text
+    detail = ", ".join(machine[k] for k in ("cpu_id", "cpu_capability") if machine.get(k))
+    cpu = f"{machine['cpu']} ({detail})" if detail else machine["cpu"]
+    assert f"Machine: {cpu}, {machine['cores']} cores, torch {machine['torch']}" in text
     assert "Machine:" not in open(write_report(tmp_path, _stages(), "small", 0, "cmd")["report"]).read()
+
+
+def test_machine_line_names_the_cpu_id_and_kernel_isa_where_recorded():
+    """Two VMs that both say "AMD EPYC" trained the same code to different scores; the family / model / stepping and
+    the ISA torch dispatches to tell them apart. Records from before these fields print as they did."""
+    from training.pipeline.report import machine_line
+
+    new = {"cpu": "AMD EPYC", "cpu_id": "family 25 model 17 stepping 1", "cpu_capability": "AVX512", "cores": 2,
+           "torch_threads": 2, "torch": "2.13.0+cpu", "python": "3.11.7"}
+    assert machine_line(new).startswith("Machine: AMD EPYC (family 25 model 17 stepping 1, AVX512), 2 cores, torch")
+    old = {k: v for k, v in new.items() if k not in ("cpu_id", "cpu_capability")}
+    assert machine_line(old).startswith("Machine: AMD EPYC, 2 cores, torch 2.13.0+cpu on 2 threads")
 
 
 def test_report_reads_which_fused_model_recovery_continued_from_off_the_recover_stage(tmp_path):

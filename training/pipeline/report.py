@@ -504,7 +504,11 @@ def machine_lines(stages: dict[str, dict[str, Any]], machine: dict[str, Any] | N
 
 
 def _machine_words(machine: dict[str, Any]) -> str:
-    return (f"{machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, torch {machine.get('torch', '?')} on "
+    """`machine` (runner.machine_summary) in words; `cpu_id` and `cpu_capability` where recorded (older runs lack
+    them)."""
+    detail = ", ".join(str(machine[k]) for k in ("cpu_id", "cpu_capability") if machine.get(k))
+    cpu = f"{machine.get('cpu', '?')} ({detail})" if detail else machine.get("cpu", "?")
+    return (f"{cpu}, {machine.get('cores', '?')} cores, torch {machine.get('torch', '?')} on "
             f"{machine.get('torch_threads', '?')} threads, Python {machine.get('python', '?')}")
 
 

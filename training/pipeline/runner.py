@@ -807,18 +807,35 @@ def text_replay_mix(train_file: Path, text_file: Path, share: float, steps: int,
 def machine_summary() -> dict[str, Any]:
     """What a run's numbers depend on beyond its code, seed and data: the CPU model (its floating-point kernels round
     differently, so training on another CPU model drifts in the last digits and the scores move), cores, torch's
-    threads and the torch/Python versions. Recorded in OUT/run.json; the report prints it."""
+    threads and the torch/Python versions. Recorded in OUT/run.json and each stage's record; the report prints it.
+
+    `cpu_id` (x86 family / model / stepping from /proc/cpuinfo, where it has them) and `cpu_capability` (the vector
+    ISA torch's CPU kernels dispatch to, `torch.backends.cpu.get_cpu_capability()`, e.g. AVX2 / AVX512) tell apart
+    machines of one model name: two 2-core VMs that both say "AMD EPYC" trained the same code and seed to different
+    scores (2026-12-01, main aad26a1: image specialist 0.258 vs 0.263 test hit@1; the second VM is family 25 model 17,
+    AVX512; the first one's was not recorded)."""
     import platform
 
     import torch
 
     cpu = platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
-            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+            for line in info:
+                if not line.strip():
+                    break   # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+    summary: dict[str, Any] = {"cpu": fields.get("model name", cpu)}
+    if all(k in fields for k in ("cpu family", "model", "stepping")):
+        summary["cpu_id"] = f"family {fields['cpu family']} model {fields['model']} stepping {fields['stepping']}"
+    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+    if capability is not None:
+        summary["cpu_capability"] = capability()
+    return {**summary, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version()}
 
 
