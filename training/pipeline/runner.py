@@ -1,7 +1,7 @@
 """The end-to-end job: decouple -> fuse -> recover on a small Conan model, on real data, with a report.
 
     python -m training.pipeline --preset small     # the README's main job (target <= 30 min on 2 CPU cores;
-                                                   # 23-33 min measured: docs/results/report.md)
+                                                   # 21-33 min measured: docs/results/report.md)
     python -m training.pipeline --preset smoke     # CI-sized (<= 3 min)
 
 Stages (each writes `OUT/<stage>/` and a `stage.json`; a rerun skips finished stages, `--force` redoes them and
