@@ -345,3 +345,20 @@ def test_report_machine_comes_from_the_stages_and_says_when_they_ran_on_several(
     assert "CPU A, 2 cores" in text and "(data, base, specialists, fuse, drift)" in text
     assert "CPU B, 2 cores" in text and "(recover, rehearse)" in text
     assert "The same command reproduces these numbers" not in text
+
+
+def test_report_counts_a_record_without_cpu_id_as_the_same_machine_by_the_fields_both_have(tmp_path):
+    """A stage redone with newer code in an older folder: its record has cpu_id / cpu_capability, the older stages'
+    do not. They are one machine as far as both records tell (the line prints only what both say); a record that
+    disagrees on a shared field is another machine."""
+    old = {"cpu": "AMD EPYC", "cores": 2, "torch": "2.13.0+cpu", "torch_threads": 2, "python": "3.11.7"}
+    new = {**old, "cpu_id": "family 25 model 17 stepping 1", "cpu_capability": "AVX512"}
+    stages = _stages()
+    for name in stages:
+        stages[name]["machine"] = old
+    stages["rehearse"]["machine"] = new
+    text = open(write_report(tmp_path, stages, "small", 0, "cmd")["report"]).read()
+    assert "Machine: AMD EPYC, 2 cores" in text and "more than one machine" not in text and "AVX512" not in text
+    stages["rehearse"]["machine"] = {**new, "torch_threads": 1}
+    text = open(write_report(tmp_path, stages, "small", 0, "cmd")["report"]).read()
+    assert "Machines: the stages ran on more than one machine" in text and "AVX512" in text

@@ -476,11 +476,14 @@ def _sweep_lines(fuse: dict[str, Any], continued: str = "paper") -> list[str]:
 
 
 def machine_line(machine: dict[str, Any]) -> str:
-    """The report's machine line: the same command reproduces the report exactly on the same CPU model and thread
-    count; on another CPU training rounds differently and the scores move (measured: the same training code and seed
-    on two VMs of this project's kind, 2026-11-30, gave video specialists of 0.121 and 0.083 test hit@1)."""
-    return (f"Machine: {_machine_words(machine)}. The same command reproduces these numbers on the same CPU model and "
-            "thread count; on another CPU model training rounds differently and the scores move.")
+    """The report's machine line: the same command reproduces the report exactly on the same CPU and thread count;
+    on another CPU training rounds differently and the scores move (measured: the same training code and seed on two
+    VMs of this project's kind, 2026-11-30, gave video specialists of 0.121 and 0.083 test hit@1; on 2026-12-01 two
+    VMs that both call their CPU "AMD EPYC" gave image specialists of 0.258 and 0.263, hence `cpu_id` and
+    `cpu_capability` in `runner.machine_summary`)."""
+    return (f"Machine: {_machine_words(machine)}. The same command reproduces these numbers on the same CPU (name, "
+            "family / model / stepping and kernel ISA where shown) and thread count; on another CPU training rounds "
+            "differently and the scores move.")
 
 
 def machine_lines(stages: dict[str, dict[str, Any]], machine: dict[str, Any] | None) -> list[str]:
@@ -489,18 +492,26 @@ def machine_lines(stages: dict[str, dict[str, Any]], machine: dict[str, Any] | N
     resumed elsewhere) are listed by machine, without the reproduction claim."""
     by_machine: list[tuple[dict[str, Any], list[str]]] = []
     for stage, record in stages.items():
-        if isinstance(record.get("machine"), dict):
-            group = next((g for g in by_machine if g[0] == record["machine"]), None)
-            if group is None:
-                by_machine.append((record["machine"], [stage]))
-            else:
-                group[1].append(stage)
+        recorded = record.get("machine")
+        if isinstance(recorded, dict):
+            index = next((i for i, (m, _) in enumerate(by_machine) if _same_machine(m, recorded)), None)
+            if index is None:
+                by_machine.append((dict(recorded), [stage]))
+            else:   # described by what both records say (an older one lacks cpu_id / cpu_capability)
+                known, names = by_machine[index]
+                by_machine[index] = ({k: v for k, v in known.items() if k in recorded}, [*names, stage])
     if len(by_machine) == 1:
         return [machine_line(by_machine[0][0])]
     if not by_machine:
         return [machine_line(machine)] if machine else []
     return ["Machines: the stages ran on more than one machine, so the scores mix their roundings: " + "; ".join(
         f"{_machine_words(m)} ({', '.join(names)})" for m, names in by_machine) + "."]
+
+
+def _same_machine(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two stage records' machines agree on every field both have: a record written before `cpu_id` and
+    `cpu_capability` were recorded is not told apart from a newer one of the same name, cores and versions."""
+    return all(a[k] == b[k] for k in a.keys() & b.keys())
 
 
 def _machine_words(machine: dict[str, Any]) -> str:

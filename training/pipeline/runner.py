@@ -1,7 +1,8 @@
 """The end-to-end job: decouple -> fuse -> recover on a small Conan model, on real data, with a report.
 
     python -m training.pipeline --preset small     # the README's main job (target <= 30 min on 2 CPU cores;
-                                                   # 21-33 min measured: docs/results/report.md)
+                                                   # 21-33 min measured in the reports' fresh runs;
+                                                   # the latest: docs/results/report.md)
     python -m training.pipeline --preset smoke     # CI-sized (<= 3 min)
 
 Stages (each writes `OUT/<stage>/` and a `stage.json`; a rerun skips finished stages, `--force` redoes them and
@@ -822,11 +823,10 @@ def machine_summary() -> dict[str, Any]:
     fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if not line.strip():
-                    break   # the first processor's block is enough
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
+            for line in info:   # each field's first value: the first processor's, wherever its block has it
+                key, sep, value = line.partition(":")
+                if sep:
+                    fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
     summary: dict[str, Any] = {"cpu": fields.get("model name", cpu)}
