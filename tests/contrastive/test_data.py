@@ -109,6 +109,30 @@ def test_sampler_ranks_partition_the_global_batch():
         SourceMixtureSampler(sources, {"zzz": 1.0}, 2)
 
 
+def test_sampler_source_batch_sizes_per_source_and_across_ranks():
+    """A source with a batch size of its own draws that many rows a step; each rank still takes its slice of the
+    global batch; resuming replays the same rows; sizes for unknown sources, non-positive sizes and mode "device"
+    are refused."""
+    sources = {"a": range(0, 40), "b": range(40, 100)}
+    sampler = SourceMixtureSampler(sources, None, 2, seed=1, max_steps=60, source_batch_sizes={"b": 6})
+    batches = list(sampler)
+    assert all(len(b) == (6 if b[0] >= 40 else 2) for b in batches) and {len(b) for b in batches} == {2, 6}
+    other = SourceMixtureSampler(sources, None, 2, seed=1, max_steps=60, source_batch_sizes={"b": 6})
+    other.load_state_dict({**sampler.state_dict(), "step": 17})
+    assert list(other) == batches[17:]
+    ranks = [list(SourceMixtureSampler(sources, None, 1, rank=r, world_size=2, seed=1, max_steps=60,
+                                       source_batch_sizes={"b": 3})) for r in range(2)]
+    assert [r0 + r1 for r0, r1 in zip(*ranks)] == batches
+    with pytest.raises(ValueError, match=r"source 'b' has 60 rows but one draw takes 122"):
+        SourceMixtureSampler(sources, None, 2, world_size=2, source_batch_sizes={"b": 61})
+    with pytest.raises(ValueError, match=r"source_batch_sizes name source\(s\) \['zzz'\]"):
+        SourceMixtureSampler(sources, None, 2, source_batch_sizes={"zzz": 4})
+    with pytest.raises(ValueError, match="positive integers"):
+        SourceMixtureSampler(sources, None, 2, source_batch_sizes={"a": 0})
+    with pytest.raises(ValueError, match="mode 'device'"):
+        SourceMixtureSampler(sources, None, 2, mode="device", source_batch_sizes={"a": 4})
+
+
 def test_toy_fsdd_rows_use_train_split_only(tmp_path):
     from tests.conftest import shared_path
     from training.data_sources.toy_data import fsdd_rows

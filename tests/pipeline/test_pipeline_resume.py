@@ -183,6 +183,7 @@ def make_with(out, **changes):
 
 @pytest.mark.parametrize("change, first_redone", [
     ({"rehearse_steps": 11}, "rehearse"),
+    ({"rehearse_batch": 4}, "rehearse"),
     ({"distill_lr": 5e-4}, "base"),
     ({"specialist_steps_overrides": (("image", 20),)}, "specialists"),
     ({"continue_from": "paper"}, "drift"),

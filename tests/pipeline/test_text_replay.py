@@ -21,8 +21,8 @@ def _pairs(path, sources: dict[str, int]):
 def test_text_steps_take_the_share_and_the_modality_keeps_its_steps(tmp_path):
     own = _pairs(tmp_path / "image.jsonl", {"cifar10-photos": 40, "noto-emoji-cldr-names": 10})
     text = _pairs(tmp_path / "text.jsonl", {"wordnet-definitions": 30})
-    files, weights, steps = text_replay_mix(own, text, 0.25, 300, batch_size=4)
-    assert files == [own, text] and steps == 400
+    files, weights, steps, batch_sizes = text_replay_mix(own, text, 0.25, 300, batch_size=4)
+    assert files == [own, text] and steps == 400 and batch_sizes == {}
     # the modality's sources weigh 1 each, as without replay (so their split is unchanged)
     assert weights["cifar10-photos"] == weights["noto-emoji-cldr-names"] == 1.0
     mixture = _sampler(files, weights, 4).mixture
@@ -34,7 +34,7 @@ def test_text_steps_take_the_share_and_the_modality_keeps_its_steps(tmp_path):
 def test_several_text_sources_share_the_text_weight(tmp_path):
     own = _pairs(tmp_path / "audio.jsonl", {"a": 5, "b": 5, "c": 5})
     text = _pairs(tmp_path / "text.jsonl", {"t1": 5, "t2": 5})
-    _, weights, steps = text_replay_mix(own, text, 0.5, 150, batch_size=4)
+    _, weights, steps, _ = text_replay_mix(own, text, 0.5, 150, batch_size=4)
     assert steps == 300 and weights["t1"] == weights["t2"] == pytest.approx(1.5)
     assert (weights["t1"] + weights["t2"]) / sum(weights.values()) == pytest.approx(0.5)
 
@@ -42,10 +42,10 @@ def test_several_text_sources_share_the_text_weight(tmp_path):
 def test_no_replay_without_a_share_or_text_pairs(tmp_path):
     own = _pairs(tmp_path / "video.jsonl", {"v": 5})
     text = _pairs(tmp_path / "text.jsonl", {"t": 5})
-    assert text_replay_mix(own, text, 0.0, 150, batch_size=4) == ([own], {}, 150)
-    assert text_replay_mix(own, tmp_path / "absent.jsonl", 0.25, 150, batch_size=4) == ([own], {}, 150)
+    assert text_replay_mix(own, text, 0.0, 150, batch_size=4) == ([own], {}, 150, {})
+    assert text_replay_mix(own, tmp_path / "absent.jsonl", 0.25, 150, batch_size=4) == ([own], {}, 150, {})
     (tmp_path / "empty.jsonl").write_text("")
-    assert text_replay_mix(own, tmp_path / "empty.jsonl", 0.25, 150, batch_size=4) == ([own], {}, 150)
+    assert text_replay_mix(own, tmp_path / "empty.jsonl", 0.25, 150, batch_size=4) == ([own], {}, 150, {})
 
 
 @pytest.mark.parametrize("share", [-0.1, 1.0, 1.5])
@@ -74,7 +74,7 @@ def test_rows_the_loader_skips_are_not_counted(tmp_path):
         handle.write("not json\n")
     with own.open("a") as handle:
         handle.write('{"query": {"text": "q"}, "positive": {"text": "p"}, "source": 3}\n')
-    files, weights, _ = text_replay_mix(own, text, 0.25, 30, batch_size=4)
+    files, weights, _, _ = text_replay_mix(own, text, 0.25, 30, batch_size=4)
     assert set(weights) == {"cifar10-photos", "wordnet-definitions"}
     assert _sampler(files, weights, 4).mixture["wordnet-definitions"] == pytest.approx(0.25)
 
@@ -84,8 +84,30 @@ def test_a_text_source_smaller_than_a_batch_is_refused_naming_it(tmp_path):
     text = _pairs(tmp_path / "text.jsonl", {"wordnet-definitions": 40, "tiny": 3})
     with pytest.raises(ValueError, match=r"text\.jsonl.*'tiny' has 3 .*batch size 16"):
         text_replay_mix(own, text, 0.25, 30, batch_size=16)
-    files, weights, _ = text_replay_mix(own, text, 0.25, 30, batch_size=3)
+    with pytest.raises(ValueError, match=r"'tiny' has 3 .*batch size 4"):   # the text step's own batch counts
+        text_replay_mix(own, text, 0.25, 30, batch_size=2, text_batch_size=4)
+    files, weights, _, _ = text_replay_mix(own, text, 0.25, 30, batch_size=3)
     assert _sampler(files, weights, 3).mixture["tiny"] > 0
+
+
+def test_text_steps_draw_their_own_batch_size(tmp_path):
+    """`text_batch_size`: every text step of the sampler built from the mix holds that many text pairs, the
+    modality's steps keep theirs, and the text share of steps is unchanged."""
+    own = _pairs(tmp_path / "audio.jsonl", {"fsdd": 20, "instruments": 20})
+    text = _pairs(tmp_path / "text.jsonl", {"wordnet-definitions": 50})
+    files, weights, steps, batch_sizes = text_replay_mix(own, text, 0.25, 60, batch_size=4, text_batch_size=16)
+    assert batch_sizes == {"wordnet-definitions": 16}
+    dataset = load_sources(files, on_error="skip", check_media=False)
+    sampler = SourceMixtureSampler(dataset.by_source(), weights, batch_size=4, source_batch_sizes=batch_sizes,
+                                   max_steps=steps)
+    source_of = {i: row for row, indices in dataset.by_source().items() for i in indices}
+    batches = [[source_of[i] for i in batch] for batch in sampler]
+    assert len(batches) == steps == 80
+    text_steps = [b for b in batches if b[0] == "wordnet-definitions"]
+    assert text_steps and all(len(b) == 16 and set(b) == {"wordnet-definitions"} for b in text_steps)
+    assert all(len(b) == 4 and len(set(b)) == 1 for b in batches if b[0] != "wordnet-definitions")
+    assert 0.1 < len(text_steps) / steps < 0.4
+    assert text_replay_mix(own, text, 0.25, 60, batch_size=4, text_batch_size=4).batch_sizes == {}
 
 
 def test_a_source_in_both_files_is_refused(tmp_path):

@@ -69,6 +69,11 @@ class SourceMixtureSampler(StepResumableSampler):
     consecutive rows); mode "device": each rank draws its own source each step (Conan CBB-style mixing).
     Each source is walked in a fresh permutation per epoch; an epoch's incomplete tail is dropped so every rank
     always gets exactly `batch_size` rows (all-gather needs equal shapes). Use as a DataLoader `batch_sampler`.
+    `source_batch_sizes` gives named sources a batch size of their own (mode "global" only, where every rank takes
+    the same source each step, so shapes still agree): e.g. the pipeline's text-replay steps draw 64 text pairs where
+    the specialist's own batches hold 16, since a text batch's in-batch negatives are what its InfoNCE learns from.
+    Raises ValueError for unknown sources or weights, a source too small for one draw, or per-source sizes in
+    mode "device".
     """
 
     def __init__(
@@ -81,6 +86,7 @@ class SourceMixtureSampler(StepResumableSampler):
         seed: int = 0,
         mode: Literal["global", "device"] = "global",
         max_steps: int | None = None,
+        source_batch_sizes: dict[str, int] | None = None,
     ):
         if not sources:
             raise ValueError("SourceMixtureSampler needs at least one source")
@@ -96,13 +102,25 @@ class SourceMixtureSampler(StepResumableSampler):
         if (w < 0).any() or w.sum() <= 0:
             raise ValueError(f"source weights must be >= 0 with a positive sum, got {dict(zip(self.names, w))}")
         self.probs = w / w.sum()
+        sizes = dict(source_batch_sizes or {})
+        unknown = sorted(set(sizes) - set(sources))
+        if unknown:
+            raise ValueError(f"source_batch_sizes name source(s) {unknown} that the data lacks; sources are "
+                             f"{sorted(sources)}")
+        if any(not isinstance(n, int) or n < 1 for n in sizes.values()):
+            raise ValueError(f"source_batch_sizes must be positive integers, got {sizes}")
+        if mode == "device" and any(n != batch_size for n in sizes.values()):
+            raise ValueError(f"source_batch_sizes {sizes} differ from batch_size {batch_size}, which mode 'device' "
+                             f"cannot do (each rank draws its own source and all-gather needs equal shapes); use "
+                             f"mode 'global'")
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.batch_sizes = [sizes.get(n, batch_size) for n in self.names]
         self.seed, self.mode, self.max_steps = seed, mode, max_steps
-        need = batch_size * (world_size if mode == "global" else 1)
-        for name, idx, p in zip(self.names, self.indices, self.probs):
+        for name, idx, p, size in zip(self.names, self.indices, self.probs, self.batch_sizes):
+            need = size * (world_size if mode == "global" else 1)
             if p > 0 and len(idx) < need:
                 raise ValueError(
-                    f"source {name!r} has {len(idx)} rows but one draw takes {need} (batch_size {batch_size} x "
+                    f"source {name!r} has {len(idx)} rows but one draw takes {need} (batch size {size} x "
                     f"{'world_size ' + str(world_size) if mode == 'global' else '1'}); lower the batch or drop the source"
                 )
         self.step = 0  # steps consumed by training; what a checkpoint stores
@@ -132,8 +150,9 @@ class SourceMixtureSampler(StepResumableSampler):
         while self.max_steps is None or step < self.max_steps:
             draws = self._draws(step)
             if self.mode == "global":
-                rows = self._take(cursors, draws[0], self.batch_size * self.world_size)
-                mine = rows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+                size = self.batch_sizes[draws[0]]
+                rows = self._take(cursors, draws[0], size * self.world_size)
+                mine = rows[self.rank * size : (self.rank + 1) * size]
             else:
                 per_rank = [self._take(cursors, s, self.batch_size) for s in draws]
                 mine = per_rank[self.rank]

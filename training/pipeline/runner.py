@@ -42,7 +42,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from training.common.io_utils import write_json_atomic
 from training.common.modalities import MODALITIES
@@ -95,11 +95,11 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
              "vision_distill_batch", "vision_distill_train_photos", *_EVAL_SETTINGS),
     "specialists": ("lora_r", "batch_size", "specialist_steps", "specialist_lr", "specialist_lr_overrides",
                     "specialist_steps_overrides", "specialist_batch_overrides", "specialist_temperature",
-                    "specialist_text_replay", "visual_lora_scopes", *_EVAL_SETTINGS),
+                    "specialist_text_replay", "specialist_text_replay_batch", "visual_lora_scopes", *_EVAL_SETTINGS),
     "fuse": ("fusion_lambda", "PAPER_FUSION_WEIGHTS", "FUSION_SEARCH_VALUES", "FUSION_OBJECTIVE", *_EVAL_SETTINGS),
     "drift": ("continue_from", "eval_limit"),
     "recover": ("continue_from", "recover_steps", "batch_size", "realign_iterations", *_EVAL_SETTINGS),
-    "rehearse": ("lora_r", "batch_size", "rehearse_steps", "rehearse_lr", "rehearse_eval_every",
+    "rehearse": ("lora_r", "batch_size", "rehearse_batch", "rehearse_steps", "rehearse_lr", "rehearse_eval_every",
                  "specialist_temperature", *_EVAL_SETTINGS),
     "heldout": ("heldout_cap", "eval_pool_size"),
     "report": (),
@@ -166,7 +166,9 @@ class Preset:
     specialist_batch_overrides: tuple[tuple[str, int], ...] = ()  # (modality, batch size) pairs; others: batch_size
     specialist_temperature: float = 0.05  # InfoNCE temperature of every specialist
     specialist_text_replay: float = 0.0  # share of a non-text specialist's steps drawn from the text pairs (0: none)
+    specialist_text_replay_batch: int | None = None  # text pairs in each of those steps (None: the specialist's batch)
     rehearse_lr: float = 3e-4          # LoRA learning rate of the rehearsal (its projector: 0.1x)
+    rehearse_batch: int | None = None  # pairs per rehearsal step (one source per batch); None: batch_size
     rehearse_eval_every: int = 0       # dev evaluations during rehearsal (0: only at the end); the best step is kept
     realign_iterations: int = 3        # Gauss-Newton iterations of the training-free re-alignment (recover stage)
     # CoMa: K compression tokens in the base (embedding_pooling="compression_mean", training.build_base
@@ -313,8 +315,26 @@ PRESETS = {
     # 0.126 vs 0.125 / 0.134 / 0.118, 80-pair dev 0.225 / 0.212 / 0.287 vs 0.237 / 0.225 / 0.237. The base changes
     # with it (the text distillation, the other specialists' text replay and the rehearsal read the text train
     # split too), so the report's base is another draw.
+    # Rehearsal batch, from the v18 run's recovered model (`/work/scratch/rehearse_exp.py`; test hit@1 text / image
+    # / video / document / audio at rehearsal seeds 0 / 1 / 2; recovered model 0.229 / 0.208 / 0.083 / 0.010 / 0.425):
+    # batch 16 (was) 0.204 / 0.225 / 0.125 / 0.021 / 0.375, 0.196 / 0.208 / 0.108 / 0.016 / 0.450, 0.200 / 0.196 /
+    # 0.096 / 0.026 / 0.375 (dev worst retention 0.768 / 0.804 / 0.756); batch 64 0.225 / 0.229 / 0.142 / 0.026 /
+    # 0.438, 0.217 / 0.242 / 0.121 / 0.016 / 0.400, 0.217 / 0.233 / 0.113 / 0.021 / 0.450 (0.847 / 0.800 / 0.765);
+    # batch 32 (seed 0) 0.208 / 0.242 / 0.142 / 0.026 / 0.400 (0.805). Batch 64 is above batch 16 on text, image and
+    # video at every seed: one source per batch, so a 16-pair text batch had 15 negatives where the text specialist
+    # trained with 63. ~210 s for the stage's training and dev checks vs ~70 s.
+    # Text replay batch in the non-text specialists, from the v18 run's base and data (`/work/scratch/spec_exp.py`,
+    # the pipeline's specialist config with the text steps' batch changed; own-modality / text hit@1 / MRR, dev |
+    # test): text steps of 64 pairs vs 16 (was; the modality's own steps stay 16) -- audio 0.375 / 0.484, text 0.250 /
+    # 0.347 | audio 0.450, text 0.267 vs 0.325 / 0.439, 0.175 / 0.278 | 0.400, 0.246 (83 s vs 76 s); image 0.263 /
+    # 0.426, 0.213 / 0.316 | 0.263, 0.258 vs 0.213 / 0.406, 0.150 / 0.277 | 0.258, 0.229 (167 s vs 99 s); video
+    # 0.088 / 0.218, 0.200 / 0.300 | 0.096, 0.200 vs 0.113 / 0.228, 0.150 / 0.268 | 0.096, 0.213 (69 s vs 63 s);
+    # document 0.025 / 0.091, 0.188 / 0.297 | 0.026, 0.229 vs 0.013 / 0.076, 0.150 / 0.271 | 0.021, 0.229 (72 s vs
+    # 63 s). Dev text rises in all four (+0.04 to +0.075 hit@1), test text in two of four; the modality's own dev
+    # falls only for video (-0.025, two queries). Text replay steps draw 64 pairs.
     "small": Preset(data="small", backbone="small", distill_steps=800, specialist_steps=150, batch_size=16,
                     recover_steps=150, rehearse_steps=150, rehearse_lr=1e-3, rehearse_eval_every=75,
+                    rehearse_batch=64, specialist_text_replay_batch=64,
                     specialist_lr_overrides=(("text", 1e-3),),
                     specialist_steps_overrides=(("image", 800), ("text", 300)),
                     specialist_batch_overrides=(("text", 64),), specialist_text_replay=0.25,
@@ -537,15 +557,15 @@ class Pipeline:
         results = {}
         for modality in MODALITIES:
             batch_size, steps, lr = self.preset.specialist_schedule(modality)
-            train_files, source_weights = [self.data_dir / modality / "train.jsonl"], {}
+            train_files, source_weights, batch_sizes = [self.data_dir / modality / "train.jsonl"], {}, {}
             if modality != "text" and self.preset.specialist_text_replay:
-                train_files, source_weights, steps = text_replay_mix(
+                train_files, source_weights, steps, batch_sizes = text_replay_mix(
                     train_files[0], self.data_dir / "text" / "train.jsonl", self.preset.specialist_text_replay, steps,
-                    batch_size=batch_size)
+                    batch_size=batch_size, text_batch_size=self.preset.specialist_text_replay_batch)
             cfg = specialist.SpecialistConfig(
                 name=f"specialist-{modality}", modality=modality, base=str(base), output=str(out / modality),
                 data=specialist.DataConfig(train=[str(f) for f in train_files], weights=source_weights,
-                                           on_error="skip"),
+                                           batch_sizes=batch_sizes, on_error="skip"),
                 lora=specialist.LoraSettings(r=self.preset.lora_r, alpha=2.0 * self.preset.lora_r, dropout=0.0,
                                              scopes=list(self.preset.visual_lora_scopes if modality in VISUAL_MODALITIES
                                                          else ("llm",))),
@@ -656,7 +676,7 @@ class Pipeline:
                 max_dev_pairs=self.preset.eval_limit or 80,
             ),
             lora=specialist.LoraSettings(r=self.preset.lora_r, alpha=2.0 * self.preset.lora_r, dropout=0.0),
-            train=specialist.TrainConfig(per_device_batch_size=self.preset.batch_size,
+            train=specialist.TrainConfig(per_device_batch_size=self.preset.rehearse_batch or self.preset.batch_size,
                                          max_steps=self.preset.rehearse_steps, lr=self.preset.rehearse_lr,
                                          log_every=10),
             loss={"temperature": self.preset.specialist_temperature, "num_negatives": 1},
@@ -765,9 +785,19 @@ def _source_rows(pairs_file: Path) -> Counter[str]:
     return Counter(example.source for example in examples)
 
 
+class TextReplay(NamedTuple):
+    """A non-text specialist's data with text replay: its train files, the sampler's source weights and per-source
+    batch sizes (`DataConfig.weights`, `DataConfig.batch_sizes`), and its total steps."""
+
+    files: list[Path]
+    weights: dict[str, float]
+    steps: int
+    batch_sizes: dict[str, int]
+
+
 def text_replay_mix(train_file: Path, text_file: Path, share: float, steps: int, *,
-                    batch_size: int) -> tuple[list[Path], dict[str, float], int]:
-    """(train files, source weights, total steps) of a non-text specialist whose steps are `share` text-pair steps.
+                    batch_size: int, text_batch_size: int | None = None) -> TextReplay:
+    """The data of a non-text specialist whose steps are `share` text-pair steps (:class:`TextReplay`).
 
     Why: on the small backbone each non-text specialist's LoRA erased part of the base's text skill (test hit@1
     text, base 0.225: the image / video / document / audio specialists 0.138 / 0.125 / 0.188 / 0.163), and fusion
@@ -780,32 +810,36 @@ def text_replay_mix(train_file: Path, text_file: Path, share: float, steps: int,
     weighing 1 as without replay and the text sources together share / (1 - share) times their sum. Sources are
     counted as the loader keeps rows (`_source_rows`). Without text pairs (`text_file` absent, or no usable row in
     it) or without a usable row in `train_file` nothing changes (the specialist's loader then reports an unusable
-    `train_file` itself).
+    `train_file` itself). `text_batch_size` (None: `batch_size`) is the batch of a text step: its in-batch negatives
+    are what the text InfoNCE learns from, and 16 text pairs (the small preset's visual and audio batch) erased text
+    where 64 kept it (measured in the small preset's comment).
 
     Raises ValueError unless 0 <= share < 1, if a source name is in both files (the loader would pool their rows,
-    so the share could not hold), or if a text source has fewer usable rows than `batch_size` (the sampler's
+    so the share could not hold), or if a text source has fewer usable rows than a text step's batch (the sampler's
     draw takes one whole batch of one source).
     """
     if not 0.0 <= share < 1.0:
         raise ValueError(f"text_replay_mix: share must be in [0, 1), got {share!r}")
     if share == 0.0 or not text_file.is_file():
-        return [train_file], {}, steps
+        return TextReplay([train_file], {}, steps, {})
     text_rows, own_rows = _source_rows(text_file), _source_rows(train_file)
     if not text_rows or not own_rows:
-        return [train_file], {}, steps
+        return TextReplay([train_file], {}, steps, {})
     shared = sorted(set(own_rows) & set(text_rows))
     if shared:
         raise ValueError(f"text_replay_mix: {train_file} and the text pairs {text_file} both have source(s) "
                          f"{shared}; expected distinct source names (rename them in one file, or set the preset's "
                          f"specialist_text_replay to 0)")
-    small = {source: n for source, n in sorted(text_rows.items()) if n < batch_size}
+    text_batch = text_batch_size or batch_size
+    small = {source: n for source, n in sorted(text_rows.items()) if n < text_batch}
     if small:
         raise ValueError(f"text_replay_mix: in the text pairs {text_file}, " + ", ".join(
-            f"{source!r} has {n} usable row(s)" for source, n in small.items()) + f"; expected at least the "
-            f"specialist's batch size {batch_size} per source (one step draws a whole batch of one source)")
+            f"{source!r} has {n} usable row(s)" for source, n in small.items()) + f"; expected at least a text "
+            f"step's batch size {text_batch} per source (one step draws a whole batch of one source)")
     weights = {source: 1.0 for source in sorted(own_rows)}
     weights.update({source: len(own_rows) * share / (1.0 - share) / len(text_rows) for source in sorted(text_rows)})
-    return [train_file, text_file], weights, round(steps / (1.0 - share))
+    batch_sizes = {source: text_batch for source in sorted(text_rows)} if text_batch != batch_size else {}
+    return TextReplay([train_file, text_file], weights, round(steps / (1.0 - share)), batch_sizes)
 
 
 def machine_summary() -> dict[str, Any]:

@@ -49,6 +49,8 @@ logger = logging.getLogger("training.specialist")
 class DataConfig:
     train: list[str] = field(default_factory=list)  # JSONL files (relative paths resolve against the config file)
     weights: dict[str, float] = field(default_factory=dict)  # per source; missing sources weigh 1.0
+    # per source: its own per-device batch size (batch_mode "global" only); missing: train.per_device_batch_size
+    batch_sizes: dict[str, int] = field(default_factory=dict)
     batch_mode: str = "global"  # "global": one source per step; "device": one source per rank per step
     on_error: str = "fatal"  # bad rows: "skip" (logged with file:line) or "fatal"
     check_media: bool = True  # open every media file's header when loading
@@ -173,6 +175,7 @@ def train(cfg: SpecialistConfig, resume: str | None = "auto", stop_after: int | 
     sampler = SourceMixtureSampler(
         dataset.by_source(), cfg.data.weights, cfg.train.per_device_batch_size, rank=accelerator.process_index,
         world_size=accelerator.num_processes, seed=cfg.seed, mode=cfg.data.batch_mode, max_steps=cfg.train.max_steps,
+        source_batch_sizes=cfg.data.batch_sizes,
     )
     losses = loss_settings_from(cfg.loss, cfg.seed)
     collator = collator_for(
