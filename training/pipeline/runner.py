@@ -322,7 +322,8 @@ PRESETS = {
     # 0.438, 0.217 / 0.242 / 0.121 / 0.016 / 0.400, 0.217 / 0.233 / 0.113 / 0.021 / 0.450 (0.847 / 0.800 / 0.765);
     # batch 32 (seed 0) 0.208 / 0.242 / 0.142 / 0.026 / 0.400 (0.805). Batch 64 is above batch 16 on text, image and
     # video at every seed: one source per batch, so a 16-pair text batch had 15 negatives where the text specialist
-    # trained with 63. ~210 s for the stage's training and dev checks vs ~70 s.
+    # trained with 63. The rehearse stage took 233 s in the v19 run (training, dev checks and test scores; v18 at
+    # batch 16: 52 s).
     # Text replay batch in the non-text specialists, from the v18 run's base and data (`/work/scratch/spec_exp.py`,
     # the pipeline's specialist config with the text steps' batch changed; own-modality / text hit@1 / MRR, dev |
     # test): text steps of 64 pairs vs 16 (was; the modality's own steps stay 16) -- audio 0.375 / 0.484, text 0.250 /
@@ -331,7 +332,8 @@ PRESETS = {
     # 0.088 / 0.218, 0.200 / 0.300 | 0.096, 0.200 vs 0.113 / 0.228, 0.150 / 0.268 | 0.096, 0.213 (69 s vs 63 s);
     # document 0.025 / 0.091, 0.188 / 0.297 | 0.026, 0.229 vs 0.013 / 0.076, 0.150 / 0.271 | 0.021, 0.229 (72 s vs
     # 63 s). Dev text rises in all four (+0.04 to +0.075 hit@1), test text in two of four; the modality's own dev
-    # falls only for video (-0.025, two queries). Text replay steps draw 64 pairs.
+    # falls only for video (-0.025, two queries). Text replay steps draw 64 pairs. In the v19 run (this and the
+    # rehearsal batch above) the specialists stage took 622 s (v18: 474 s) and the whole job 1,602 s (1,264 s).
     "small": Preset(data="small", backbone="small", distill_steps=800, specialist_steps=150, batch_size=16,
                     recover_steps=150, rehearse_steps=150, rehearse_lr=1e-3, rehearse_eval_every=75,
                     rehearse_batch=64, specialist_text_replay_batch=64,
