@@ -186,6 +186,7 @@ def make_with(out, **changes):
     ({"rehearse_batch": 4}, "rehearse"),
     ({"distill_lr": 5e-4}, "base"),
     ({"specialist_steps_overrides": (("image", 20),)}, "specialists"),
+    ({"specialist_text_replay_batch": 6}, "specialists"),
     ({"continue_from": "paper"}, "drift"),
 ])
 def test_a_changed_preset_setting_redoes_its_stage_and_what_reads_it(tmp_path, capsys, change, first_redone):

@@ -83,18 +83,20 @@ def test_resume_reproduces_uninterrupted_run_and_export_loads(tiny_repo, text_da
 
 def test_a_source_batch_size_from_the_yaml_reaches_the_training_steps(tiny_repo, text_data, tmp_path):
     """`data.batch_sizes`: the steps that draw the named source train on that many pairs (each row's positive is a
-    candidate, so `candidates` is the step's batch), the others on `per_device_batch_size`, and GradCache chunks
-    the larger batch."""
+    candidate, so `candidates` is the step's batch), the others on `per_device_batch_size`, and GradCache is on
+    for a chunk size that only the larger batch exceeds."""
     from training.contrastive.data import load_sources
     from training.contrastive.sampling import SourceMixtureSampler
 
-    path = _config(tmp_path, tiny_repo, text_data, "sized", max_steps=8, save_every=0)
+    path = _config(tmp_path, tiny_repo, text_data, "sized", max_steps=8, save_every=0, chunk_size=4)
     raw = yaml.safe_load(path.read_text())
     raw["data"]["batch_sizes"] = {"pydoc-math": 6}
     path.write_text(yaml.safe_dump(raw))
     cfg = specialist.load_config(path)
     assert cfg.data.batch_sizes == {"pydoc-math": 6}
-    history = specialist.train(cfg, resume="never")["history"]
+    manifest = specialist.train(cfg, resume="never")
+    history = manifest["history"]
+    assert manifest["gradcache"] and manifest["effective_batch_by_source"] == {"pydoc-math": 6}
     by_source = load_sources([text_data], check_media=False).by_source()
     sampler = SourceMixtureSampler(by_source, cfg.data.weights, 4, seed=0, max_steps=8,
                                    source_batch_sizes={"pydoc-math": 6})
@@ -110,6 +112,12 @@ def test_config_errors_are_clear(tmp_path, tiny_repo, text_data):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ValueError, match=r"train: unknown key\(s\) \['lr_warmup'\]"):
         specialist.load_config(path)
+    del raw["train"]["lr_warmup"]
+    for bad in (0, 2.5, True):
+        raw["data"]["batch_sizes"] = {"pydoc-math": bad}
+        path.write_text(yaml.safe_dump(raw))
+        with pytest.raises(ValueError, match=r"data\.batch_sizes .*'pydoc-math'.*positive integer"):
+            specialist.load_config(path)
 
 
 @pytest.fixture(scope="module")

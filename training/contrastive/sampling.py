@@ -65,15 +65,17 @@ class StepResumableSampler:
 class SourceMixtureSampler(StepResumableSampler):
     """Per-step homogeneous batches drawn from weighted sources; a pure function of (seed, step).
 
-    mode "global": one source per step for all ranks (each rank takes its slice of `batch_size * world_size`
-    consecutive rows); mode "device": each rank draws its own source each step (Conan CBB-style mixing).
-    Each source is walked in a fresh permutation per epoch; an epoch's incomplete tail is dropped so every rank
-    always gets exactly `batch_size` rows (all-gather needs equal shapes). Use as a DataLoader `batch_sampler`.
+    mode "global": one source per step for all ranks (each rank takes its slice of `size * world_size`
+    consecutive rows, `size` the drawn source's batch size); mode "device": each rank draws its own source each step
+    (Conan CBB-style mixing). Each source is walked in a fresh permutation per epoch; an epoch's incomplete tail is
+    dropped so every rank gets exactly the step's batch size (all-gather needs equal shapes). Use as a DataLoader
+    `batch_sampler`.
     `source_batch_sizes` gives named sources a batch size of their own (mode "global" only, where every rank takes
-    the same source each step, so shapes still agree): e.g. the pipeline's text-replay steps draw 64 text pairs where
-    the specialist's own batches hold 16, since a text batch's in-batch negatives are what its InfoNCE learns from.
-    Raises ValueError for unknown sources or weights, a source too small for one draw, or per-source sizes in
-    mode "device".
+    the same source each step, so shapes still agree); others draw `batch_size`. E.g. the pipeline's text-replay
+    steps draw 64 text pairs where the specialist's own batches hold 16, since a text batch's in-batch negatives are
+    what its InfoNCE learns from. The sizes are part of `state_dict`: a checkpoint resumes only with the same sizes.
+    Raises ValueError for unknown sources or weights, a size that is not a positive integer, a source too small for
+    one draw, or in mode "device" a size other than `batch_size`.
     """
 
     def __init__(
@@ -107,14 +109,14 @@ class SourceMixtureSampler(StepResumableSampler):
         if unknown:
             raise ValueError(f"source_batch_sizes name source(s) {unknown} that the data lacks; sources are "
                              f"{sorted(sources)}")
-        if any(not isinstance(n, int) or n < 1 for n in sizes.values()):
+        if any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 for n in sizes.values()):
             raise ValueError(f"source_batch_sizes must be positive integers, got {sizes}")
         if mode == "device" and any(n != batch_size for n in sizes.values()):
             raise ValueError(f"source_batch_sizes {sizes} differ from batch_size {batch_size}, which mode 'device' "
                              f"cannot do (each rank draws its own source and all-gather needs equal shapes); use "
                              f"mode 'global'")
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.batch_sizes = [sizes.get(n, batch_size) for n in self.names]
+        self.batch_sizes = [int(sizes.get(n, batch_size)) for n in self.names]
         self.seed, self.mode, self.max_steps = seed, mode, max_steps
         for name, idx, p, size in zip(self.names, self.indices, self.probs, self.batch_sizes):
             need = size * (world_size if mode == "global" else 1)
@@ -128,6 +130,18 @@ class SourceMixtureSampler(StepResumableSampler):
     @property
     def mixture(self) -> dict[str, float]:
         return {n: float(p) for n, p in zip(self.names, self.probs)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "batch_sizes": dict(zip(self.names, self.batch_sizes))}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """As the base class, and refuses a checkpoint drawn with other batch sizes (checkpoints from before sizes
+        were stored carry none and load as before)."""
+        ours = dict(zip(self.names, self.batch_sizes))
+        if "batch_sizes" in state and state["batch_sizes"] != ours:
+            raise ValueError(f"checkpoint sampler drew batch sizes {state['batch_sizes']}, but the current config "
+                             f"draws {ours}; resume with the same batch sizes")
+        super().load_state_dict(state)
 
     def _draws(self, step: int) -> list[int]:
         rng = np.random.default_rng([self.seed, step])

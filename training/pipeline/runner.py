@@ -315,21 +315,22 @@ PRESETS = {
     # 0.126 vs 0.125 / 0.134 / 0.118, 80-pair dev 0.225 / 0.212 / 0.287 vs 0.237 / 0.225 / 0.237. The base changes
     # with it (the text distillation, the other specialists' text replay and the rehearsal read the text train
     # split too), so the report's base is another draw.
-    # Rehearsal batch, from the v18 run's recovered model (`/work/scratch/rehearse_exp.py`; test hit@1 text / image
+    # Rehearsal batch, from the v18 run's recovered model (`/work/scratch/rehearse_exp.py`, batch 16 at seeds 1 / 2
+    # from the previous stop's `rehearse_seeds.py`, the same config; test hit@1 text / image
     # / video / document / audio at rehearsal seeds 0 / 1 / 2; recovered model 0.229 / 0.208 / 0.083 / 0.010 / 0.425):
     # batch 16 (was) 0.204 / 0.225 / 0.125 / 0.021 / 0.375, 0.196 / 0.208 / 0.108 / 0.016 / 0.450, 0.200 / 0.196 /
     # 0.096 / 0.026 / 0.375 (dev worst retention 0.768 / 0.804 / 0.756); batch 64 0.225 / 0.229 / 0.142 / 0.026 /
     # 0.438, 0.217 / 0.242 / 0.121 / 0.016 / 0.400, 0.217 / 0.233 / 0.113 / 0.021 / 0.450 (0.847 / 0.800 / 0.765);
     # batch 32 (seed 0) 0.208 / 0.242 / 0.142 / 0.026 / 0.400 (0.805). Batch 64 is above batch 16 on text, image and
     # video at every seed: one source per batch, so a 16-pair text batch had 15 negatives where the text specialist
-    # trained with 63. The rehearse stage took 233 s in the v19 run (training, dev checks and test scores; v18 at
+    # trains with 63 (its batch 64, chosen on dev above). The rehearse stage took 233 s in the v19 run (training, dev checks and test scores; v18 at
     # batch 16: 52 s).
     # Text replay batch in the non-text specialists, from the v18 run's base and data (`/work/scratch/spec_exp.py`,
     # the pipeline's specialist config with the text steps' batch changed; own-modality / text hit@1 / MRR, dev |
     # test): text steps of 64 pairs vs 16 (was; the modality's own steps stay 16) -- audio 0.375 / 0.484, text 0.250 /
     # 0.347 | audio 0.450, text 0.267 vs 0.325 / 0.439, 0.175 / 0.278 | 0.400, 0.246 (83 s vs 76 s); image 0.263 /
-    # 0.426, 0.213 / 0.316 | 0.263, 0.258 vs 0.213 / 0.406, 0.150 / 0.277 | 0.258, 0.229 (167 s vs 99 s); video
-    # 0.088 / 0.218, 0.200 / 0.300 | 0.096, 0.200 vs 0.113 / 0.228, 0.150 / 0.268 | 0.096, 0.213 (69 s vs 63 s);
+    # 0.426, 0.212 / 0.316 | 0.263, 0.258 vs 0.212 / 0.406, 0.150 / 0.277 | 0.258, 0.229 (167 s vs 99 s); video
+    # 0.087 / 0.218, 0.200 / 0.300 | 0.096, 0.200 vs 0.113 / 0.228, 0.150 / 0.268 | 0.096, 0.212 (69 s vs 63 s);
     # document 0.025 / 0.091, 0.188 / 0.297 | 0.026, 0.229 vs 0.013 / 0.076, 0.150 / 0.271 | 0.021, 0.229 (72 s vs
     # 63 s). Dev text rises in all four (+0.04 to +0.075 hit@1), test text in two of four; the modality's own dev
     # falls only for video (-0.025, two queries). Text replay steps draw 64 pairs. In the v19 run (this and the
@@ -813,8 +814,8 @@ def text_replay_mix(train_file: Path, text_file: Path, share: float, steps: int,
     counted as the loader keeps rows (`_source_rows`). Without text pairs (`text_file` absent, or no usable row in
     it) or without a usable row in `train_file` nothing changes (the specialist's loader then reports an unusable
     `train_file` itself). `text_batch_size` (None: `batch_size`) is the batch of a text step: its in-batch negatives
-    are what the text InfoNCE learns from, and 16 text pairs (the small preset's visual and audio batch) erased text
-    where 64 kept it (measured in the small preset's comment).
+    are what the text InfoNCE learns from; 64-pair text steps raised the small preset's four specialists' dev text
+    over 16-pair ones (test text in two of four; measured in the small preset's comment).
 
     Raises ValueError unless 0 <= share < 1, if a source name is in both files (the loader would pool their rows,
     so the share could not hold), or if a text source has fewer usable rows than a text step's batch (the sampler's
@@ -832,6 +833,9 @@ def text_replay_mix(train_file: Path, text_file: Path, share: float, steps: int,
         raise ValueError(f"text_replay_mix: {train_file} and the text pairs {text_file} both have source(s) "
                          f"{shared}; expected distinct source names (rename them in one file, or set the preset's "
                          f"specialist_text_replay to 0)")
+    if text_batch_size is not None and text_batch_size < 1:
+        raise ValueError(f"text_replay_mix: text_batch_size must be a positive integer or None, got "
+                         f"{text_batch_size!r}")
     text_batch = text_batch_size or batch_size
     small = {source: n for source, n in sorted(text_rows.items()) if n < text_batch}
     if small:

@@ -102,6 +102,10 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     loss_settings_from(cfg.loss, cfg.seed, where)  # ConfigError on bad loss keys / objective / weights
     if not cfg.data.train:
         raise ConfigError(f"{where}: data.train lists no JSONL file")
+    bad_sizes = {k: v for k, v in cfg.data.batch_sizes.items()
+                 if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int) or v < 1}
+    if bad_sizes:
+        raise ConfigError(f"{where}: data.batch_sizes {bad_sizes}; expected source name -> positive integer")
     if cfg.train_audio_projector is None:
         cfg.train_audio_projector = cfg.modality == "audio"
     cfg.base, cfg.output = resolve_path(cfg.base), resolve_path(cfg.output)
@@ -161,7 +165,8 @@ def train(cfg: SpecialistConfig, resume: str | None = "auto", stop_after: int | 
     accelerator = Accelerator(mixed_precision=mixed_precision_for(cfg.train.mixed_precision))
     if Path(cfg.output).exists() and not overwrite:
         raise FileExistsError(f"output {cfg.output} exists; pass --force to replace it")
-    gradcache = cfg.train.chunk_size > 0 and cfg.train.chunk_size < cfg.train.per_device_batch_size
+    largest_batch = max([cfg.train.per_device_batch_size, *cfg.data.batch_sizes.values()])
+    gradcache = 0 < cfg.train.chunk_size < largest_batch
     if gradcache and accelerator.distributed_type == DistributedType.DEEPSPEED:
         stage = accelerator.state.deepspeed_plugin.zero_stage
         if stage >= 2:
@@ -220,6 +225,9 @@ def train(cfg: SpecialistConfig, resume: str | None = "auto", stop_after: int | 
         "steps": state.step,
         "world_size": accelerator.num_processes,
         "effective_batch": cfg.train.per_device_batch_size * accelerator.num_processes,
+        # sources with a batch size of their own (data.batch_sizes): their steps' global batch
+        "effective_batch_by_source": {source: n * accelerator.num_processes
+                                      for source, n in sorted(cfg.data.batch_sizes.items())},
         "gradcache": gradcache,
         "parameters": trainable_parameters(model),
         "history": history,
