@@ -134,7 +134,7 @@ def test_sampler_source_batch_sizes_per_source_and_across_ranks():
     with pytest.raises(ValueError, match="positive integers"):
         SourceMixtureSampler(sources, None, 2, source_batch_sizes={"a": True})
     resized = SourceMixtureSampler(sources, None, 2, seed=1, max_steps=60, source_batch_sizes={"b": 4})
-    with pytest.raises(ValueError, match="same batch sizes"):
+    with pytest.raises(ValueError, match=r"\{'b': '6 -> 4'\}; resume with the same batch sizes"):
         resized.load_state_dict(sampler.state_dict())
     older = {k: v for k, v in sampler.state_dict().items() if k != "batch_sizes"}   # a checkpoint from before
     other.load_state_dict(older)

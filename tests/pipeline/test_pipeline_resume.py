@@ -311,3 +311,12 @@ def test_a_setting_the_record_lacks_is_named_as_not_recorded_not_as_null(tmp_pat
     pipeline = make(tmp_path)
     changed = pipeline.changed_settings("base", pipeline.stage_record("base"))
     assert changed == ["distill_groups null -> 500", "vision_distill_train_photos (not recorded) -> false"]
+
+
+@pytest.mark.parametrize("name, value", [("rehearse_batch", 0), ("specialist_text_replay_batch", 64.5),
+                                         ("rehearse_batch", "64")])
+def test_a_preset_batch_that_is_not_a_positive_integer_is_refused(name, value):
+    import dataclasses
+
+    with pytest.raises(ValueError, match=f"Preset.{name} must be a positive integer or None; got {value!r}"):
+        dataclasses.replace(PRESETS["smoke"], **{name: value})

@@ -108,8 +108,9 @@ def test_text_steps_draw_their_own_batch_size(tmp_path):
     assert all(len(b) == 4 and len(set(b)) == 1 for b in batches if b[0] != "wordnet-definitions")
     assert 0.1 < len(text_steps) / steps < 0.4
     assert text_replay_mix(own, text, 0.25, 60, batch_size=4, text_batch_size=4).batch_sizes == {}
-    with pytest.raises(ValueError, match="text_batch_size must be a positive integer or None, got 0"):
-        text_replay_mix(own, text, 0.25, 60, batch_size=4, text_batch_size=0)
+    for bad, share in ((0, 0.25), (0, 0.0), (16.0, 0.25), (True, 0.25)):   # refused with or without replay
+        with pytest.raises(ValueError, match=f"text_batch_size must be a positive integer or None, got {bad!r}"):
+            text_replay_mix(own, text, share, 60, batch_size=4, text_batch_size=bad)
 
 
 def test_a_source_in_both_files_is_refused(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -113,11 +114,27 @@ def test_config_errors_are_clear(tmp_path, tiny_repo, text_data):
     with pytest.raises(ValueError, match=r"train: unknown key\(s\) \['lr_warmup'\]"):
         specialist.load_config(path)
     del raw["train"]["lr_warmup"]
-    for bad in (0, 2.5, True):
+    for bad in (0, 2.5, True, "16"):
         raw["data"]["batch_sizes"] = {"pydoc-math": bad}
         path.write_text(yaml.safe_dump(raw))
         with pytest.raises(ValueError, match=r"data\.batch_sizes .*'pydoc-math'.*positive integer"):
             specialist.load_config(path)
+    raw["data"]["batch_sizes"] = ["pydoc-math", 16]
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=r"data\.batch_sizes is \['pydoc-math', 16\]; expected a mapping"):
+        specialist.load_config(path)
+    raw["data"]["batch_sizes"] = None   # `batch_sizes:` left empty in the YAML
+    path.write_text(yaml.safe_dump(raw))
+    assert specialist.load_config(path).data.batch_sizes == {}
+    raw["data"].update(batch_sizes={"pydoc-math": 8}, batch_mode="device")
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=r"data\.batch_sizes \{'pydoc-math': 8\} differ from "
+                                         r"train\.per_device_batch_size 4, which needs data\.batch_mode: global"):
+        specialist.load_config(path)
+    cfg = specialist.load_config(_config(tmp_path, tiny_repo, text_data, "in-code"))
+    cfg.data.batch_sizes = {"pydoc-math": np.int64(6)}   # set in code, past load_config: normalised by train
+    assert specialist.checked_batch_sizes(cfg) == {"pydoc-math": 6}
+    assert type(specialist.checked_batch_sizes(cfg)["pydoc-math"]) is int
 
 
 @pytest.fixture(scope="module")

@@ -139,8 +139,12 @@ class SourceMixtureSampler(StepResumableSampler):
         were stored carry none and load as before)."""
         ours = dict(zip(self.names, self.batch_sizes))
         if "batch_sizes" in state and state["batch_sizes"] != ours:
-            raise ValueError(f"checkpoint sampler drew batch sizes {state['batch_sizes']}, but the current config "
-                             f"draws {ours}; resume with the same batch sizes")
+            theirs = state["batch_sizes"]
+            changed = {n: f"{theirs.get(n)} -> {ours.get(n)}" for n in sorted(set(theirs) | set(ours))
+                       if theirs.get(n) != ours.get(n)}
+            raise ValueError(f"checkpoint sampler drew other batch sizes than the current config (source: checkpoint "
+                             f"-> now) {changed}; resume with the same batch sizes, or start a fresh run (a new "
+                             f"checkpoint_dir, or resume 'never')")
         super().load_state_dict(state)
 
     def _draws(self, step: int) -> list[int]:

@@ -132,6 +132,10 @@ _SETTING_TABLES: dict[str, Callable[["Preset"], dict[str, Any]]] = {
     "DATA_TABLE": _data_table, "BACKBONE_TABLE": _backbone_table}
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 @dataclass(frozen=True)
 class Preset:
     """Everything that differs between the CI-sized run and the README's small run."""
@@ -186,6 +190,10 @@ class Preset:
     def __post_init__(self) -> None:
         if self.continue_from not in FUSED_MODELS:
             raise ValueError(f"Preset.continue_from must be one of {sorted(FUSED_MODELS)}; got {self.continue_from!r}")
+        for name in ("rehearse_batch", "specialist_text_replay_batch"):
+            value = getattr(self, name)
+            if value is not None and not _positive_int(value):
+                raise ValueError(f"Preset.{name} must be a positive integer or None; got {value!r}")
 
     def specialist_schedule(self, modality: str) -> tuple[int, int, float]:
         """(batch size, steps, LoRA learning rate) of `modality`'s specialist: its override where the preset has
@@ -823,6 +831,9 @@ def text_replay_mix(train_file: Path, text_file: Path, share: float, steps: int,
     """
     if not 0.0 <= share < 1.0:
         raise ValueError(f"text_replay_mix: share must be in [0, 1), got {share!r}")
+    if text_batch_size is not None and not _positive_int(text_batch_size):
+        raise ValueError(f"text_replay_mix: text_batch_size must be a positive integer or None, got "
+                         f"{text_batch_size!r}")
     if share == 0.0 or not text_file.is_file():
         return TextReplay([train_file], {}, steps, {})
     text_rows, own_rows = _source_rows(text_file), _source_rows(train_file)
@@ -833,10 +844,7 @@ def text_replay_mix(train_file: Path, text_file: Path, share: float, steps: int,
         raise ValueError(f"text_replay_mix: {train_file} and the text pairs {text_file} both have source(s) "
                          f"{shared}; expected distinct source names (rename them in one file, or set the preset's "
                          f"specialist_text_replay to 0)")
-    if text_batch_size is not None and text_batch_size < 1:
-        raise ValueError(f"text_replay_mix: text_batch_size must be a positive integer or None, got "
-                         f"{text_batch_size!r}")
-    text_batch = text_batch_size or batch_size
+    text_batch = int(text_batch_size or batch_size)
     small = {source: n for source, n in sorted(text_rows.items()) if n < text_batch}
     if small:
         raise ValueError(f"text_replay_mix: in the text pairs {text_file}, " + ", ".join(

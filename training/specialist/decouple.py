@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from training.common import hub_code
@@ -102,10 +103,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     loss_settings_from(cfg.loss, cfg.seed, where)  # ConfigError on bad loss keys / objective / weights
     if not cfg.data.train:
         raise ConfigError(f"{where}: data.train lists no JSONL file")
-    bad_sizes = {k: v for k, v in cfg.data.batch_sizes.items()
-                 if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, int) or v < 1}
-    if bad_sizes:
-        raise ConfigError(f"{where}: data.batch_sizes {bad_sizes}; expected source name -> positive integer")
+    cfg.data.batch_sizes = checked_batch_sizes(cfg, where)
     if cfg.train_audio_projector is None:
         cfg.train_audio_projector = cfg.modality == "audio"
     cfg.base, cfg.output = resolve_path(cfg.base), resolve_path(cfg.output)
@@ -116,6 +114,27 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+def checked_batch_sizes(cfg: SpecialistConfig, where: str = "config") -> dict[str, int]:
+    """`cfg.data.batch_sizes` as {source name: int}; ConfigError naming the YAML keys for anything else (a
+    mapping of source names to positive integers; sizes other than `train.per_device_batch_size` need
+    `data.batch_mode: global`). Checked at load and again by `train`, before the model is built."""
+    sizes = cfg.data.batch_sizes if cfg.data.batch_sizes is not None else {}
+    if not isinstance(sizes, dict):
+        raise ConfigError(f"{where}: data.batch_sizes is {sizes!r}; expected a mapping source name -> positive "
+                          f"integer, e.g. {{pydoc-math: 16}}")
+    bad = {k: v for k, v in sizes.items() if not isinstance(k, str) or isinstance(v, (bool, np.bool_))
+           or not isinstance(v, (int, np.integer)) or v < 1}
+    if bad:
+        raise ConfigError(f"{where}: data.batch_sizes {bad}; expected source name -> positive integer")
+    sizes = {k: int(v) for k, v in sizes.items()}
+    other = {k: v for k, v in sizes.items() if v != cfg.train.per_device_batch_size}
+    if other and cfg.data.batch_mode != "global":
+        raise ConfigError(f"{where}: data.batch_sizes {other} differ from train.per_device_batch_size "
+                          f"{cfg.train.per_device_batch_size}, which needs data.batch_mode: global (got "
+                          f"{cfg.data.batch_mode!r}: each rank draws its own source and all-gather needs equal shapes)")
+    return sizes
+
+
 def base_hash(base_dir: str | Path) -> str:
     """sha256 over the base's config and weight files: fusion and recovery refuse mismatched bases with it."""
     base_dir = Path(base_dir)
@@ -162,6 +181,7 @@ def train(cfg: SpecialistConfig, resume: str | None = "auto", stop_after: int | 
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, set_seed
 
+    cfg.data.batch_sizes = checked_batch_sizes(cfg)  # a config built in code skips load_config's checks
     accelerator = Accelerator(mixed_precision=mixed_precision_for(cfg.train.mixed_precision))
     if Path(cfg.output).exists() and not overwrite:
         raise FileExistsError(f"output {cfg.output} exists; pass --force to replace it")
