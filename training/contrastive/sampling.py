@@ -28,6 +28,11 @@ from training.common.modalities import MODALITY_GROUPS
 
 
 # ------------------------------------------------------------------------------------------------------- sampler
+def is_batch_size(value: Any) -> bool:
+    """Whether `value` can be a batch size: a positive integer, Python or numpy, not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+
+
 class StepResumableSampler:
     """Batch samplers that are a pure function of (seed, step): a checkpoint stores the step alone.
 
@@ -109,7 +114,7 @@ class SourceMixtureSampler(StepResumableSampler):
         if unknown:
             raise ValueError(f"source_batch_sizes name source(s) {unknown} that the data lacks; sources are "
                              f"{sorted(sources)}")
-        if any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 for n in sizes.values()):
+        if not all(is_batch_size(n) for n in sizes.values()):
             raise ValueError(f"source_batch_sizes must be positive integers, got {sizes}")
         if mode == "device" and any(n != batch_size for n in sizes.values()):
             raise ValueError(f"source_batch_sizes {sizes} differ from batch_size {batch_size}, which mode 'device' "

@@ -133,6 +133,8 @@ _SETTING_TABLES: dict[str, Callable[["Preset"], dict[str, Any]]] = {
 
 
 def _positive_int(value: Any) -> bool:
+    """A positive Python int, not a bool: stricter than `sampling.is_batch_size` (no numpy ints), since preset
+    settings are recorded in each stage's JSON record."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 

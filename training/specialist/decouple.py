@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from training.common import hub_code
@@ -35,7 +34,7 @@ from training.common.io_utils import atomic_output_dir, write_json_atomic
 from training.common.modalities import MODALITIES
 from training.common.repo import load_processor, save_conan_repo
 from training.contrastive.data import load_sources
-from training.contrastive.sampling import SourceMixtureSampler
+from training.contrastive.sampling import SourceMixtureSampler, is_batch_size
 from training.contrastive.trainer import (
     LoopSettings, LoraSettings, TrainConfig, TrainState, apply_lora, build_optimizer, build_scheduler, collator_for,
     load_checkpoint, loss_settings_from, mixed_precision_for, resolve_resume, run_loop, trainable_parameters,
@@ -122,8 +121,7 @@ def checked_batch_sizes(cfg: SpecialistConfig, where: str = "config") -> dict[st
     if not isinstance(sizes, dict):
         raise ConfigError(f"{where}: data.batch_sizes is {sizes!r}; expected a mapping source name -> positive "
                           f"integer, e.g. {{pydoc-math: 16}}")
-    bad = {k: v for k, v in sizes.items() if not isinstance(k, str) or isinstance(v, (bool, np.bool_))
-           or not isinstance(v, (int, np.integer)) or v < 1}
+    bad = {k: v for k, v in sizes.items() if not isinstance(k, str) or not is_batch_size(v)}
     if bad:
         raise ConfigError(f"{where}: data.batch_sizes {bad}; expected source name -> positive integer")
     sizes = {k: int(v) for k, v in sizes.items()}
