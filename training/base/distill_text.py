@@ -10,8 +10,8 @@ pairs that retrieval asks about next to unrelated ones.
 Loss (`distillation_loss`): the student's in-batch similarity distribution matched to the teacher's (row-wise KL of
 softmax(sim / temperature), the diagonal left out: contrastive KD, which is what last-token-pooled retrieval needs)
 plus cosine to the teacher's vector through a throw-away linear head. Only the LLM's layers train (the token table
-gets the teacher's lexical vectors by `transplant_token_embeddings` and stays frozen; vision and audio stay as they
-are). Every `eval_every` steps the student is scored on held-out definition -> word pairs (WordNet *dev* nouns) with
+gets the teacher's lexical vectors by `training.base.token_transplant`, refitted to the teacher's whole words, and
+stays frozen; vision and audio stay as they are). Every `eval_every` steps the student is scored on held-out definition -> word pairs (WordNet *dev* nouns) with
 the teacher's score beside it, and the best step's weights are the ones saved.
 
     python -m training.distill_text --model BASE_DIR --texts texts.txt --out DIR [--steps 300] [--wordnet]
@@ -30,118 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from training.base.steps import DistillSteps
+from training.base.token_transplant import LEXICAL_SOURCES, transplant_token_embeddings
 from training.common import hub_code
 from training.common.repo import load_processor, save_conan_repo
 from training.common.io_utils import (atomic_output_dir, check_output_free, save_safetensors_atomic,
                                       write_json_atomic)
 from training.evaluation.embed import embed_items
 from training.evaluation.metrics import gold_ranks, rank_metrics
-
-
-LEXICAL_SOURCES = ("input", "output")
-
-
-def teacher_piece_vectors(batch_size: int = 512, cache_dir: str | Path | None = None) -> torch.Tensor:
-    """(V, 384) the teacher's *output* embedding of each of its V word pieces alone: all-MiniLM-L6-v2 run on
-    `[CLS] piece [SEP]`, mean-pooled over the three positions (its own pooling) and L2-normalised.
-
-    This is Model2Vec's distillation step (Tulkens & van Dongen, "Model2Vec", 2024: `model2vec.distill.inference.
-    create_embeddings`); model2vec's distill extra pins transformers < 5.4, so the ~15 lines are ours. With
-    `cache_dir` the table is kept in `cache_dir/minilm-pieces.safetensors` (measured ~70 CPU-s to build, 2 cores).
-    """
-    from safetensors.torch import load_file
-
-    cache_file = Path(cache_dir) / "minilm-pieces.safetensors" if cache_dir is not None else None
-    if cache_file is not None and cache_file.exists():
-        return load_file(str(cache_file))["vectors"]
-    from training.base.real_parts.minilm import load_minilm
-
-    teacher = load_minilm(device="cpu")
-    bert, tokenizer = teacher[0].auto_model.eval(), teacher.tokenizer
-    vocab = len(tokenizer)
-    rows = []
-    with torch.inference_mode():
-        for start in range(0, vocab, batch_size):
-            ids = torch.arange(start, min(start + batch_size, vocab))
-            input_ids = torch.stack([torch.full_like(ids, tokenizer.cls_token_id), ids,
-                                     torch.full_like(ids, tokenizer.sep_token_id)], dim=1)
-            hidden = bert(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).last_hidden_state
-            rows.append(F.normalize(hidden.mean(dim=1), dim=-1))
-    vectors = torch.cat(rows).float().contiguous()
-    if cache_file is not None:
-        save_safetensors_atomic(cache_file, {"vectors": vectors})
-    return vectors
-
-
-def transplant_token_embeddings(model: torch.nn.Module, tokenizer: Any, seed: int = 0, source: str = "input",
-                                cache_dir: str | Path | None = None) -> dict[str, float]:
-    """Give every token of the backbone's vocabulary a lexical vector from the teacher's word pieces.
-
-    Why: the small backbone's token table is random, so words never seen in distillation stay meaningless (and
-    test splits are disjoint from train by construction). Each Qwen2 token string is re-tokenised by MiniLM's
-    WordPiece tokenizer, its pieces' vectors (384-d) are averaged, and the table is projected onto the backbone
-    width by PCA and rescaled to the original table's standard deviation. `source`: "input" = the teacher's input
-    word-piece embeddings; "output" = its sentence embedding of each piece alone (`teacher_piece_vectors`, cached
-    in `cache_dir`). Raises ValueError for another `source`.
-
-    Measured on the pipeline's 80 text test queries (definition -> word, 2 cores): the table alone (mean of a text's
-    token vectors) scores hit@1 0.0375 with "input" and 0.1125 with "output"; after 400 distillation steps the
-    student scores 0.1375 vs 0.150 (dev 0.157 vs 0.160), within one query, so the pipeline keeps "input".
-    """
-    if source not in LEXICAL_SOURCES:
-        raise ValueError(f"transplant_token_embeddings: source must be one of {LEXICAL_SOURCES}, got {source!r}")
-    from transformers import AutoTokenizer
-
-    from training.base.real_parts.minilm import minilm_model_dir
-
-    teacher_dir = minilm_model_dir()
-    teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    if source == "output":
-        word_embeddings = teacher_piece_vectors(cache_dir=cache_dir)
-    else:
-        from safetensors.torch import load_file
-
-        teacher_table = load_file(str(teacher_dir / "model.safetensors"))
-        word_embeddings = next(v for k, v in teacher_table.items() if k.endswith("word_embeddings.weight")).float()
-    table = model.get_input_embeddings().weight
-    n_tokens = min(len(tokenizer), table.shape[0])
-    vectors, covered = lexical_piece_means(tokenizer, teacher_tokenizer, word_embeddings, n_tokens)
-    centred = vectors[covered] - vectors[covered].mean(dim=0)
-    torch.manual_seed(seed)
-    _, _, components = torch.pca_lowrank(centred, q=table.shape[1], center=False)
-    projected = centred @ components
-    projected = projected * (table.detach().float().std() / projected.std())
-    with torch.no_grad():
-        table[:n_tokens][covered] = projected.to(table.dtype)
-    return {"tokens": n_tokens, "covered": int(covered.sum())}
-
-
-def lexical_piece_means(tokenizer: Any, teacher_tokenizer: Any, word_embeddings: torch.Tensor,
-                        n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n_tokens, D) mean teacher piece vector of each of the first `n_tokens` backbone tokens, and the (n_tokens,)
-    bool mask of tokens that have one.
-
-    Each token string (the backbone tokenizer's decoder on the token alone; without a decoder, the token itself) is
-    re-tokenised by `teacher_tokenizer` without special tokens; its pieces other than [UNK] are averaged over rows of
-    `word_embeddings` (teacher vocab x D). A token with no such piece (whitespace, [UNK] only) gets zeros and False.
-    Both tokenizers must be fast (a `backend_tokenizer`); `teacher_tokenizer`'s backend padding and truncation are
-    turned off. The backends' batch encoder and one `embedding_bag` give the same means as a Python loop over the
-    ~150k tokens (tests/base/test_distill_text.py keeps that loop as the reference), ~4 s instead of ~18 s.
-    """
-    decoder = tokenizer.backend_tokenizer.decoder  # None: the token string itself, as convert_tokens_to_string
-    decode = decoder.decode if decoder is not None else " ".join
-    pieces = [decode([t]) for t in tokenizer.convert_ids_to_tokens(list(range(n_tokens)))]
-    backend = teacher_tokenizer.backend_tokenizer
-    backend.no_padding()
-    backend.no_truncation()
-    encoded = backend.encode_batch(pieces, add_special_tokens=False)
-    piece_ids = torch.tensor([i for e in encoded for i in e.ids], dtype=torch.long)
-    owner = torch.repeat_interleave(torch.arange(n_tokens), torch.tensor([len(e.ids) for e in encoded]))
-    known = piece_ids != teacher_tokenizer.unk_token_id
-    piece_ids, owner = piece_ids[known], owner[known]
-    counts = torch.bincount(owner, minlength=n_tokens)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)[:-1]])
-    return F.embedding_bag(piece_ids, word_embeddings, offsets, mode="mean"), counts > 0
 
 
 def teacher_embeddings(texts: list[str], batch_size: int = 128, cache_dir: str | Path | None = None) -> torch.Tensor:
@@ -309,6 +204,7 @@ def distill_text(
     overwrite: bool = False,
     transplant: bool = True,
     lexical_source: str = "input",
+    word_fit: bool = True,
     instructions: list[str | None] | None = None,
     groups: list[list[str]] | None = None,
     dev_pairs: list[tuple[str, str]] | None = None,
@@ -333,7 +229,8 @@ def distill_text(
     pair_weight: weight of `pair_contrastive_loss` (definition -> its partner in the batch, hard labels) added to
     the KD loss (0 = KD only).
     With `transplant`, the token table first gets the teacher's lexical vectors (`transplant_token_embeddings`,
-    from its input embeddings or, with `lexical_source="output"`, its embeddings of each word piece).
+    from its input embeddings or, with `lexical_source="output"`, its embeddings of each word piece), refitted to the
+    teacher's whole words with `word_fit` (`training.base.token_transplant.fit_whole_word_means`).
     teacher_cache_dir: where the teacher's vectors are kept across runs (`teacher_embeddings`).
     The optimizer steps run on the shared loop (`training.contrastive.loop.run_steps`: gradient clipping at 1.0,
     non-finite loss check, progress). With `checkpoint_dir` and `save_every` > 0 the trainable weights, the head,
@@ -371,8 +268,8 @@ def distill_text(
     teacher_seconds, teacher_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     model = hub_code.ConanModel.from_pretrained(model_dir, dtype=torch.float32)
     processor = load_processor(model_dir)
-    coverage = transplant_token_embeddings(model, processor.tokenizer, seed, lexical_source,
-                                           teacher_cache_dir) if transplant else None
+    coverage = transplant_token_embeddings(model, processor.tokenizer, seed, lexical_source, teacher_cache_dir,
+                                           word_fit=word_fit) if transplant else None
     for name, param in model.named_parameters():
         # The 151k-row embedding table stays frozen: updating it costs more than the rest of the step together,
         # and it keeps the transplanted lexical vectors of words never seen in distillation (all test words).
@@ -409,6 +306,8 @@ def distill_text(
                 "temperature": temperature, "cosine_weight": cosine_weight, "pair_weight": pair_weight}
     if lexical_source != "input":  # recorded only when not the default, so checkpoints from before it still resume
         settings["lexical_source"] = lexical_source
+    if transplant and word_fit:  # checkpoints from before the fit were made without it: they must not resume here
+        settings["word_fit"] = True
     saved = runner.resume(resume, settings)
     if saved is not None:
         log = saved["log"]
@@ -492,6 +391,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lexical-source", choices=LEXICAL_SOURCES, default="input",
                         help="token-table transplant from the teacher's input word-piece embeddings or its output "
                              "embedding of each piece (Model2Vec-style; ~1 CPU-min once, cached in --teacher-cache)")
+    parser.add_argument("--no-word-fit", dest="word_fit", action="store_false",
+                        help="keep the per-token transplant without refitting it to the teacher's whole words")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true")
@@ -510,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
                               dev_pairs=dev_pairs, dev_instruction=INSTRUCTION, eval_every=args.eval_every,
                               temperature=args.temperature, cosine_weight=args.cosine_weight,
                               pair_weight=args.pair_weight, teacher_cache_dir=args.teacher_cache,
-                              lexical_source=args.lexical_source)
+                              lexical_source=args.lexical_source, word_fit=args.word_fit)
     print(json.dumps(result, indent=1))
 
 
