@@ -313,6 +313,24 @@ def test_whole_word_fit_refuses_a_mask_of_another_length(tiny_repo):
                              _TeacherVocab(["dog"]), torch.zeros(1, 4))
 
 
+def test_whole_word_fit_without_words_keeps_the_table_and_leaves_the_tokenizer_as_it_was(tiny_repo):
+    from training.base.token_transplant import fit_whole_word_means
+    from training.common import hub_code
+
+    tokenizer = hub_code.ConanProcessor.from_pretrained(tiny_repo).tokenizer
+    vectors, covered = torch.randn(len(tokenizer), 4), torch.zeros(len(tokenizer), dtype=torch.bool)
+    fitted, grown, summary = fit_whole_word_means(vectors, covered, tokenizer, _TeacherVocab(["[UNK]", "##s", "7"]),
+                                                  torch.zeros(3, 4))
+    assert torch.equal(fitted, vectors) and not grown.any() and summary["words"] == summary["forms"] == 0
+    padded = tokenizer(["a", "a longer text"], padding=True)["input_ids"]  # the fit must not switch padding off
+    assert len(padded[0]) == len(padded[1])
+    # a table smaller than every token the words use: nothing has a row, nothing moves
+    few = torch.randn(3, 4)
+    fitted, grown, summary = fit_whole_word_means(few, torch.zeros(3, dtype=torch.bool), tokenizer,
+                                                  _TeacherVocab(["octopus"]), torch.ones(1, 4))
+    assert torch.equal(fitted, few) and summary["tokens_fitted"] == 0
+
+
 def test_teacher_text_scores_rank_within_candidate_pools(tmp_path, monkeypatch):
     """The teacher's ceiling uses the stage evaluation's pools: with pools of 2, each query ranks its fold's two
     words only, so a teacher that confuses words across folds still scores 1.0 there and 0.5 in one pool."""

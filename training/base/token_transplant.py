@@ -174,14 +174,15 @@ def fit_whole_word_means(vectors: torch.Tensor, covered: torch.Tensor, tokenizer
                          f"{tuple(vectors.shape)}")
     words = teacher_whole_words(teacher_tokenizer)
     forms = [form for w in words for form in (" " + w, w, " " + w.capitalize(), w.capitalize())]
-    word_rows = torch.tensor(teacher_tokenizer.convert_tokens_to_ids(words), dtype=torch.long)
-    targets = word_embeddings[word_rows].double().repeat_interleave(4, dim=0)
-    backend = tokenizer.backend_tokenizer
-    backend.no_padding()
-    backend.no_truncation()
-    encoded = backend.encode_batch(forms, add_special_tokens=False)
-    ids = torch.tensor([i for e in encoded for i in e.ids], dtype=torch.long)
-    owner = torch.repeat_interleave(torch.arange(len(forms)), torch.tensor([len(e.ids) for e in encoded]))
+    encoded = tokenizer(forms, add_special_tokens=False)["input_ids"] if forms else []
+    ids = torch.tensor([i for e in encoded for i in e], dtype=torch.long)
+    owner = torch.repeat_interleave(torch.arange(len(forms)), torch.tensor([len(e) for e in encoded], dtype=torch.long))
+    if words and (ids < n_tokens).any():
+        word_rows = torch.tensor(teacher_tokenizer.convert_tokens_to_ids(words), dtype=torch.long)
+        targets = word_embeddings[word_rows].double().repeat_interleave(4, dim=0)
+    else:  # nothing to fit: no whole words, or none of their tokens has a row
+        return vectors.clone(), covered.clone(), {"words": len(words), "forms": 0, "tokens_fitted": 0,
+                                                   "iterations": 0, "loss_before": 0.0, "loss_after": 0.0}
     inside = ids < n_tokens  # tokens beyond a smaller table (e.g. a test's cut vocabulary) have no row to fit
     ids, owner = ids[inside], owner[inside]
     counts = torch.bincount(owner, minlength=len(forms))
