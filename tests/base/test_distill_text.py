@@ -292,8 +292,8 @@ def test_whole_word_fit_makes_each_words_pieces_average_to_the_teachers_word(tin
             before = F.cosine_similarity(vectors[ids].mean(0), target, dim=0)
             after = F.cosine_similarity(fitted[ids].mean(0), target, dim=0)
             assert after > 0.9 and after > before + 0.3, (word, form, before.item(), after.item())
-    used = sorted({i for w in teacher_whole_words(teacher) for f in (" " + w, w, " " + w.capitalize(),
-                                                                       w.capitalize()) for i in _form_ids(tokenizer, f)})
+    forms = [f for w in teacher_whole_words(teacher) for f in (" " + w, w, " " + w.capitalize(), w.capitalize())]
+    used = sorted({i for f in forms for i in _form_ids(tokenizer, f)})
     untouched = torch.ones(n_tokens, dtype=torch.bool)
     untouched[used] = False
     assert torch.equal(fitted[untouched], vectors[untouched])

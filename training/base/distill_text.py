@@ -10,9 +10,10 @@ pairs that retrieval asks about next to unrelated ones.
 Loss (`distillation_loss`): the student's in-batch similarity distribution matched to the teacher's (row-wise KL of
 softmax(sim / temperature), the diagonal left out: contrastive KD, which is what last-token-pooled retrieval needs)
 plus cosine to the teacher's vector through a throw-away linear head. Only the LLM's layers train (the token table
-gets the teacher's lexical vectors by `training.base.token_transplant`, refitted to the teacher's whole words, and
-stays frozen; vision and audio stay as they are). Every `eval_every` steps the student is scored on held-out definition -> word pairs (WordNet *dev* nouns) with
-the teacher's score beside it, and the best step's weights are the ones saved.
+gets the teacher's lexical vectors by `training.base.token_transplant`, refitted to the teacher's whole words unless
+`--no-word-fit`, and stays frozen; vision and audio stay as they are). Every `eval_every` steps the student is scored
+on held-out definition -> word pairs (WordNet *dev* nouns) with the teacher's score beside it, and the best step's
+weights are the ones saved.
 
     python -m training.distill_text --model BASE_DIR --texts texts.txt --out DIR [--steps 300] [--wordnet]
 """

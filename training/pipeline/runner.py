@@ -352,7 +352,7 @@ PRESETS = {
     # measured on 2026-12-01 from the same undistilled base, 800 steps (`distill_text`, the previous report's data):
     # test hit@1 0.375 vs 0.275 without (MRR 0.477 vs 0.367; test words that MiniLM holds whole 0.451 vs 0.299, the
     # others 0.260 vs 0.240); the 799 WordNet dev nouns in pools of 80 0.297 vs 0.232 (as one pool 0.120 vs 0.110);
-    # the 80-pair dev check 0.187 vs 0.197 at step 800. The fit takes ~15 s. The teacher's bare vocabulary words as
+    # the 300-pair dev check 0.187 vs 0.197 at step 800. The fit takes ~15 s. The teacher's bare vocabulary words as
     # extra distillation texts instead (21,358 loose texts; the same 4x as groups) scored test 0.258 / 0.208: they
     # crowd the definitions out of the batches.
     "small": Preset(data="small", backbone="small", distill_steps=800, specialist_steps=150, batch_size=16,
@@ -533,7 +533,8 @@ class Pipeline:
                            batch_size=min(self.preset.distill_batch, len(texts) + len(groups)), seed=self.seed,
                            instructions=[None, *instructions], groups=groups, dev_pairs=dev_pairs,
                            dev_instruction=INSTRUCTION, eval_every=self.preset.distill_eval_every,
-                           lr=self.preset.distill_lr, word_fit=self.preset.distill_word_fit, teacher_cache_dir=self.out / "cache" / "text_teacher",
+                           lr=self.preset.distill_lr, word_fit=self.preset.distill_word_fit,
+                           teacher_cache_dir=self.out / "cache" / "text_teacher",
                            checkpoint_dir=self.out / "cache" / "base-text-checkpoints",
                            save_every=self.preset.distill_eval_every, progress=False)
         shutil.rmtree(self.out / "cache" / "base-text-checkpoints", ignore_errors=True)
