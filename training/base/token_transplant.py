@@ -180,9 +180,9 @@ def fit_whole_word_means(vectors: torch.Tensor, covered: torch.Tensor, tokenizer
     Measured on the small preset's text test (240 definition -> word queries in pools of 80, 2 cores), the mean of a
     text's token vectors (the table alone, no LLM) scores hit@1 0.075 per-token vs 0.388 fitted (0.396 after the
     transplant's PCA to 128); the teacher's own WordPiece table scores 0.300. `ridge` chosen on the 80-pair text dev
-    split the same way: 0.01 / 0.1 / 1 / 10 -> 0.263 / 0.288 / 0.238 / 0.138 (test 0.388 / 0.388 / 0.342 / 0.200). Libraries for tokenizer transfer
-    (FOCUS, WECHSEL, ZeTT) need fastText embeddings or a hypernetwork from the Hub, none of which installs offline,
-    so this least-squares fit is ours.
+    split the same way: 0.01 / 0.1 / 1 / 10 -> 0.263 / 0.288 / 0.238 / 0.138 (test 0.388 / 0.388 / 0.342 / 0.200).
+    Libraries for tokenizer transfer (FOCUS, WECHSEL, ZeTT) need fastText embeddings or a hypernetwork from the Hub,
+    none of which installs offline, so this least-squares fit is ours.
     """
     if vectors.dim() != 2 or word_embeddings.dim() != 2 or vectors.shape[1] != word_embeddings.shape[1]:
         raise ValueError(f"fit_whole_word_means: vectors {tuple(vectors.shape)} and word_embeddings "
@@ -197,7 +197,8 @@ def fit_whole_word_means(vectors: torch.Tensor, covered: torch.Tensor, tokenizer
     forms = [form for w in words for form in (" " + w, w, " " + w.capitalize(), w.capitalize())]
     encoded = tokenizer(forms, add_special_tokens=False)["input_ids"] if forms else []
     ids = torch.tensor([i for e in encoded for i in e], dtype=torch.long)
-    owner = torch.repeat_interleave(torch.arange(len(forms)), torch.tensor([len(e) for e in encoded], dtype=torch.long))
+    lengths = torch.tensor([len(e) for e in encoded], dtype=torch.long)
+    owner = torch.repeat_interleave(torch.arange(len(forms)), lengths)
     # A form with a token beyond a smaller table (e.g. a test's cut vocabulary) has no full row of A: left out.
     outside = torch.zeros(len(forms), dtype=torch.bool)
     outside[owner[ids >= n_tokens]] = True
