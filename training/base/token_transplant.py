@@ -69,10 +69,9 @@ def transplant_token_embeddings(model: torch.nn.Module, tokenizer: Any, seed: in
     another `source`.
 
     Measured before the whole-word fit, on the pipeline's then 80 text test queries (definition -> word, 2 cores): the
-    table alone (mean of a text's
-    token vectors) scores hit@1 0.0375 with "input" and 0.1125 with "output"; after 400 distillation steps the
-    student scores 0.1375 vs 0.150 (dev 0.157 vs 0.160), within one query, so the pipeline keeps "input".
-    The whole-word fit: see `fit_whole_word_means`.
+    table alone (mean of a text's token vectors) scores hit@1 0.0375 with "input" and 0.1125 with "output"; after 400
+    distillation steps the student scores 0.1375 vs 0.150 (dev 0.157 vs 0.160), within one query, so the pipeline
+    keeps "input". The whole-word fit: see `fit_whole_word_means`.
     """
     if source not in LEXICAL_SOURCES:
         raise ValueError(f"transplant_token_embeddings: source must be one of {LEXICAL_SOURCES}, got {source!r}")
@@ -113,6 +112,14 @@ def transplant_token_embeddings(model: torch.nn.Module, tokenizer: Any, seed: in
     return summary
 
 
+def flat_ids(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, owner): the token ids of `sequences` end to end and, for each, the index of the sequence it came from
+    (both (total,) long tensors) -- the layout `embedding_bag` and `index_add_` read."""
+    ids = torch.tensor([i for seq in sequences for i in seq], dtype=torch.long)
+    lengths = torch.tensor([len(seq) for seq in sequences], dtype=torch.long)
+    return ids, torch.repeat_interleave(torch.arange(len(sequences)), lengths)
+
+
 def lexical_piece_means(tokenizer: Any, teacher_tokenizer: Any, word_embeddings: torch.Tensor,
                         n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(n_tokens, D) mean teacher piece vector of each of the first `n_tokens` backbone tokens, and the (n_tokens,)
@@ -136,8 +143,7 @@ def lexical_piece_means(tokenizer: Any, teacher_tokenizer: Any, word_embeddings:
     backend.no_padding()
     backend.no_truncation()
     encoded = backend.encode_batch(pieces, add_special_tokens=False)
-    piece_ids = torch.tensor([i for e in encoded for i in e.ids], dtype=torch.long)
-    owner = torch.repeat_interleave(torch.arange(n_tokens), torch.tensor([len(e.ids) for e in encoded]))
+    piece_ids, owner = flat_ids([e.ids for e in encoded])
     known = piece_ids != teacher_tokenizer.unk_token_id
     piece_ids, owner = piece_ids[known], owner[known]
     counts = torch.bincount(owner, minlength=n_tokens)
@@ -196,9 +202,7 @@ def fit_whole_word_means(vectors: torch.Tensor, covered: torch.Tensor, tokenizer
     words = teacher_whole_words(teacher_tokenizer)
     forms = [form for w in words for form in (" " + w, w, " " + w.capitalize(), w.capitalize())]
     encoded = tokenizer(forms, add_special_tokens=False)["input_ids"] if forms else []
-    ids = torch.tensor([i for e in encoded for i in e], dtype=torch.long)
-    lengths = torch.tensor([len(e) for e in encoded], dtype=torch.long)
-    owner = torch.repeat_interleave(torch.arange(len(forms)), lengths)
+    ids, owner = flat_ids(encoded)
     # A form with a token beyond a smaller table (e.g. a test's cut vocabulary) has no full row of A: left out.
     outside = torch.zeros(len(forms), dtype=torch.bool)
     outside[owner[ids >= n_tokens]] = True
@@ -222,14 +226,14 @@ def fit_whole_word_means(vectors: torch.Tensor, covered: torch.Tensor, tokenizer
                                 check_invariants=True).coalesce()
     a_t = a.t().coalesce()
     b, initial = targets[used_forms], vectors[fitted_tokens].double()
-    shrink = ridge * n_forms / max(n_fit, 1)  # the objective times n_forms: A^T A V + shrink (V - V0) = A^T B
+    shrink = ridge * n_forms / n_fit  # the objective times n_forms: A^T A V + shrink (V - V0) = A^T B
 
     def normal(x: torch.Tensor) -> torch.Tensor:
         return torch.sparse.mm(a_t, torch.sparse.mm(a, x)) + shrink * x
 
     def loss(x: torch.Tensor) -> float:
         return float(((torch.sparse.mm(a, x) - b) ** 2).sum() / n_forms
-                     + ridge * ((x - initial) ** 2).sum() / max(n_fit, 1))
+                     + ridge * ((x - initial) ** 2).sum() / n_fit)
 
     rhs = torch.sparse.mm(a_t, b) + shrink * initial
     inverse_diagonal = 1.0 / (torch.zeros(n_fit, dtype=torch.float64).index_add_(0, column, weights ** 2) + shrink)
