@@ -301,6 +301,18 @@ def test_whole_word_fit_makes_each_words_pieces_average_to_the_teachers_word(tin
     assert summary["words"] == 5 and summary["forms"] == 20 and summary["loss_after"] < summary["loss_before"]
     again = fit_whole_word_means(vectors, covered, tokenizer, teacher, word_embeddings)[0]
     assert torch.equal(again, fitted)  # a direct solve: the same table every run
+    # It is the ridge least squares' minimiser: the same as a dense solve of the stacked system
+    # [A; sqrt(ridge * F / T) I] V = [B; sqrt(ridge * F / T) V0] (tolerance: the solver's 1e-6 of the right-hand side).
+    a = torch.zeros(len(forms), len(used), dtype=torch.float64)
+    for row, form in enumerate(forms):
+        for i in _form_ids(tokenizer, form):
+            a[row, used.index(i)] += 1 / len(_form_ids(tokenizer, form))
+    b = word_embeddings[[teacher.vocab[f.strip().lower()] for f in forms]].double()
+    scale = (0.1 * len(forms) / len(used)) ** 0.5
+    initial = vectors[used].double()
+    exact = torch.linalg.lstsq(torch.cat([a, scale * torch.eye(len(used), dtype=torch.float64)]),
+                               torch.cat([b, scale * initial])).solution
+    assert torch.allclose(fitted[used].double(), exact, atol=1e-4), float((fitted[used].double() - exact).abs().max())
 
 
 def test_whole_word_fit_refuses_a_mask_of_another_length(tiny_repo):
