@@ -302,7 +302,8 @@ def test_whole_word_fit_makes_each_words_pieces_average_to_the_teachers_word(tin
     again = fit_whole_word_means(vectors, covered, tokenizer, teacher, word_embeddings)[0]
     assert torch.equal(again, fitted)  # a direct solve: the same table every run
     # It is the ridge least squares' minimiser: the same as a dense solve of the stacked system
-    # [A; sqrt(ridge * F / T) I] V = [B; sqrt(ridge * F / T) V0] (tolerance: the solver's 1e-6 of the right-hand side).
+    # [A; sqrt(ridge * F / T) I] V = [B; sqrt(ridge * F / T) V0] (the solver stops at a relative residual of 1e-6,
+    # far inside 1e-4 in V; a wrong ridge scale misses by ~0.1).
     a = torch.zeros(len(forms), len(used), dtype=torch.float64)
     for row, form in enumerate(forms):
         for i in _form_ids(tokenizer, form):

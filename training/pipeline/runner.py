@@ -244,7 +244,7 @@ PRESETS = {
     # and its recipe stay as they are.
     # Specialist steps, from this preset's base (test hit@1 at 150 / 300 / 500 steps, lr 2e-3): image 0.138 / 0.225
     # (CIFAR-10 0.325, emoji 0.125) / 0.225; video 0.100 / 0.113 / - at ~2x its 150-step time. Image gets 300 steps.
-    # Text distillation steps: 800 (was 1,000). The held-out stage adds ~100 s to the job, and the 1,000-step runs
+    # Text distillation steps: 800 (was 1,000; since the whole-word fit 1,200, below). The held-out stage adds ~100 s to the job, and the 1,000-step runs
     # kept step 800 anyway (dev 0.207 at 800 vs 0.193 at 1,000 in the last report's run). 800 steps from the same
     # undistilled base (lr decaying to 0 at 800): dev 0.103 / 0.167 / 0.173 / 0.200 at steps 200-800, test 0.225
     # (the 1,000-step run of the same script: dev 0.183, test 0.213).
@@ -352,16 +352,21 @@ PRESETS = {
     # measured on 2026-12-01 from the same undistilled base, 800 steps (`distill_text`, the previous report's data):
     # test hit@1 0.375 vs 0.275 without (MRR 0.477 vs 0.367; test words that MiniLM holds whole 0.451 vs 0.299, the
     # others 0.260 vs 0.240); the 799 WordNet dev nouns in pools of 80 0.297 vs 0.232 (as one pool 0.120 vs 0.110);
-    # the 300-pair dev check 0.187 vs 0.197 at step 800. The fit takes ~15 s. The teacher's bare vocabulary words as
+    # the 300-pair dev check 0.187 vs 0.197 at step 800. The fit took ~16 s then (a hand-written PCG); ~7 s
+    # since it is scipy's CG. The teacher's bare vocabulary words as
     # extra distillation texts instead (21,358 loose texts; the same 4x as groups) scored test 0.258 / 0.208: they
     # crowd the definitions out of the batches. MiniLM's whole words plus the distillation corpus's 51,362 other
     # single-word lemmas (aimed at the mean of their MiniLM pieces) in the fit: the table alone 0.313 vs 0.388.
     # Text distillation steps with the fitted table (1,200; was 800), from the v20 run's undistilled base and data,
-    # one pass over distinct synsets (test hit@1 / MRR, the 799 dev nouns as one pool, the 300-pair dev check at the
-    # last step): 800 steps 0.375 / 0.477, 0.120, 0.187; 1,200 steps 0.404 / 0.511, 0.138, 0.230 (student 258 s);
-    # 1,600 steps 0.425 / 0.513, 0.145, 0.233 (276 s, and twice the 800 steps' teacher texts: ~+125 s of teacher
-    # time); 1,600 steps over 25,600 synsets (two passes, 58k teacher texts) 0.417 / 0.511, 0.138, 0.220. Before the
-    # fit, 2,400 steps scored no higher than 800; with it, 1,200 is what the 30-minute budget pays for (+~95 s).
+    # one pass over distinct synsets (`/work/scratch/distill_exp.py`; test hit@1 / MRR, the 799 dev nouns as one
+    # pool, the 300-pair dev check at the last step; `distill_text`'s seconds with the teacher's vectors cached):
+    # 1,200 steps 0.404 / 0.511, 0.138, 0.230 (258 s); 1,600 steps 0.425 / 0.513, 0.145, 0.233 (276 s); 1,600 steps
+    # over 25,600 synsets (two passes, 58k teacher texts) 0.417 / 0.511, 0.138, 0.220. The v20 run's own 800-step
+    # base: 0.375 / 0.476, dev check 0.190 at step 800 (the 799 nouns: 0.120 in the fit's measurement above). Before
+    # the fit, 2,400 steps scored no higher than 800 on test (0.271 vs 0.275; the dev sets did rise, the 799 nouns
+    # 0.131 vs 0.110). New teacher texts cost ~2.4 ms each on 2 cores, so 1,600 distinct steps (~97k texts vs ~50k)
+    # would add ~110 s of teacher time on top of the student's. 1,200 steps in the v21 run (e41725b): the base stage
+    # 653 s vs v20's 591 s (distillation 369 s vs 302 s, its teacher 173 s vs 125 s for 72,490 vs 49,135 texts).
     "small": Preset(data="small", backbone="small", distill_steps=1200, specialist_steps=150, batch_size=16,
                     recover_steps=150, rehearse_steps=150, rehearse_lr=1e-3, rehearse_eval_every=75,
                     rehearse_batch=64, specialist_text_replay_batch=64,
