@@ -314,6 +314,10 @@ def test_whole_word_fit_makes_each_words_pieces_average_to_the_teachers_word(tin
     exact = torch.linalg.lstsq(torch.cat([a, scale * torch.eye(len(used), dtype=torch.float64)]),
                                torch.cat([b, scale * initial])).solution
     assert torch.allclose(fitted[used].double(), exact, atol=1e-4), float((fitted[used].double() - exact).abs().max())
+    leaf = vectors.clone().requires_grad_()  # a table that is a trainable leaf is read, not refused
+    assert torch.equal(fit_whole_word_means(leaf, covered, tokenizer, teacher, word_embeddings)[0], fitted)
+    with pytest.warns(UserWarning, match="stopped at max_iterations=1"):  # a solve cut short says so
+        fit_whole_word_means(vectors, covered, tokenizer, teacher, word_embeddings, max_iterations=1, tolerance=1e-12)
 
 
 def test_whole_word_fit_refuses_a_mask_of_another_length(tiny_repo):

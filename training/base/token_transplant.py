@@ -11,6 +11,7 @@ the teacher holds whole ("apprehension") reach the backbone as pieces with no me
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -178,12 +179,11 @@ def fit_whole_word_means(vectors: torch.Tensor, covered: torch.Tensor, tokenizer
     (the ridge keeps each token near its own reading where the words do not pin it down), solved through its normal
     equations (A^T A + c I) V = A^T B + c V0 column by column with scipy's conjugate gradients and a Jacobi
     preconditioner (each column stops when its residual falls below `tolerance` times its right-hand side's norm,
-    or after `max_iterations`; the summary's "iterations" is the most any column took). With the real tokenizers:
-    16-17 iterations a column, the solve ~4 s for all 384 columns and the whole call ~7 s on 2 cores, within 1e-5 of
-    scipy's sparse LU solution (`spsolve`, 32 s).
-    A token in no form keeps its row; a form with a token beyond the table is left out. Raises ValueError for tables
-    of other widths, a `covered` that is not a bool mask of `vectors`' rows, a negative or non-finite `ridge`, or
-    fewer teacher rows than its vocabulary.
+    or after `max_iterations` with a warning; the summary's "iterations" is the most any column took). With the
+    real tokenizers: 16-17 iterations a column, the solve ~4 s for all 384 columns and the whole call ~7 s on 2
+    cores, within 1e-5 of scipy's sparse LU solution (`spsolve`, 32 s). A token in no form keeps its row; a form
+    with a token beyond the table is left out. Raises ValueError for tables of other widths, a `covered` that is not
+    a bool mask of `vectors`' rows, a negative or non-finite `ridge`, or fewer teacher rows than its vocabulary.
 
     Why: `lexical_piece_means` reads each backbone token alone, so a word the backbone splits into pieces with no
     meaning of their own ("app" "reh" "ension") averages to noise while the teacher holds it whole ("apprehension").
@@ -218,7 +218,7 @@ def fit_whole_word_means(vectors: torch.Tensor, covered: torch.Tensor, tokenizer
     if int(word_rows.max()) >= word_embeddings.shape[0]:
         raise ValueError(f"fit_whole_word_means: word_embeddings has {word_embeddings.shape[0]} rows, fewer than the "
                          f"teacher tokenizer's vocabulary ({int(word_rows.max()) + 1} at least)")
-    targets = word_embeddings[word_rows].double().repeat_interleave(4, dim=0).numpy()
+    targets = word_embeddings.detach()[word_rows].double().repeat_interleave(4, dim=0).numpy()
     ids, owner = ids.numpy(), owner.numpy()
     counts = np.bincount(owner, minlength=len(forms))
     used_forms = np.flatnonzero(counts)
@@ -227,24 +227,28 @@ def fit_whole_word_means(vectors: torch.Tensor, covered: torch.Tensor, tokenizer
     form_row[used_forms] = np.arange(len(used_forms))
     n_forms, n_fit = len(used_forms), len(fitted_tokens)
     a = scipy.sparse.csr_matrix((1.0 / counts[owner], (form_row[owner], column)), shape=(n_forms, n_fit))
-    b, initial = targets[used_forms], vectors[torch.from_numpy(fitted_tokens)].double().numpy()
+    b, initial = targets[used_forms], vectors.detach()[torch.from_numpy(fitted_tokens)].double().numpy()
     shrink = ridge * n_forms / n_fit  # the objective times n_forms: A^T A V + shrink (V - V0) = A^T B
     normal = (a.T @ a + shrink * scipy.sparse.identity(n_fit)).tocsr()
     rhs = a.T @ b + shrink * initial
     jacobi = scipy.sparse.diags(1.0 / normal.diagonal())
-    x, iterations = np.empty_like(initial), 0
+    x, iterations, unconverged = np.empty_like(initial), 0, 0
     for d in range(x.shape[1]):
         steps = [0]
-        x[:, d], _ = scipy.sparse.linalg.cg(normal, rhs[:, d], x0=initial[:, d], rtol=tolerance,
-                                            maxiter=max_iterations, M=jacobi,
-                                            callback=lambda _: steps.__setitem__(0, steps[0] + 1))
+        x[:, d], info = scipy.sparse.linalg.cg(normal, rhs[:, d], x0=initial[:, d], rtol=tolerance,
+                                               maxiter=max_iterations, M=jacobi,
+                                               callback=lambda _: steps.__setitem__(0, steps[0] + 1))
         iterations = max(iterations, steps[0])
+        unconverged += info > 0
+    if unconverged:
+        warnings.warn(f"fit_whole_word_means: {unconverged} of {x.shape[1]} columns stopped at max_iterations="
+                      f"{max_iterations} above tolerance={tolerance}; the table is the last iterate", stacklevel=2)
 
     def loss(v: np.ndarray) -> float:
         return float(((a @ v - b) ** 2).sum() / n_forms + ridge * ((v - initial) ** 2).sum() / n_fit)
 
     fitted_rows = torch.from_numpy(fitted_tokens)
-    fitted = vectors.clone()
+    fitted = vectors.detach().clone()
     fitted[fitted_rows] = torch.from_numpy(x).to(vectors.dtype)
     grown = covered.clone()
     grown[fitted_rows] = True
