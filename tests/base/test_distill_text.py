@@ -300,7 +300,7 @@ def test_whole_word_fit_makes_each_words_pieces_average_to_the_teachers_word(tin
     assert torch.equal(grown, ~untouched) and summary["tokens_fitted"] == len(used)
     assert summary["words"] == 5 and summary["forms"] == 20 and summary["loss_after"] < summary["loss_before"]
     again = fit_whole_word_means(vectors, covered, tokenizer, teacher, word_embeddings)[0]
-    assert torch.equal(again, fitted)  # a direct solve: the same table every run
+    assert torch.equal(again, fitted)  # deterministic: the same table every run
     # It is the ridge least squares' minimiser: the same as a dense solve of the stacked system
     # [A; sqrt(ridge * F / T) I] V = [B; sqrt(ridge * F / T) V0] (the solver stops at a relative residual of 1e-6,
     # far inside 1e-4 in V; a wrong ridge scale misses by ~0.1).
@@ -337,6 +337,17 @@ def test_whole_word_fit_refuses_a_mask_of_another_length(tiny_repo):
         with pytest.raises(ValueError, match="ridge"):
             fit_whole_word_means(torch.zeros(10, 4), torch.zeros(10, dtype=torch.bool), tokenizer,
                                  _TeacherVocab(["dog"]), torch.zeros(1, 4), ridge=ridge)
+    for bad in ({"tolerance": 0.0}, {"tolerance": -1.0}, {"tolerance": float("nan")}, {"max_iterations": 0},
+                {"max_iterations": 2.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            fit_whole_word_means(torch.zeros(10, 4), torch.zeros(10, dtype=torch.bool), tokenizer,
+                                 _TeacherVocab(["dog"]), torch.zeros(1, 4), **bad)
+    rows = len(tokenizer)
+    for vectors, word_embeddings in ((torch.full((rows, 4), float("nan")), torch.zeros(1, 4)),
+                                     (torch.zeros(rows, 4), torch.full((1, 4), float("inf")))):
+        with pytest.raises(ValueError, match="non-finite"):
+            fit_whole_word_means(vectors, torch.zeros(rows, dtype=torch.bool), tokenizer, _TeacherVocab(["dog"]),
+                                 word_embeddings)
 
 
 def test_transplant_refuses_a_table_wider_than_the_teacher_before_any_work(tiny_repo):

@@ -183,7 +183,8 @@ def fit_whole_word_means(vectors: torch.Tensor, covered: torch.Tensor, tokenizer
     real tokenizers: 16-17 iterations a column, the solve ~4 s for all 384 columns and the whole call ~7 s on 2
     cores, within 1e-5 of scipy's sparse LU solution (`spsolve`, 32 s). A token in no form keeps its row; a form
     with a token beyond the table is left out. Raises ValueError for tables of other widths, a `covered` that is not
-    a bool mask of `vectors`' rows, a negative or non-finite `ridge`, or fewer teacher rows than its vocabulary.
+    a bool mask of `vectors`' rows, a negative or non-finite `ridge`, fewer teacher rows than its vocabulary, a
+    `tolerance` that is not a finite number > 0, `max_iterations` < 1, or non-finite values in the rows it reads.
 
     Why: `lexical_piece_means` reads each backbone token alone, so a word the backbone splits into pieces with no
     meaning of their own ("app" "reh" "ension") averages to noise while the teacher holds it whole ("apprehension").
@@ -203,6 +204,10 @@ def fit_whole_word_means(vectors: torch.Tensor, covered: torch.Tensor, tokenizer
                          f"mask of one entry per row of vectors {tuple(vectors.shape)}")
     if not (ridge >= 0 and math.isfinite(ridge)):
         raise ValueError(f"fit_whole_word_means: ridge must be a finite number >= 0, got {ridge}")
+    if not (tolerance > 0 and math.isfinite(tolerance)):  # scipy's cg would iterate past an exact solve into 0/0
+        raise ValueError(f"fit_whole_word_means: tolerance must be a finite number > 0, got {tolerance}")
+    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
+        raise ValueError(f"fit_whole_word_means: max_iterations must be an integer >= 1, got {max_iterations!r}")
     words = teacher_whole_words(teacher_tokenizer)
     forms = [form for w in words for form in (" " + w, w, " " + w.capitalize(), w.capitalize())]
     encoded = tokenizer(forms, add_special_tokens=False)["input_ids"] if forms else []
@@ -212,7 +217,7 @@ def fit_whole_word_means(vectors: torch.Tensor, covered: torch.Tensor, tokenizer
     outside[owner[ids >= n_tokens]] = True
     ids, owner = ids[~outside[owner]], owner[~outside[owner]]
     if ids.numel() == 0:  # nothing to fit: no whole words, or none whose tokens all have rows
-        return vectors.clone(), covered.clone(), {"words": len(words), "forms": 0, "tokens_fitted": 0,
+        return vectors.detach().clone(), covered.clone(), {"words": len(words), "forms": 0, "tokens_fitted": 0,
                                                    "iterations": 0, "loss_before": 0.0, "loss_after": 0.0}
     word_rows = torch.tensor(teacher_tokenizer.convert_tokens_to_ids(words), dtype=torch.long)
     if int(word_rows.max()) >= word_embeddings.shape[0]:
@@ -228,6 +233,9 @@ def fit_whole_word_means(vectors: torch.Tensor, covered: torch.Tensor, tokenizer
     n_forms, n_fit = len(used_forms), len(fitted_tokens)
     a = scipy.sparse.csr_matrix((1.0 / counts[owner], (form_row[owner], column)), shape=(n_forms, n_fit))
     b, initial = targets[used_forms], vectors.detach()[torch.from_numpy(fitted_tokens)].double().numpy()
+    for name, values in (("word_embeddings' rows of the words", b), ("vectors' rows of the fitted tokens", initial)):
+        if not np.isfinite(values).all():  # one NaN would spread through its whole column of the solve
+            raise ValueError(f"fit_whole_word_means: {name} hold non-finite values; the fit needs finite inputs")
     shrink = ridge * n_forms / n_fit  # the objective times n_forms: A^T A V + shrink (V - V0) = A^T B
     normal = (a.T @ a + shrink * scipy.sparse.identity(n_fit)).tocsr()
     rhs = a.T @ b + shrink * initial
