@@ -218,7 +218,7 @@ def fit_whole_word_means(vectors: torch.Tensor, covered: torch.Tensor, tokenizer
     ids, owner = ids[~outside[owner]], owner[~outside[owner]]
     if ids.numel() == 0:  # nothing to fit: no whole words, or none whose tokens all have rows
         return vectors.detach().clone(), covered.clone(), {"words": len(words), "forms": 0, "tokens_fitted": 0,
-                                                   "iterations": 0, "loss_before": 0.0, "loss_after": 0.0}
+                                                            "iterations": 0, "loss_before": 0.0, "loss_after": 0.0}
     word_rows = torch.tensor(teacher_tokenizer.convert_tokens_to_ids(words), dtype=torch.long)
     if int(word_rows.max()) >= word_embeddings.shape[0]:
         raise ValueError(f"fit_whole_word_means: word_embeddings has {word_embeddings.shape[0]} rows, fewer than the "

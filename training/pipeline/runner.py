@@ -244,10 +244,10 @@ PRESETS = {
     # and its recipe stay as they are.
     # Specialist steps, from this preset's base (test hit@1 at 150 / 300 / 500 steps, lr 2e-3): image 0.138 / 0.225
     # (CIFAR-10 0.325, emoji 0.125) / 0.225; video 0.100 / 0.113 / - at ~2x its 150-step time. Image gets 300 steps.
-    # Text distillation steps: 800 (was 1,000; since the whole-word fit 1,200, below). The held-out stage adds ~100 s to the job, and the 1,000-step runs
-    # kept step 800 anyway (dev 0.207 at 800 vs 0.193 at 1,000 in the last report's run). 800 steps from the same
-    # undistilled base (lr decaying to 0 at 800): dev 0.103 / 0.167 / 0.173 / 0.200 at steps 200-800, test 0.225
-    # (the 1,000-step run of the same script: dev 0.183, test 0.213).
+    # Text distillation steps: 800 (was 1,000; since the whole-word fit 1,200, below). The held-out stage adds ~100 s to
+    # the job, and the 1,000-step runs kept step 800 anyway (dev 0.207 at 800 vs 0.193 at 1,000 in the last report's
+    # run). 800 steps from the same undistilled base (lr decaying to 0 at 800): dev 0.103 / 0.167 / 0.173 / 0.200 at
+    # steps 200-800, test 0.225 (the 1,000-step run of the same script: dev 0.183, test 0.213).
     # Text specialist batch and LR, from this preset's base (150 steps; dev = the 300 WordNet dev-noun definition ->
     # word pairs of the text distillation, hit@1 / MRR; base 0.187 / 0.263): batch 16 at 3e-4 (was) 0.197 / 0.276;
     # 32 at 1e-3 0.207 / 0.289; 64 at 3e-4 0.213 / 0.289; 64 at 1e-3 0.213 / 0.294; 64 at 2e-3 0.210 / 0.278. Chosen
@@ -351,12 +351,12 @@ PRESETS = {
     # Token table refitted to the teacher's whole words (`distill_word_fit`; training/base/token_transplant.py),
     # measured on 2026-12-01 from the same undistilled base, 800 steps (`distill_text`, the previous report's data):
     # test hit@1 0.375 vs 0.275 without (MRR 0.477 vs 0.367; test words that MiniLM holds whole 0.451 vs 0.299, the
-    # others 0.260 vs 0.240); the 799 WordNet dev nouns in pools of 80 0.297 vs 0.232 (as one pool 0.120 vs 0.110);
-    # the 300-pair dev check 0.187 vs 0.197 at step 800. The fit took ~16 s then (a hand-written PCG); ~7 s
-    # since it is scipy's CG. The teacher's bare vocabulary words as
-    # extra distillation texts instead (21,358 loose texts; the same 4x as groups) scored test 0.258 / 0.208: they
-    # crowd the definitions out of the batches. MiniLM's whole words plus the distillation corpus's 51,362 other
-    # single-word lemmas (aimed at the mean of their MiniLM pieces) in the fit: the table alone 0.313 vs 0.388.
+    # others 0.260 vs 0.240); the 799 WordNet dev nouns in pools of 80 0.297 vs 0.232 (as one pool 0.120 vs 0.110); the
+    # 300-pair dev check 0.187 vs 0.197 at step 800. The fit took ~16 s then (a hand-written PCG); ~7 s since it is
+    # scipy's CG. The teacher's bare vocabulary words as extra distillation texts instead (21,358 loose texts; the same
+    # 4x as groups) scored test 0.258 / 0.208: they crowd the definitions out of the batches. MiniLM's whole words plus
+    # the distillation corpus's 51,362 other single-word lemmas (aimed at the mean of their MiniLM pieces) in the fit:
+    # the table alone 0.313 vs 0.388.
     # Text distillation steps with the fitted table (1,200; was 800), from the v20 run's undistilled base and data,
     # one pass over distinct synsets (`/work/scratch/distill_exp.py`; test hit@1 / MRR, the 799 dev nouns as one
     # pool, the 300-pair dev check at the last step; `distill_text`'s seconds with the teacher's vectors cached):
